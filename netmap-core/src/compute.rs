@@ -1,0 +1,426 @@
+//! The from-scratch computation: policy + tailnet → every node's view. This is the reference
+//! the incremental engine must always equal; it is kept simple and pure.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use imbl::OrdMap;
+use ipnet::IpNet;
+use netmap_policy::{Alias, AutoGroup, Policy, PortRange};
+
+use crate::addr::{self, fmt_net, host_prefix};
+use crate::resolve::{Resolved, Resolver};
+use crate::tailnet::Tailnet;
+use crate::wire::{CapGrant, CapMap, DstPort, FilterRule, NodeView, Peer, Ports};
+
+/// A network or application rule with its selectors resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct NetRule {
+    pub src: Resolved,
+    pub dsts: Vec<(Resolved, Vec<PortRange>)>,
+    pub protos: Vec<u8>,
+    /// Application capabilities (a `CapGrant` rule) instead of ports.
+    pub caps: Option<BTreeMap<String, Vec<serde_json::Value>>>,
+    /// Destinations are `autogroup:self`: sources are narrowed to the destination's owner.
+    pub self_rule: bool,
+    /// `via` tags: the destination prefixes are reached only through routers with these tags.
+    pub via: Vec<String>,
+}
+
+fn default_allow_all() -> Vec<NetRule> {
+    vec![NetRule {
+        src: Resolved {
+            wildcard: true,
+            ..Resolved::default()
+        },
+        dsts: vec![(
+            Resolved {
+                wildcard: true,
+                ..Resolved::default()
+            },
+            vec![PortRange::ALL],
+        )],
+        protos: Vec::new(),
+        caps: None,
+        self_rule: false,
+        via: Vec::new(),
+    }]
+}
+
+/// Splits resolved destinations into `autogroup:self` ones and the rest, making one rule each.
+fn push_split(out: &mut Vec<NetRule>, base: NetRule) {
+    let (selfs, others): (Vec<_>, Vec<_>) =
+        base.dsts.iter().cloned().partition(|(d, _)| d.self_devices);
+    if !others.is_empty() {
+        out.push(NetRule {
+            dsts: others,
+            self_rule: false,
+            ..base.clone()
+        });
+    }
+    if !selfs.is_empty() {
+        out.push(NetRule {
+            dsts: selfs,
+            self_rule: true,
+            ..base
+        });
+    }
+}
+
+/// Resolves the policy's `acls` and `grants` into rules.
+pub(crate) fn net_rules(r: &Resolver<'_>) -> Vec<NetRule> {
+    let p = r.policy;
+    if !p.has_rules {
+        return default_allow_all();
+    }
+    let mut out = Vec::new();
+    for acl in &p.acls {
+        let src = r.resolve_all(acl.src.iter().map(|s| &s.value));
+        let dsts = acl
+            .dst
+            .iter()
+            .map(|d| (r.resolve(&d.value.0), d.value.1.clone()))
+            .collect();
+        push_split(
+            &mut out,
+            NetRule {
+                src,
+                dsts,
+                protos: acl.protos.clone(),
+                caps: None,
+                self_rule: false,
+                via: Vec::new(),
+            },
+        );
+    }
+    for g in &p.grants {
+        let src = r.resolve_all(g.src.iter().map(|s| &s.value));
+        let resolved: Vec<Resolved> = g.dst.iter().map(|d| r.resolve(&d.value)).collect();
+        // One rule per distinct protocol set, ports of all `ip` entries with that set.
+        let mut by_proto: Vec<(Vec<u8>, Vec<PortRange>)> = Vec::new();
+        for spec in &g.ip {
+            match by_proto.iter_mut().find(|(p, _)| *p == spec.protos) {
+                Some((_, ports)) => ports.extend(spec.ports.iter().copied()),
+                None => by_proto.push((spec.protos.clone(), spec.ports.clone())),
+            }
+        }
+        for (protos, ports) in by_proto {
+            push_split(
+                &mut out,
+                NetRule {
+                    src: src.clone(),
+                    dsts: resolved
+                        .iter()
+                        .map(|d| (d.clone(), ports.clone()))
+                        .collect(),
+                    protos,
+                    caps: None,
+                    self_rule: false,
+                    via: g.via.clone(),
+                },
+            );
+        }
+        if !g.app.is_empty() {
+            let caps: BTreeMap<String, Vec<serde_json::Value>> = g.app.iter().cloned().collect();
+            push_split(
+                &mut out,
+                NetRule {
+                    src: src.clone(),
+                    dsts: resolved.iter().map(|d| (d.clone(), Vec::new())).collect(),
+                    protos: Vec::new(),
+                    caps: Some(caps),
+                    self_rule: false,
+                    via: g.via.clone(),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// The destination entries of `dst` that cover node `i` (narrowed to what it serves).
+pub(crate) fn covered_entries(r: &Resolver<'_>, dst: &Resolved, i: usize) -> Vec<String> {
+    let n = &r.nodes[i];
+    let mut out = Vec::new();
+    if dst.wildcard {
+        out.push("*".to_string());
+    }
+    if dst.nodes.contains(&i) || (dst.self_devices && n.is_member()) {
+        out.extend(n.addr_strings());
+    }
+    for net in &dst.nets {
+        let covers = n.addrs.iter().any(|a| net.contains(a))
+            || n.routes.iter().any(|rt| addr::overlaps(net, rt));
+        if covers {
+            out.push(fmt_net(net));
+        }
+    }
+    out
+}
+
+/// Whether the owner of node `a` also owns node `b` (both untagged).
+fn same_owner(r: &Resolver<'_>, a: usize, b: usize) -> bool {
+    r.nodes[a].is_member() && r.nodes[b].is_member() && r.nodes[a].email == r.nodes[b].email
+}
+
+/// Sources of `rule` as seen by destination node `d`.
+fn sources_for(r: &Resolver<'_>, rule: &NetRule, d: usize) -> Vec<String> {
+    if rule.self_rule {
+        let mut out: BTreeSet<String> = BTreeSet::new();
+        for j in 0..r.nodes.len() {
+            if same_owner(r, j, d) && r.src_contains(&rule.src, j) {
+                out.extend(r.nodes[j].addr_strings());
+            }
+        }
+        out.into_iter().collect()
+    } else {
+        r.src_strings(&rule.src)
+    }
+}
+
+fn filter_for(
+    r: &Resolver<'_>,
+    rules: &[NetRule],
+    src_cache: &[Vec<String>],
+    d: usize,
+) -> Vec<FilterRule> {
+    let mut out: Vec<FilterRule> = Vec::new();
+    for (ri, rule) in rules.iter().enumerate() {
+        if rule.self_rule && !r.nodes[d].is_member() {
+            continue;
+        }
+        let mut dst_ports = Vec::new();
+        let mut cap_dsts: Vec<String> = Vec::new();
+        for (dst, ports) in &rule.dsts {
+            let entries = covered_entries(r, dst, d);
+            if entries.is_empty() {
+                continue;
+            }
+            if rule.caps.is_some() {
+                for a in &r.nodes[d].addrs {
+                    let s = host_prefix(*a);
+                    if !cap_dsts.contains(&s) {
+                        cap_dsts.push(s);
+                    }
+                }
+                continue;
+            }
+            for e in entries {
+                for p in ports {
+                    let dp = DstPort {
+                        ip: e.clone(),
+                        ports: Ports {
+                            first: p.first,
+                            last: p.last,
+                        },
+                    };
+                    if !dst_ports.contains(&dp) {
+                        dst_ports.push(dp);
+                    }
+                }
+            }
+        }
+        let src_ips = if rule.self_rule {
+            sources_for(r, rule, d)
+        } else {
+            src_cache[ri].clone()
+        };
+        if src_ips.is_empty() {
+            continue;
+        }
+        if let Some(caps) = &rule.caps {
+            if cap_dsts.is_empty() {
+                continue;
+            }
+            out.push(FilterRule {
+                src_ips,
+                dst_ports: Vec::new(),
+                ip_proto: Vec::new(),
+                cap_grant: vec![CapGrant {
+                    dsts: cap_dsts,
+                    cap_map: caps.clone(),
+                }],
+            });
+            continue;
+        }
+        if dst_ports.is_empty() {
+            continue;
+        }
+        // Rules with the same sources and protocols merge.
+        if let Some(existing) = out
+            .iter_mut()
+            .find(|f| f.cap_grant.is_empty() && f.src_ips == src_ips && f.ip_proto == rule.protos)
+        {
+            for dp in dst_ports {
+                if !existing.dst_ports.contains(&dp) {
+                    existing.dst_ports.push(dp);
+                }
+            }
+        } else {
+            out.push(FilterRule {
+                src_ips,
+                dst_ports,
+                ip_proto: rule.protos.clone(),
+                cap_grant: Vec::new(),
+            });
+        }
+    }
+    out
+}
+
+/// Whether `rule` lets node `v` reach prefix `route`, or lets `route` reach `v`.
+fn route_reachable(r: &Resolver<'_>, rule: &NetRule, v: usize, route: &IpNet) -> bool {
+    let forward = r.src_contains(&rule.src, v)
+        && rule
+            .dsts
+            .iter()
+            .any(|(d, _)| d.wildcard || d.nets.iter().any(|n| addr::overlaps(n, route)));
+    if forward {
+        return true;
+    }
+    let src_overlaps = rule.src.wildcard || rule.src.nets.iter().any(|n| addr::overlaps(n, route));
+    src_overlaps
+        && rule
+            .dsts
+            .iter()
+            .any(|(d, _)| !covered_entries(r, d, v).is_empty())
+}
+
+/// All views of a tailnet under a policy, computed from scratch.
+pub struct Computed {
+    /// Views by node name.
+    pub views: BTreeMap<String, NodeView>,
+    /// Primary routers decided for this state.
+    pub primaries: OrdMap<IpNet, String>,
+}
+
+/// Computes every node's view from scratch.
+pub fn compute_all(policy: &Policy, tailnet: &Tailnet) -> Computed {
+    let r = Resolver::new(policy, tailnet);
+    let primaries = crate::routes::elect(&r, &tailnet.primaries);
+    let rules = net_rules(&r);
+    let n = r.nodes.len();
+    let src_cache: Vec<Vec<String>> = rules.iter().map(|rule| r.src_strings(&rule.src)).collect();
+
+    // Who is in each rule's sources and who each rule's destinations cover.
+    let src_sets: Vec<Vec<bool>> = rules
+        .iter()
+        .map(|rule| (0..n).map(|i| r.src_contains(&rule.src, i)).collect())
+        .collect();
+    let dst_sets: Vec<Vec<bool>> = rules
+        .iter()
+        .map(|rule| {
+            (0..n)
+                .map(|i| {
+                    (!rule.self_rule || r.nodes[i].is_member())
+                        && rule
+                            .dsts
+                            .iter()
+                            .any(|(d, _)| !covered_entries(&r, d, i).is_empty())
+                })
+                .collect()
+        })
+        .collect();
+    let mut adj: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+    for (ri, rule) in rules.iter().enumerate() {
+        for a in 0..n {
+            if !src_sets[ri][a] {
+                continue;
+            }
+            for b in 0..n {
+                if a == b || !dst_sets[ri][b] {
+                    continue;
+                }
+                if rule.self_rule && !same_owner(&r, a, b) {
+                    continue;
+                }
+                adj[a].insert(b);
+                adj[b].insert(a);
+            }
+        }
+    }
+
+    let primary_of: BTreeMap<&str, Vec<IpNet>> = {
+        let mut m: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
+        for (p, name) in primaries.iter() {
+            m.entry(name.as_str()).or_default().push(*p);
+        }
+        m
+    };
+
+    let mut views = BTreeMap::new();
+    for v in 0..n {
+        let packet_filter = filter_for(&r, &rules, &src_cache, v);
+        let mut peers = Vec::new();
+        for &x in &adj[v] {
+            let xn = &r.nodes[x];
+            let addresses: Vec<String> = xn.addrs.iter().map(|a| host_prefix(*a)).collect();
+            let mut allowed_ips = addresses.clone();
+            let mut primary_routes = Vec::new();
+            for rt in primary_of.get(xn.name).map(Vec::as_slice).unwrap_or(&[]) {
+                if rules.iter().any(|rule| route_reachable(&r, rule, v, rt)) {
+                    allowed_ips.push(rt.to_string());
+                    primary_routes.push(rt.to_string());
+                }
+            }
+            if xn.exit && exit_usable(&r, &rules, v) {
+                allowed_ips.push("0.0.0.0/0".into());
+                allowed_ips.push("::/0".into());
+            }
+            peers.push(Arc::new(Peer {
+                name: xn.name.to_string(),
+                addresses,
+                allowed_ips,
+                primary_routes,
+                tags: xn.node.tags.clone(),
+                user: xn.email.map(str::to_string),
+            }));
+        }
+        let ssh_rules = crate::ssh::ssh_rules_for(&r, v);
+        let cap_map = caps_for(&r, v);
+        views.insert(
+            r.nodes[v].name.to_string(),
+            NodeView {
+                packet_filter: Arc::new(packet_filter),
+                peers,
+                ssh_rules: Arc::new(ssh_rules),
+                cap_map: Arc::new(cap_map),
+            },
+        );
+    }
+    Computed { views, primaries }
+}
+
+/// Whether node `v` may use exit nodes (some rule lets it reach the internet).
+fn exit_usable(r: &Resolver<'_>, rules: &[NetRule], v: usize) -> bool {
+    rules.iter().any(|rule| {
+        rule.caps.is_none()
+            && r.src_contains(&rule.src, v)
+            && rule.dsts.iter().any(|(d, _)| d.internet || d.wildcard)
+    })
+}
+
+/// Node attributes (`nodeAttrs`) and tailnet-wide switches for node `v`.
+fn caps_for(r: &Resolver<'_>, v: usize) -> CapMap {
+    let mut m = CapMap::new();
+    for na in &r.policy.node_attrs {
+        let target = r.resolve_all(na.target.iter().map(|t| &t.value));
+        if !r.src_contains(&target, v) {
+            continue;
+        }
+        for a in &na.attr {
+            m.entry(a.clone()).or_insert(None);
+        }
+        for (name, values) in &na.app {
+            let e = m.entry(name.clone()).or_insert(None);
+            e.get_or_insert_with(Vec::new)
+                .extend(values.iter().cloned());
+        }
+    }
+    if r.policy.randomize_client_port {
+        m.entry("randomize-client-port".into()).or_insert(None);
+    }
+    let _ = AutoGroup::Member;
+    let _: Option<&Alias> = None;
+    m
+}

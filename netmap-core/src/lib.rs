@@ -1,0 +1,19 @@
+//! netmap-core: the tailnet model, resolution of policy selectors against it, per-node views
+//! (packet filter, peers, routes, SSH rules, capabilities), evaluation of the policy's
+//! `tests`/`sshTests`, and the incremental engine.
+
+mod addr;
+mod compute;
+mod error;
+mod resolve;
+mod routes;
+mod ssh;
+mod tailnet;
+mod tests_eval;
+pub mod wire;
+
+pub use compute::{compute_all, Computed};
+pub use error::CoreError;
+pub use routes::elect_primaries;
+pub use tailnet::{parse_rfc3339, Node, Tailnet, TailnetSettings, User};
+pub use tests_eval::{check_policy_for_tailnet, run_tests, TestOutcome, TestReport};

@@ -1,0 +1,271 @@
+//! Resolution of selectors against a tailnet.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use netmap_policy::{Alias, AutoGroup, IpSetItem, Policy};
+
+use crate::addr::{self, fmt_net};
+use crate::tailnet::{Node, Tailnet};
+
+/// A node prepared for resolution: its addresses, owner and effective routes.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeInfo<'a> {
+    pub name: &'a str,
+    pub node: &'a Node,
+    pub addrs: Vec<IpAddr>,
+    /// The owner's email, for untagged nodes.
+    pub email: Option<&'a str>,
+    /// The owner's role, for untagged nodes.
+    pub role: Option<&'a str>,
+    /// Approved (by hand or automatically) and advertised subnet routes, exit routes excluded.
+    pub routes: Vec<IpNet>,
+    /// Whether the node is an approved exit node.
+    pub exit: bool,
+}
+
+impl NodeInfo<'_> {
+    /// Whether the node is untagged and owned by a user.
+    pub fn is_member(&self) -> bool {
+        !self.node.is_tagged() && self.email.is_some()
+    }
+
+    /// The node's addresses as bare strings (filter form).
+    pub fn addr_strings(&self) -> impl Iterator<Item = String> + '_ {
+        self.addrs.iter().map(|a| a.to_string())
+    }
+}
+
+/// What a selector resolves to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Resolved {
+    /// `*` (or `autogroup:danger-all`).
+    pub wildcard: bool,
+    /// `autogroup:danger-all`.
+    pub danger_all: bool,
+    /// `autogroup:self`.
+    pub self_devices: bool,
+    /// `autogroup:internet`.
+    pub internet: bool,
+    /// Nodes named by identity (user, group, tag, autogroup), by index.
+    pub nodes: BTreeSet<usize>,
+    /// Literal prefixes (IPs, CIDRs, hosts, ipsets).
+    pub nets: Vec<IpNet>,
+}
+
+impl Resolved {
+    pub fn union(&mut self, o: Resolved) {
+        self.wildcard |= o.wildcard;
+        self.danger_all |= o.danger_all;
+        self.self_devices |= o.self_devices;
+        self.internet |= o.internet;
+        self.nodes.extend(o.nodes);
+        for n in o.nets {
+            if !self.nets.contains(&n) {
+                self.nets.push(n);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.wildcard
+            && !self.self_devices
+            && !self.internet
+            && self.nodes.is_empty()
+            && self.nets.is_empty()
+    }
+}
+
+/// Resolution context: the policy, the tailnet and prepared nodes.
+pub(crate) struct Resolver<'a> {
+    pub policy: &'a Policy,
+    pub tailnet: &'a Tailnet,
+    pub nodes: Vec<NodeInfo<'a>>,
+}
+
+impl<'a> Resolver<'a> {
+    pub fn new(policy: &'a Policy, tailnet: &'a Tailnet) -> Resolver<'a> {
+        let mut nodes = Vec::with_capacity(tailnet.nodes.len());
+        for (name, node) in tailnet.nodes.iter() {
+            let (email, role) = if node.is_tagged() {
+                (None, None)
+            } else {
+                match node.user.as_ref().and_then(|u| tailnet.users.get(u)) {
+                    Some(u) => (Some(u.email.as_str()), u.role.as_deref()),
+                    None => (None, None),
+                }
+            };
+            nodes.push(NodeInfo {
+                name,
+                node,
+                addrs: node.addrs().collect(),
+                email,
+                role,
+                routes: Vec::new(),
+                exit: false,
+            });
+        }
+        let mut r = Resolver {
+            policy,
+            tailnet,
+            nodes,
+        };
+        for i in 0..r.nodes.len() {
+            let (routes, exit) = crate::routes::effective_routes(&r, i);
+            r.nodes[i].routes = routes;
+            r.nodes[i].exit = exit;
+        }
+        r
+    }
+
+    fn users_nodes(&self, pred: impl Fn(&str) -> bool) -> BTreeSet<usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.is_member() && n.email.is_some_and(&pred))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Resolves one alias.
+    pub fn resolve(&self, a: &Alias) -> Resolved {
+        let mut r = Resolved::default();
+        match a {
+            Alias::Wildcard => r.wildcard = true,
+            Alias::User(email) => r.nodes = self.users_nodes(|e| e == email),
+            Alias::UserDomain(d) => {
+                r.nodes = self.users_nodes(|e| e.rsplit_once('@').is_some_and(|(_, ed)| ed == d))
+            }
+            Alias::Group(g) => {
+                let members = self.policy.groups.get(g).cloned().unwrap_or_default();
+                r.nodes = self.users_nodes(|e| members.iter().any(|m| m == e));
+            }
+            Alias::Tag(t) => {
+                r.nodes = self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| n.node.tags.iter().any(|x| x == t))
+                    .map(|(i, _)| i)
+                    .collect()
+            }
+            Alias::Host(h) => {
+                if let Some(n) = self.policy.hosts.get(h) {
+                    r.nets.push(*n);
+                }
+            }
+            Alias::Prefix(p) => r.nets.push(*p),
+            Alias::IpSet(name) => {
+                let mut add = Resolved::default();
+                let mut remove = Resolved::default();
+                for item in self
+                    .policy
+                    .ipsets
+                    .get(name)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[])
+                {
+                    match item {
+                        IpSetItem::Add(a) => add.union(self.resolve(a)),
+                        IpSetItem::Remove(a) => remove.union(self.resolve(a)),
+                    }
+                }
+                add.nodes.retain(|n| !remove.nodes.contains(n));
+                add.nets.retain(|n| !remove.nets.contains(n));
+                r = add;
+            }
+            Alias::AutoGroup(g) => match g {
+                AutoGroup::Member => {
+                    r.nodes = (0..self.nodes.len())
+                        .filter(|&i| self.nodes[i].is_member())
+                        .collect()
+                }
+                AutoGroup::Tagged => {
+                    r.nodes = (0..self.nodes.len())
+                        .filter(|&i| self.nodes[i].node.is_tagged())
+                        .collect()
+                }
+                AutoGroup::SelfDevices => r.self_devices = true,
+                AutoGroup::Internet => r.internet = true,
+                AutoGroup::DangerAll => {
+                    r.wildcard = true;
+                    r.danger_all = true;
+                }
+                AutoGroup::NonRoot | AutoGroup::Shared => {}
+                role => {
+                    let want = role.name();
+                    r.nodes = (0..self.nodes.len())
+                        .filter(|&i| {
+                            let n = &self.nodes[i];
+                            n.is_member()
+                                && match n.role {
+                                    Some(x) => x == want || (want == "admin" && x == "owner"),
+                                    None => false,
+                                }
+                        })
+                        .collect()
+                }
+            },
+        }
+        r
+    }
+
+    /// Resolves a list of aliases into one set.
+    pub fn resolve_all<'x>(&self, aliases: impl IntoIterator<Item = &'x Alias>) -> Resolved {
+        let mut r = Resolved::default();
+        for a in aliases {
+            r.union(self.resolve(a));
+        }
+        r
+    }
+
+    /// Whether a node is in a resolved source set (by identity, address, or a route it serves).
+    pub fn src_contains(&self, r: &Resolved, i: usize) -> bool {
+        if r.wildcard || r.nodes.contains(&i) {
+            return true;
+        }
+        let n = &self.nodes[i];
+        r.nets.iter().any(|net| {
+            n.addrs.iter().any(|a| addr::contains_ip(net, a))
+                || n.routes.iter().any(|rt| addr::overlaps(net, rt))
+        })
+    }
+
+    /// Every approved subnet route in the tailnet (deduplicated, sorted).
+    pub fn all_routes(&self) -> Vec<IpNet> {
+        let mut v: Vec<IpNet> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.routes.iter().copied())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The `SrcIPs` strings of a resolved source set.
+    pub fn src_strings(&self, r: &Resolved) -> Vec<String> {
+        let mut out: BTreeSet<String> = BTreeSet::new();
+        if r.danger_all {
+            out.insert("*".into());
+        } else if r.wildcard {
+            for s in addr::TAILNET_V4_RANGES {
+                out.insert(s.to_string());
+            }
+            out.insert(addr::TAILNET_V6.to_string());
+            for rt in self.all_routes() {
+                out.insert(rt.to_string());
+            }
+        }
+        if !r.danger_all {
+            for &i in &r.nodes {
+                out.extend(self.nodes[i].addr_strings());
+            }
+            for n in &r.nets {
+                out.insert(fmt_net(n));
+            }
+        }
+        out.into_iter().collect()
+    }
+}

@@ -1,0 +1,208 @@
+//! The tailnet model: users, nodes, routes, and the history-dependent decisions
+//! (primary routers) carried with it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use imbl::OrdMap;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+
+/// A user of the tailnet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Numeric id.
+    #[serde(default)]
+    pub id: u64,
+    /// Login name (what nodes refer to).
+    pub name: String,
+    /// Email (what policies refer to).
+    #[serde(default)]
+    pub email: String,
+    /// Role in the tailnet (`owner`, `admin`, `network-admin`, `it-admin`, `billing-admin`,
+    /// `auditor`, `member`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// A node (device) of the tailnet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Hostname the device reported.
+    #[serde(default)]
+    pub hostname: String,
+    /// Owning user's name; `None` for tagged nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// ACL tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Tailscale IPv4 address.
+    #[serde(default)]
+    pub ipv4: Option<Ipv4Addr>,
+    /// Tailscale IPv6 address.
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
+    /// Routes the node advertises.
+    #[serde(default)]
+    pub routable_ips: Vec<IpNet>,
+    /// Routes approved by hand.
+    #[serde(default)]
+    pub approved_routes: Vec<IpNet>,
+    /// When the node joined (RFC 3339).
+    #[serde(default)]
+    pub created: String,
+    /// Whether the node is connected.
+    #[serde(default = "default_true")]
+    pub online: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Node {
+    /// The node's Tailscale addresses (IPv4 first).
+    pub fn addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.ipv6.map(IpAddr::V6))
+    }
+
+    /// Whether the node carries ACL tags (tagged nodes have no user identity).
+    pub fn is_tagged(&self) -> bool {
+        !self.tags.is_empty()
+    }
+
+    /// `created` as (seconds, nanoseconds) since the epoch, for ordering; unparsable sorts last.
+    pub fn created_key(&self) -> (i64, u32) {
+        parse_rfc3339(&self.created).unwrap_or((i64::MAX, 0))
+    }
+}
+
+/// Tailnet-wide settings from the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TailnetSettings {
+    /// The tailnet's name; its domain is the one `user:*@domain` may name.
+    #[serde(default)]
+    pub name: String,
+    /// Everything else, kept as written.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TailnetSettings {
+    /// The tailnet's email domain (from its name), if any.
+    pub fn domain(&self) -> Option<&str> {
+        match self.name.rsplit_once('@') {
+            Some((_, d)) => Some(d),
+            None if self.name.contains('.') => Some(&self.name),
+            None => None,
+        }
+    }
+}
+
+/// The state of a tailnet: users and nodes in persistent maps (cloning is O(1)).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tailnet {
+    /// Users by name.
+    pub users: OrdMap<String, User>,
+    /// Nodes by their (unique) name.
+    pub nodes: OrdMap<String, Node>,
+    /// Settings.
+    pub settings: TailnetSettings,
+    /// Current primary router per subnet prefix (history: kept while healthy).
+    pub primaries: OrdMap<IpNet, String>,
+}
+
+#[derive(Deserialize)]
+struct StateFile {
+    #[serde(default)]
+    users: Vec<User>,
+    #[serde(default)]
+    nodes: std::collections::BTreeMap<String, Node>,
+    #[serde(default)]
+    tailnet: TailnetSettings,
+}
+
+impl Tailnet {
+    /// Reads the corpus state shape `{"users": [...], "nodes": {name: {...}}, "tailnet": {...}}`.
+    pub fn from_state_json(text: &str) -> Result<Tailnet, CoreError> {
+        let st: StateFile =
+            serde_json::from_str(text).map_err(|e| CoreError::State(e.to_string()))?;
+        let mut t = Tailnet {
+            settings: st.tailnet,
+            ..Tailnet::default()
+        };
+        for u in st.users {
+            t.users.insert(u.name.clone(), u);
+        }
+        for (name, n) in st.nodes {
+            t.nodes.insert(name, n);
+        }
+        Ok(t)
+    }
+
+    /// Finds a user by email.
+    pub fn user_by_email(&self, email: &str) -> Option<&User> {
+        self.users.values().find(|u| u.email == email)
+    }
+}
+
+/// Parses an RFC 3339 timestamp into (seconds since epoch, nanoseconds).
+pub fn parse_rfc3339(s: &str) -> Option<(i64, u32)> {
+    let b = s.as_bytes();
+    if b.len() < 19 {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut i = 19;
+    let mut nanos: u32 = 0;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let frac = s.get(start..i)?;
+        let padded: String = frac.chars().chain("000000000".chars()).take(9).collect();
+        nanos = padded.parse().ok()?;
+    }
+    let offset = match s.get(i..)? {
+        "Z" | "z" | "" => 0,
+        tz => {
+            let sign = if tz.starts_with('-') { -1 } else { 1 };
+            let oh: i64 = tz.get(1..3)?.parse().ok()?;
+            let om: i64 = tz.get(4..6)?.parse().ok()?;
+            sign * (oh * 3600 + om * 60)
+        }
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60 + se - offset, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_orders() {
+        let a = parse_rfc3339("2026-04-10T15:15:53.464877073Z").unwrap();
+        let b = parse_rfc3339("2026-04-10T15:15:53.5Z").unwrap();
+        assert!(a < b);
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some((0, 0)));
+        assert_eq!(parse_rfc3339("1970-01-01T01:00:00+01:00"), Some((0, 0)));
+        assert!(parse_rfc3339("nope").is_none());
+    }
+}

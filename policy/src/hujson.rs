@@ -1,0 +1,439 @@
+//! A HuJSON reader: JSON plus `//` and `/* */` comments and trailing commas, keeping the
+//! line and column of every value so that validation errors can point at the element.
+
+use std::fmt;
+
+/// A position in the source text (1-based line and column, column counted in characters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pos {
+    /// 1-based line number.
+    pub line: u32,
+    /// 1-based column, in characters.
+    pub column: u32,
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// A JSON value with the position where it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// The value.
+    pub value: Value,
+    /// Where the value starts.
+    pub pos: Pos,
+}
+
+/// A JSON value whose children carry positions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// `null`
+    Null,
+    /// `true` / `false`
+    Bool(bool),
+    /// A number, kept as written.
+    Number(String),
+    /// A string.
+    String(String),
+    /// An array.
+    Array(Vec<Node>),
+    /// An object, members in source order; keys carry their own position.
+    Object(Vec<(Key, Node)>),
+}
+
+/// An object key with its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Key {
+    /// The key text.
+    pub name: String,
+    /// Where the key starts.
+    pub pos: Pos,
+}
+
+/// A syntax error in HuJSON text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {}, column {}: {message}", pos.line, pos.column)]
+pub struct SyntaxError {
+    /// Where the error was found.
+    pub pos: Pos,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Value {
+    /// A short name of the value's JSON type, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        }
+    }
+}
+
+impl Node {
+    /// Converts to a plain `serde_json::Value` (positions dropped).
+    pub fn to_json(&self) -> serde_json::Value {
+        match &self.value {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => serde_json::Value::Bool(*b),
+            Value::Number(n) => serde_json::from_str(n).unwrap_or(serde_json::Value::Null),
+            Value::String(s) => serde_json::Value::String(s.clone()),
+            Value::Array(a) => serde_json::Value::Array(a.iter().map(Node::to_json).collect()),
+            Value::Object(o) => serde_json::Value::Object(
+                o.iter()
+                    .map(|(k, v)| (k.name.clone(), v.to_json()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Nesting deeper than this is rejected (keeps recursion bounded on hostile input).
+const MAX_DEPTH: usize = 128;
+
+/// Parses HuJSON text into a positioned tree.
+pub fn parse(text: &str) -> Result<Node, SyntaxError> {
+    let mut p = Parser {
+        chars: text.chars().collect(),
+        i: 0,
+        line: 1,
+        col: 1,
+    };
+    p.skip_ws()?;
+    let v = p.value(0)?;
+    p.skip_ws()?;
+    if p.i < p.chars.len() {
+        return Err(p.err("unexpected text after the top-level value"));
+    }
+    Ok(v)
+}
+
+struct Parser {
+    chars: Vec<char>,
+    i: usize,
+    line: u32,
+    col: u32,
+}
+
+impl Parser {
+    fn pos(&self) -> Pos {
+        Pos {
+            line: self.line,
+            column: self.col,
+        }
+    }
+
+    fn err(&self, msg: impl Into<String>) -> SyntaxError {
+        SyntaxError {
+            pos: self.pos(),
+            message: msg.into(),
+        }
+    }
+
+    fn peek(&self) -> Option<char> {
+        self.chars.get(self.i).copied()
+    }
+
+    fn bump(&mut self) -> Option<char> {
+        let c = self.peek()?;
+        self.i += 1;
+        if c == '\n' {
+            self.line += 1;
+            self.col = 1;
+        } else {
+            self.col += 1;
+        }
+        Some(c)
+    }
+
+    fn skip_ws(&mut self) -> Result<(), SyntaxError> {
+        loop {
+            match self.peek() {
+                Some(' ' | '\t' | '\n' | '\r' | '\u{feff}') => {
+                    self.bump();
+                }
+                Some('/') => {
+                    let start = self.pos();
+                    match self.chars.get(self.i + 1) {
+                        Some('/') => {
+                            while let Some(c) = self.peek() {
+                                if c == '\n' {
+                                    break;
+                                }
+                                self.bump();
+                            }
+                        }
+                        Some('*') => {
+                            self.bump();
+                            self.bump();
+                            loop {
+                                match self.bump() {
+                                    None => {
+                                        return Err(SyntaxError {
+                                            pos: start,
+                                            message: "unterminated /* comment".into(),
+                                        })
+                                    }
+                                    Some('*') if self.peek() == Some('/') => {
+                                        self.bump();
+                                        break;
+                                    }
+                                    Some(_) => {}
+                                }
+                            }
+                        }
+                        _ => return Err(self.err("invalid character '/'")),
+                    }
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Node, SyntaxError> {
+        if depth > MAX_DEPTH {
+            return Err(self.err("nesting too deep"));
+        }
+        let pos = self.pos();
+        let value = match self.peek() {
+            None => return Err(self.err("unexpected end of input")),
+            Some('{') => self.object(depth)?,
+            Some('[') => self.array(depth)?,
+            Some('"') => Value::String(self.string()?),
+            Some('t') => self.literal("true", Value::Bool(true))?,
+            Some('f') => self.literal("false", Value::Bool(false))?,
+            Some('n') => self.literal("null", Value::Null)?,
+            Some(c) if c == '-' || c.is_ascii_digit() => self.number()?,
+            Some(c) => return Err(self.err(format!("invalid character {c:?} looking for a value"))),
+        };
+        Ok(Node { value, pos })
+    }
+
+    fn literal(&mut self, word: &str, v: Value) -> Result<Value, SyntaxError> {
+        for expected in word.chars() {
+            if self.peek() != Some(expected) {
+                return Err(self.err(format!("invalid literal, expected {word:?}")));
+            }
+            self.bump();
+        }
+        Ok(v)
+    }
+
+    fn number(&mut self) -> Result<Value, SyntaxError> {
+        let start = self.i;
+        if self.peek() == Some('-') {
+            self.bump();
+        }
+        let digits = |p: &mut Parser| {
+            let s = p.i;
+            while p.peek().is_some_and(|c| c.is_ascii_digit()) {
+                p.bump();
+            }
+            p.i - s
+        };
+        let int_start = self.i;
+        if digits(self) == 0 {
+            return Err(self.err("invalid number"));
+        }
+        if self.chars[int_start] == '0' && self.i - int_start > 1 {
+            return Err(self.err("invalid number: leading zero"));
+        }
+        if self.peek() == Some('.') {
+            self.bump();
+            if digits(self) == 0 {
+                return Err(self.err("invalid number: digits expected after '.'"));
+            }
+        }
+        if matches!(self.peek(), Some('e' | 'E')) {
+            self.bump();
+            if matches!(self.peek(), Some('+' | '-')) {
+                self.bump();
+            }
+            if digits(self) == 0 {
+                return Err(self.err("invalid number: digits expected in exponent"));
+            }
+        }
+        Ok(Value::Number(self.chars[start..self.i].iter().collect()))
+    }
+
+    fn hex4(&mut self) -> Result<u32, SyntaxError> {
+        let mut v = 0u32;
+        for _ in 0..4 {
+            let c = self
+                .bump()
+                .ok_or_else(|| self.err("unterminated \\u escape"))?;
+            let d = c
+                .to_digit(16)
+                .ok_or_else(|| self.err("invalid \\u escape"))?;
+            v = v * 16 + d;
+        }
+        Ok(v)
+    }
+
+    fn string(&mut self) -> Result<String, SyntaxError> {
+        let start = self.pos();
+        self.bump(); // opening quote
+        let mut out = String::new();
+        loop {
+            let c = self.bump().ok_or(SyntaxError {
+                pos: start,
+                message: "unterminated string".into(),
+            })?;
+            match c {
+                '"' => return Ok(out),
+                '\\' => {
+                    let e = self.bump().ok_or_else(|| self.err("unterminated escape"))?;
+                    match e {
+                        '"' => out.push('"'),
+                        '\\' => out.push('\\'),
+                        '/' => out.push('/'),
+                        'b' => out.push('\u{8}'),
+                        'f' => out.push('\u{c}'),
+                        'n' => out.push('\n'),
+                        'r' => out.push('\r'),
+                        't' => out.push('\t'),
+                        'u' => {
+                            let hi = self.hex4()?;
+                            let cp = if (0xD800..0xDC00).contains(&hi) {
+                                if self.peek() == Some('\\')
+                                    && self.chars.get(self.i + 1) == Some(&'u')
+                                {
+                                    self.bump();
+                                    self.bump();
+                                    let lo = self.hex4()?;
+                                    if (0xDC00..0xE000).contains(&lo) {
+                                        0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                                    } else {
+                                        0xFFFD
+                                    }
+                                } else {
+                                    0xFFFD
+                                }
+                            } else {
+                                hi
+                            };
+                            out.push(char::from_u32(cp).unwrap_or('\u{FFFD}'));
+                        }
+                        other => return Err(self.err(format!("invalid escape '\\{other}'"))),
+                    }
+                }
+                c if (c as u32) < 0x20 => {
+                    return Err(self.err("invalid control character in string"))
+                }
+                c => out.push(c),
+            }
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> Result<Value, SyntaxError> {
+        self.bump();
+        let mut items = Vec::new();
+        loop {
+            self.skip_ws()?;
+            match self.peek() {
+                Some(']') => {
+                    self.bump();
+                    return Ok(Value::Array(items));
+                }
+                None => return Err(self.err("unterminated array")),
+                _ => {}
+            }
+            items.push(self.value(depth + 1)?);
+            self.skip_ws()?;
+            match self.peek() {
+                Some(',') => {
+                    self.bump();
+                }
+                Some(']') => {}
+                _ => return Err(self.err("expected ',' or ']' after array element")),
+            }
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> Result<Value, SyntaxError> {
+        self.bump();
+        let mut members: Vec<(Key, Node)> = Vec::new();
+        loop {
+            self.skip_ws()?;
+            match self.peek() {
+                Some('}') => {
+                    self.bump();
+                    return Ok(Value::Object(members));
+                }
+                Some('"') => {}
+                None => return Err(self.err("unterminated object")),
+                Some(_) => return Err(self.err("expected a string key or '}'")),
+            }
+            let kpos = self.pos();
+            let name = self.string()?;
+            if members.iter().any(|(k, _)| k.name == name) {
+                return Err(SyntaxError {
+                    pos: kpos,
+                    message: format!("duplicate key {name:?}"),
+                });
+            }
+            self.skip_ws()?;
+            if self.peek() != Some(':') {
+                return Err(self.err("expected ':' after object key"));
+            }
+            self.bump();
+            self.skip_ws()?;
+            let v = self.value(depth + 1)?;
+            members.push((Key { name, pos: kpos }, v));
+            self.skip_ws()?;
+            match self.peek() {
+                Some(',') => {
+                    self.bump();
+                }
+                Some('}') => {}
+                _ => return Err(self.err("expected ',' or '}' after object member")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comments_and_trailing_commas() {
+        let v = parse("// hi\n{\n  /* c */ \"a\": [1, 2,],\n  \"b\": true, // x\n}\n").unwrap();
+        assert_eq!(v.to_json(), serde_json::json!({"a": [1, 2], "b": true}));
+    }
+
+    #[test]
+    fn positions_are_tracked() {
+        let v = parse("{\n  \"a\": \"x\"\n}").unwrap();
+        let Value::Object(m) = v.value else {
+            unreachable!()
+        };
+        assert_eq!(m[0].0.pos, Pos { line: 2, column: 3 });
+        assert_eq!(m[0].1.pos, Pos { line: 2, column: 8 });
+    }
+
+    #[test]
+    fn errors_have_positions() {
+        let e = parse("{\n  \"a\": tru\n}").unwrap_err();
+        assert_eq!(e.pos.line, 2);
+        let e = parse("{\"a\":1,\"a\":2}").unwrap_err();
+        assert!(e.message.contains("duplicate"));
+        assert!(parse("[1 2]").is_err());
+        assert!(parse("{\"a\":1} x").is_err());
+        assert!(parse("\"abc").is_err());
+        assert!(parse("/* x").is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let s = "[".repeat(10_000);
+        assert!(parse(&s).is_err());
+    }
+}

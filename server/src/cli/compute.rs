@@ -1,0 +1,71 @@
+//! `netmap compute`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use netmap_core::CoreError;
+
+/// Arguments of `netmap compute`.
+#[derive(Debug, clap::Args)]
+pub struct ComputeArgs {
+    /// The policy file (HuJSON).
+    #[arg(long)]
+    policy: PathBuf,
+    /// The tailnet state file.
+    #[arg(long)]
+    state: PathBuf,
+    /// Only these nodes (repeatable).
+    #[arg(long = "node")]
+    nodes: Vec<String>,
+    /// Print per-node counts instead of the views.
+    #[arg(long)]
+    summary: bool,
+}
+
+pub fn run(a: &ComputeArgs) -> ExitCode {
+    let (policy, tailnet, report) = match super::policy::load_checked(&a.policy, Some(&a.state)) {
+        Ok((p, Some(t), r)) => (p, t, r),
+        Ok(_) => return ExitCode::from(2),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    if !report.passed() {
+        eprintln!("{}: {}", a.policy.display(), CoreError::TestsFailed(report));
+        return ExitCode::from(1);
+    }
+    for n in &a.nodes {
+        if !tailnet.nodes.contains_key(n) {
+            eprintln!("unknown node {n:?}");
+            return ExitCode::from(1);
+        }
+    }
+    let computed = netmap_core::compute_all(&policy, &tailnet);
+    let mut out = serde_json::Map::new();
+    for (name, view) in &computed.views {
+        if !a.nodes.is_empty() && !a.nodes.contains(name) {
+            continue;
+        }
+        let v = if a.summary {
+            serde_json::json!({
+                "packet_filter_rules": view.packet_filter.len(),
+                "peers": view.peers.len(),
+                "ssh_rules": view.ssh_rules.len(),
+                "cap_map": view.cap_map.len(),
+            })
+        } else {
+            match serde_json::to_value(view) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(1);
+                }
+            }
+        };
+        out.insert(name.clone(), v);
+    }
+    let doc = serde_json::json!({ "nodes": out });
+    println!("{doc}");
+    ExitCode::SUCCESS
+}

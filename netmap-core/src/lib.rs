@@ -4,6 +4,7 @@
 
 mod addr;
 mod compute;
+mod engine;
 mod error;
 mod resolve;
 mod routes;
@@ -13,6 +14,7 @@ mod tests_eval;
 pub mod wire;
 
 pub use compute::{compute_all, Computed};
+pub use engine::{diff_views, load_policy, Change, ChangeSet, Engine, NodeDelta, Snapshot};
 pub use error::CoreError;
 pub use routes::elect_primaries;
 pub use tailnet::{parse_rfc3339, Node, Tailnet, TailnetSettings, User};

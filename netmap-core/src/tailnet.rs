@@ -115,6 +115,8 @@ pub struct Tailnet {
     pub settings: TailnetSettings,
     /// Current primary router per subnet prefix (history: kept while healthy).
     pub primaries: OrdMap<IpNet, String>,
+    /// MagicDNS name per node (history: a `-N` suffix stays with the node that got it).
+    pub dns_names: OrdMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -139,15 +141,65 @@ impl Tailnet {
         for u in st.users {
             t.users.insert(u.name.clone(), u);
         }
-        for (name, n) in st.nodes {
+        let mut order: Vec<(String, Node)> = st.nodes.into_iter().collect();
+        order.sort_by_key(|(name, n)| (n.created_key(), name.clone()));
+        for (name, n) in order {
+            t.assign_dns_name(&name, &n.hostname);
             t.nodes.insert(name, n);
         }
         Ok(t)
     }
 
+    /// Gives node `key` a unique MagicDNS label derived from `hostname`; keeps its current name
+    /// when that is still derived from the same hostname. Returns the name.
+    pub fn assign_dns_name(&mut self, key: &str, hostname: &str) -> String {
+        let base = dns_label(if hostname.is_empty() { key } else { hostname });
+        if let Some(cur) = self.dns_names.get(key) {
+            if cur == &base || cur.strip_prefix(&format!("{base}-")).is_some_and(|n| n.parse::<u32>().is_ok()) {
+                return cur.clone();
+            }
+        }
+        let taken = |n: &str| self.dns_names.iter().any(|(k, v)| k != key && v == n);
+        let mut name = base.clone();
+        let mut i = 1;
+        while taken(&name) {
+            name = format!("{base}-{i}");
+            i += 1;
+        }
+        self.dns_names.insert(key.to_string(), name.clone());
+        name
+    }
+
+    /// Forgets a removed node's name (it becomes free for others; holders keep theirs).
+    pub fn release_dns_name(&mut self, key: &str) {
+        self.dns_names.remove(key);
+    }
+
     /// Finds a user by email.
     pub fn user_by_email(&self, email: &str) -> Option<&User> {
         self.users.values().find(|u| u.email == email)
+    }
+}
+
+/// Cleans a hostname into a DNS label: lower case, `[a-z0-9-]`, at most 63 characters.
+pub fn dns_label(hostname: &str) -> String {
+    let mut out = String::new();
+    for c in hostname.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+        if out.len() >= 63 {
+            break;
+        }
+    }
+    let trimmed = out.trim_matches('-').to_string();
+    if trimmed.is_empty() {
+        "node".to_string()
+    } else {
+        trimmed
     }
 }
 
@@ -195,6 +247,21 @@ pub fn parse_rfc3339(s: &str) -> Option<(i64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_names_are_unique_and_stable() {
+        let mut t = Tailnet::default();
+        assert_eq!(t.assign_dns_name("a", "My Laptop"), "my-laptop");
+        assert_eq!(t.assign_dns_name("b", "my-laptop"), "my-laptop-1");
+        assert_eq!(t.assign_dns_name("c", "my laptop"), "my-laptop-2");
+        t.release_dns_name("a");
+        // b keeps its -1 when a goes away.
+        assert_eq!(t.assign_dns_name("b", "my-laptop"), "my-laptop-1");
+        assert_eq!(t.assign_dns_name("d", "my-laptop"), "my-laptop");
+        // Renaming c's host gives it a fresh name.
+        assert_eq!(t.assign_dns_name("c", "server"), "server");
+        assert_eq!(dns_label("--x__y--"), "x-y");
+    }
 
     #[test]
     fn rfc3339_orders() {

@@ -396,7 +396,7 @@ fn exit_usable(r: &Resolver<'_>, rules: &[NetRule], v: usize) -> bool {
     rules.iter().any(|rule| {
         rule.caps.is_none()
             && r.src_contains(&rule.src, v)
-            && rule.dsts.iter().any(|(d, _)| d.internet || d.wildcard)
+            && rule.dsts.iter().any(|(d, _)| d.internet)
     })
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use netmap_policy::{SshAction, SshUser};
+use netmap_policy::{Alias, AutoGroup, SshAction, SshUser};
 
 use crate::resolve::Resolver;
 use crate::wire::{SshActionWire, SshPrincipal, SshRuleWire};
@@ -41,17 +41,39 @@ fn principals(r: &Resolver<'_>, nodes: &[usize]) -> Vec<SshPrincipal> {
 pub(crate) fn ssh_rules_for(r: &Resolver<'_>, d: usize) -> Vec<SshRuleWire> {
     let mut out = Vec::new();
     let dn = &r.nodes[d];
-    for rule in &r.policy.ssh {
+    // Check rules come before accept rules; within each, policy order.
+    let ordered = r
+        .policy
+        .ssh
+        .iter()
+        .filter(|x| x.action == SshAction::Check)
+        .chain(
+            r.policy
+                .ssh
+                .iter()
+                .filter(|x| x.action == SshAction::Accept),
+        );
+    for rule in ordered {
+        let has_localpart = rule
+            .users
+            .iter()
+            .any(|u| matches!(u, SshUser::LocalPart(_)));
         let dst = r.resolve_all(rule.dst.iter().map(|x| &x.value));
         let by_identity = dst.nodes.contains(&d) || dst.wildcard;
         let by_self = dst.self_devices && dn.is_member();
-        if !by_identity && !by_self {
+        let src = r.resolve_all(rule.src.iter().map(|x| &x.value));
+        // With localpart users, every source node may also log in to itself.
+        let as_own_source = has_localpart && r.src_contains(&src, d);
+        if !by_identity && !by_self && !as_own_source {
             continue;
         }
-        let src = r.resolve_all(rule.src.iter().map(|x| &x.value));
         let mut srcs: Vec<usize> = (0..r.nodes.len())
             .filter(|&j| r.src_contains(&src, j))
-            .filter(|&j| by_identity || (r.nodes[j].is_member() && r.nodes[j].email == dn.email))
+            .filter(|&j| {
+                by_identity
+                    || (by_self && r.nodes[j].is_member() && r.nodes[j].email == dn.email)
+                    || j == d
+            })
             .collect();
         if srcs.is_empty() {
             continue;
@@ -86,8 +108,24 @@ pub(crate) fn ssh_rules_for(r: &Resolver<'_>, d: usize) -> Vec<SshRuleWire> {
         users.entry("root".into()).or_default();
         let action = action_wire(rule.action, rule.check_period_secs);
         if localparts.is_empty() {
+            // autogroup:tagged expands tag by tag: a node with two tags is listed twice.
+            let tagged_extra: Vec<usize> = if rule
+                .src
+                .iter()
+                .any(|s| s.value == Alias::AutoGroup(AutoGroup::Tagged))
+            {
+                srcs.iter()
+                    .flat_map(|&j| {
+                        std::iter::repeat_n(j, r.nodes[j].node.tags.len().saturating_sub(1))
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut all = srcs.clone();
+            all.extend(tagged_extra);
             out.push(SshRuleWire {
-                principals: principals(r, &srcs),
+                principals: principals(r, &all),
                 ssh_users: users,
                 action,
                 accept_env: rule.accept_env.clone(),

@@ -36,7 +36,7 @@ pub struct Node {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// ACL tags.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub tags: Vec<String>,
     /// Tailscale IPv4 address.
     #[serde(default)]
@@ -45,17 +45,25 @@ pub struct Node {
     #[serde(default)]
     pub ipv6: Option<Ipv6Addr>,
     /// Routes the node advertises.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub routable_ips: Vec<IpNet>,
     /// Routes approved by hand.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub approved_routes: Vec<IpNet>,
     /// When the node joined (RFC 3339).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub created: String,
     /// Whether the node is connected.
     #[serde(default = "default_true")]
     pub online: bool,
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 fn default_true() -> bool {
@@ -155,7 +163,11 @@ impl Tailnet {
     pub fn assign_dns_name(&mut self, key: &str, hostname: &str) -> String {
         let base = dns_label(if hostname.is_empty() { key } else { hostname });
         if let Some(cur) = self.dns_names.get(key) {
-            if cur == &base || cur.strip_prefix(&format!("{base}-")).is_some_and(|n| n.parse::<u32>().is_ok()) {
+            if cur == &base
+                || cur
+                    .strip_prefix(&format!("{base}-"))
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            {
                 return cur.clone();
             }
         }

@@ -630,6 +630,7 @@ fn read_acl(c: &Ctx<'_>, p: &Policy) -> Result<Acl, PolicyError> {
         }
         _ => Vec::new(),
     };
+    crate::selector::check_self_sources(&src, &dst)?;
     Ok(Acl { src, dst, protos })
 }
 
@@ -835,7 +836,7 @@ fn read_ssh(c: &Ctx<'_>, p: &Policy) -> Result<SshRule, PolicyError> {
     )?;
     let action = match field(&m, "action") {
         None => return Err(c.err("action must be specified")),
-        Some(ac) => match ac.string("action")? {
+        Some(ac) => match ac.string("action")?.trim() {
             "accept" => SshAction::Accept,
             "check" => SshAction::Check,
             "" => return Err(ac.err("action must be specified")),
@@ -865,8 +866,8 @@ fn read_ssh(c: &Ctx<'_>, p: &Policy) -> Result<SshRule, PolicyError> {
             SshUser::Root
         } else if t == "autogroup:nonroot" {
             SshUser::NonRoot
-        } else if let Some(rest) = t.strip_prefix("localpart:*@") {
-            if rest.is_empty() || rest.contains('*') || rest.contains('@') {
+        } else if let Some(rest) = t.strip_prefix("localpart:*@").filter(|r| !r.is_empty()) {
+            if rest.contains('*') || rest.contains('@') {
                 return Err(ucx.err(format!(
                     "{} is not associated with this Tailnet and cannot be used in user:*@<domain> expressions",
                     if rest.contains('*') { "*" } else { rest }

@@ -9,6 +9,18 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 pub const TAILNET_V4_RANGES: [&str; 2] =
     ["100.64.0.0-100.115.91.255", "100.115.94.0-100.127.255.255"];
 
+/// `autogroup:internet` as the hosted service prints it: public IPv4 (everything but
+/// 10/8, 100.64/10, 169.254/16, 172.16/12, 192.168/16) and global unicast IPv6 (2000::/3).
+pub const INTERNET_RANGES: [&str; 7] = [
+    "0.0.0.0-9.255.255.255",
+    "11.0.0.0-100.63.255.255",
+    "100.128.0.0-169.253.255.255",
+    "169.255.0.0-172.15.255.255",
+    "172.32.0.0-192.167.255.255",
+    "192.169.0.0-255.255.255.255",
+    "2000::-3fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+];
+
 /// The tailnet IPv6 prefix.
 pub const TAILNET_V6: &str = "fd7a:115c:a1e0::/48";
 

@@ -145,6 +145,9 @@ pub(crate) fn covered_entries(r: &Resolver<'_>, dst: &Resolved, i: usize) -> Vec
     if dst.wildcard {
         out.push("*".to_string());
     }
+    if dst.internet && n.exit {
+        out.extend(addr::INTERNET_RANGES.iter().map(|s| s.to_string()));
+    }
     if dst.nodes.contains(&i) || (dst.self_devices && n.is_member()) {
         out.extend(n.addr_strings());
     }
@@ -354,11 +357,19 @@ pub fn compute_all(policy: &Policy, tailnet: &Tailnet) -> Computed {
         let mut peers = Vec::new();
         for &x in &adj[v] {
             let xn = &r.nodes[x];
-            let addresses: Vec<String> = xn.addrs.iter().map(|a| host_prefix(*a)).collect();
+            let v4_ok = !r.nodes[v].no_ipv4;
+            let addresses: Vec<String> = xn
+                .addrs
+                .iter()
+                .filter(|a| v4_ok || a.is_ipv6())
+                .map(|a| host_prefix(*a))
+                .collect();
             let mut allowed_ips = addresses.clone();
             let mut primary_routes = Vec::new();
             for rt in primary_of.get(xn.name).map(Vec::as_slice).unwrap_or(&[]) {
-                if rules.iter().any(|rule| route_reachable(&r, rule, v, rt)) {
+                // Routers of the same prefix (standby routers) always know the primary's route.
+                let sibling = r.nodes[v].routes.contains(rt);
+                if sibling || rules.iter().any(|rule| route_reachable(&r, rule, v, rt)) {
                     allowed_ips.push(rt.to_string());
                     primary_routes.push(rt.to_string());
                 }
@@ -396,7 +407,7 @@ fn exit_usable(r: &Resolver<'_>, rules: &[NetRule], v: usize) -> bool {
     rules.iter().any(|rule| {
         rule.caps.is_none()
             && r.src_contains(&rule.src, v)
-            && rule.dsts.iter().any(|(d, _)| d.internet)
+            && rule.dsts.iter().any(|(d, _)| d.internet || d.wildcard)
     })
 }
 

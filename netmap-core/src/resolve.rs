@@ -23,6 +23,9 @@ pub(crate) struct NodeInfo<'a> {
     pub routes: Vec<IpNet>,
     /// Whether the node is an approved exit node.
     pub exit: bool,
+    /// The `disable-ipv4` attribute applies: the node has no IPv4 address in the tailnet
+    /// and does not use its peers' IPv4 addresses.
+    pub no_ipv4: bool,
 }
 
 impl NodeInfo<'_> {
@@ -104,6 +107,7 @@ impl<'a> Resolver<'a> {
                 role,
                 routes: Vec::new(),
                 exit: false,
+                no_ipv4: false,
             });
         }
         let mut r = Resolver {
@@ -111,6 +115,21 @@ impl<'a> Resolver<'a> {
             tailnet,
             nodes,
         };
+        let no_v4: Vec<bool> = (0..r.nodes.len())
+            .map(|i| {
+                policy.disable_ipv4
+                    || policy.node_attrs.iter().any(|na| {
+                        na.attr.iter().any(|a| a == "disable-ipv4")
+                            && r.src_contains(&r.resolve_all(na.target.iter().map(|t| &t.value)), i)
+                    })
+            })
+            .collect();
+        for (i, off) in no_v4.into_iter().enumerate() {
+            if off {
+                r.nodes[i].no_ipv4 = true;
+                r.nodes[i].addrs.retain(IpAddr::is_ipv6);
+            }
+        }
         for i in 0..r.nodes.len() {
             let (routes, exit) = crate::routes::effective_routes(&r, i);
             r.nodes[i].routes = routes;

@@ -15,38 +15,59 @@ fn approver_matches(r: &Resolver<'_>, who: &[netmap_policy::Located<Alias>], i: 
         || who.iter().any(|a| a.value == Alias::Wildcard)
 }
 
-/// The routes node `i` serves: advertised and approved (by hand or automatically); exit
-/// routes are reported as a flag. Approving either exit route approves both.
+/// The routes node `i` serves: advertised and approved, by hand or by `autoApprovers`
+/// (subnet routes through `routes`, exit routes through `exitNode`); exit routes are reported
+/// as a flag. Approving either exit route approves both.
 pub(crate) fn effective_routes(r: &Resolver<'_>, i: usize) -> (Vec<IpNet>, bool) {
     let node = r.nodes[i].node;
-    let policy: &Policy = r.policy;
+    let auto = auto_approved(r, i, &node.routable_ips);
     let mut routes = Vec::new();
     let mut exit_advertised = false;
     let mut exit_approved = false;
     for rt in &node.routable_ips {
         let rt = rt.trunc();
-        let by_hand = node.approved_routes.iter().any(|a| a.trunc() == rt);
+        let approved = node.approved_routes.iter().any(|a| a.trunc() == rt) || auto.contains(&rt);
         if is_exit_route(&rt) {
             exit_advertised = true;
-            let auto = approver_matches(r, &policy.auto_approvers.exit_node, i)
-                || policy
-                    .auto_approvers
-                    .routes
-                    .iter()
-                    .any(|(p, who)| is_exit_route(p) && approver_matches(r, who, i));
-            exit_approved |= by_hand || auto;
-            continue;
-        }
-        let auto =
-            policy.auto_approvers.routes.iter().any(|(p, who)| {
-                !is_exit_route(p) && p.contains(&rt) && approver_matches(r, who, i)
-            });
-        if (by_hand || auto) && !routes.contains(&rt) {
+            exit_approved |= approved;
+        } else if approved && !routes.contains(&rt) {
             routes.push(rt);
         }
     }
     routes.sort();
     (routes, exit_advertised && exit_approved)
+}
+
+/// The routes among `routes` that `autoApprovers` approve for node `i`: subnet routes inside
+/// a `routes` prefix whose approvers name the node, exit routes when `exitNode` names it.
+fn auto_approved(r: &Resolver<'_>, i: usize, routes: &[IpNet]) -> Vec<IpNet> {
+    let policy = r.policy;
+    let mut out = Vec::new();
+    for rt in routes {
+        let rt = rt.trunc();
+        let ok = if is_exit_route(&rt) {
+            approver_matches(r, &policy.auto_approvers.exit_node, i)
+        } else {
+            policy
+                .auto_approvers
+                .routes
+                .iter()
+                .any(|(p, who)| !is_exit_route(p) && p.contains(&rt) && approver_matches(r, who, i))
+        };
+        if ok && !out.contains(&rt) {
+            out.push(rt);
+        }
+    }
+    out
+}
+
+/// The routes `autoApprovers` approve for node `key` among `routes` it advertises.
+pub fn auto_approve(policy: &Policy, tailnet: &Tailnet, key: &str, routes: &[IpNet]) -> Vec<IpNet> {
+    let r = Resolver::new(policy, tailnet);
+    match r.nodes.iter().position(|n| n.name == key) {
+        Some(i) => auto_approved(&r, i, routes),
+        None => Vec::new(),
+    }
 }
 
 /// Elects the primary router of every subnet prefix: the current primary stays while it is

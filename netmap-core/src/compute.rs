@@ -20,7 +20,7 @@ pub(crate) struct NetRule {
     pub dsts: Vec<(Resolved, Vec<PortRange>)>,
     pub protos: Vec<u8>,
     /// Application capabilities (a `CapGrant` rule) instead of ports.
-    pub caps: Option<BTreeMap<String, Vec<serde_json::Value>>>,
+    pub caps: Option<BTreeMap<String, serde_json::Value>>,
     /// Destinations are `autogroup:self`: sources are narrowed to the destination's owner.
     pub self_rule: bool,
     /// `via` tags: the destination prefixes are reached only through routers with these tags.
@@ -121,7 +121,33 @@ pub(crate) fn net_rules(r: &Resolver<'_>) -> Vec<NetRule> {
             );
         }
         if !g.app.is_empty() {
-            let caps: BTreeMap<String, Vec<serde_json::Value>> = g.app.iter().cloned().collect();
+            let caps: BTreeMap<String, serde_json::Value> = g
+                .app
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::Array(v.clone())))
+                .collect();
+            // Some capabilities come with a companion the destination grants back to the
+            // source (a relay's target, a drive's sharer).
+            let companions: BTreeMap<String, serde_json::Value> = g
+                .app
+                .iter()
+                .filter_map(|(k, _)| companion_cap(k))
+                .map(|c| (c.to_string(), serde_json::Value::Null))
+                .collect();
+            if !companions.is_empty() {
+                let mut back_src = Resolved::default();
+                for d in &resolved {
+                    back_src.union(d.clone());
+                }
+                out.push(NetRule {
+                    src: back_src,
+                    dsts: vec![(src.clone(), Vec::new())],
+                    protos: Vec::new(),
+                    caps: Some(companions),
+                    self_rule: false,
+                    via: Vec::new(),
+                });
+            }
             push_split(
                 &mut out,
                 NetRule {
@@ -136,6 +162,15 @@ pub(crate) fn net_rules(r: &Resolver<'_>) -> Vec<NetRule> {
         }
     }
     out
+}
+
+/// The capability a destination grants back to the source when granted `cap`.
+fn companion_cap(cap: &str) -> Option<&'static str> {
+    match cap {
+        "tailscale.com/cap/drive" => Some("tailscale.com/cap/drive-sharer"),
+        "tailscale.com/cap/relay" => Some("tailscale.com/cap/relay-target"),
+        _ => None,
+    }
 }
 
 /// The destination entries of `dst` that cover node `i` (narrowed to what it serves).
@@ -217,9 +252,7 @@ fn filter_for(
                             last: p.last,
                         },
                     };
-                    if !dst_ports.contains(&dp) {
-                        dst_ports.push(dp);
-                    }
+                    dst_ports.push(dp);
                 }
             }
         }
@@ -254,11 +287,7 @@ fn filter_for(
             .iter_mut()
             .find(|f| f.cap_grant.is_empty() && f.src_ips == src_ips && f.ip_proto == rule.protos)
         {
-            for dp in dst_ports {
-                if !existing.dst_ports.contains(&dp) {
-                    existing.dst_ports.push(dp);
-                }
-            }
+            existing.dst_ports.extend(dst_ports);
         } else {
             out.push(FilterRule {
                 src_ips,

@@ -33,9 +33,9 @@ pub struct CapGrant {
     /// Destination prefixes.
     #[serde(rename = "Dsts")]
     pub dsts: Vec<String>,
-    /// Capability name → values.
+    /// Capability name → values (an array, or `null` for a capability without values).
     #[serde(rename = "CapMap")]
-    pub cap_map: BTreeMap<String, Vec<serde_json::Value>>,
+    pub cap_map: BTreeMap<String, serde_json::Value>,
 }
 
 /// A packet filter rule (tailcfg.FilterRule).

@@ -75,6 +75,9 @@ pub(crate) fn net_rules(r: &Resolver<'_>) -> Vec<NetRule> {
     }
     let mut out = Vec::new();
     for acl in &p.acls {
+        if acl.src.is_empty() {
+            continue;
+        }
         let src = r.resolve_all(acl.src.iter().map(|s| &s.value));
         let dsts = acl
             .dst
@@ -94,6 +97,9 @@ pub(crate) fn net_rules(r: &Resolver<'_>) -> Vec<NetRule> {
         );
     }
     for g in &p.grants {
+        if g.src.is_empty() {
+            continue;
+        }
         let src = r.resolve_all(g.src.iter().map(|s| &s.value));
         let resolved: Vec<Resolved> = g.dst.iter().map(|d| r.resolve(&d.value)).collect();
         // One rule per distinct protocol set, ports of all `ip` entries with that set.
@@ -261,9 +267,6 @@ fn filter_for(
         } else {
             src_cache[ri].clone()
         };
-        if src_ips.is_empty() {
-            continue;
-        }
         if let Some(caps) = &rule.caps {
             if cap_dsts.is_empty() {
                 continue;
@@ -279,7 +282,7 @@ fn filter_for(
             });
             continue;
         }
-        if dst_ports.is_empty() {
+        if dst_ports.is_empty() || src_ips.is_empty() {
             continue;
         }
         // Rules with the same sources and protocols merge.
@@ -450,6 +453,15 @@ fn caps_for(r: &Resolver<'_>, v: usize) -> CapMap {
         }
         for a in &na.attr {
             m.entry(a.clone()).or_insert(None);
+            if a == "funnel" {
+                // Funnel comes with its default ports and the HTTPS warning capability.
+                for extra in [
+                    "https://tailscale.com/cap/funnel-ports?ports=443,8443,10000",
+                    "https://tailscale.com/cap/warn-funnel-no-https",
+                ] {
+                    m.entry(extra.to_string()).or_insert(None);
+                }
+            }
         }
         for (name, values) in &na.app {
             let e = m.entry(name.clone()).or_insert(None);

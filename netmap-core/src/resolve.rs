@@ -40,6 +40,16 @@ impl NodeInfo<'_> {
     }
 }
 
+/// A user's role: as recorded, else `owner` for the user the tailnet is named after and
+/// `admin` for everyone else (users of a tailnet without role data are its administrators).
+fn effective_role<'a>(u: &'a crate::tailnet::User, tailnet: &Tailnet) -> &'a str {
+    match u.role.as_deref() {
+        Some(r) => r,
+        None if !u.email.is_empty() && u.email == tailnet.settings.name => "owner",
+        None => "admin",
+    }
+}
+
 /// What a selector resolves to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Resolved {
@@ -95,7 +105,7 @@ impl<'a> Resolver<'a> {
                 (None, None)
             } else {
                 match node.user.as_ref().and_then(|u| tailnet.users.get(u)) {
-                    Some(u) => (Some(u.email.as_str()), u.role.as_deref()),
+                    Some(u) => (Some(u.email.as_str()), Some(effective_role(u, tailnet))),
                     None => (None, None),
                 }
             };

@@ -181,6 +181,12 @@ fn companion_cap(cap: &str) -> Option<&'static str> {
 
 /// The destination entries of `dst` that cover node `i` (narrowed to what it serves).
 pub(crate) fn covered_entries(r: &Resolver<'_>, dst: &Resolved, i: usize) -> Vec<String> {
+    entries_covering(r, dst, i, true)
+}
+
+/// Like [`covered_entries`]; `by_route` says whether a prefix covers a router through the
+/// subnet routes it serves (not only through its own addresses).
+fn entries_covering(r: &Resolver<'_>, dst: &Resolved, i: usize, by_route: bool) -> Vec<String> {
     let n = &r.nodes[i];
     let mut out = Vec::new();
     if dst.wildcard {
@@ -194,12 +200,35 @@ pub(crate) fn covered_entries(r: &Resolver<'_>, dst: &Resolved, i: usize) -> Vec
     }
     for net in &dst.nets {
         let covers = n.addrs.iter().any(|a| net.contains(a))
-            || n.routes.iter().any(|rt| addr::overlaps(net, rt));
+            || (by_route && n.routes.iter().any(|rt| addr::overlaps(net, rt)));
         if covers {
             out.push(fmt_net(net));
         }
     }
     out
+}
+
+impl NetRule {
+    /// The entries of destination `dst` of this rule that node `i` receives. Capability
+    /// grants reach nodes, not the subnets behind them; `via` rules reach subnets only
+    /// through routers carrying a via tag.
+    fn entries_for(&self, r: &Resolver<'_>, dst: &Resolved, i: usize) -> Vec<String> {
+        let via_ok =
+            self.via.is_empty() || r.nodes[i].node.tags.iter().any(|t| self.via.contains(t));
+        entries_covering(r, dst, i, self.caps.is_none() && via_ok)
+    }
+
+    /// Whether any destination of this rule covers node `i` (for visibility).
+    /// Capability grants to a subnet make its routers visible without filtering there.
+    fn covers(&self, r: &Resolver<'_>, i: usize) -> bool {
+        let via_ok =
+            self.via.is_empty() || r.nodes[i].node.tags.iter().any(|t| self.via.contains(t));
+        (!self.self_rule || r.nodes[i].is_member())
+            && self
+                .dsts
+                .iter()
+                .any(|(d, _)| !entries_covering(r, d, i, via_ok).is_empty())
+    }
 }
 
 /// Whether the owner of node `a` also owns node `b` (both untagged).
@@ -236,7 +265,7 @@ fn filter_for(
         let mut dst_ports = Vec::new();
         let mut cap_dsts: Vec<String> = Vec::new();
         for (dst, ports) in &rule.dsts {
-            let entries = covered_entries(r, dst, d);
+            let entries = rule.entries_for(r, dst, d);
             if entries.is_empty() {
                 continue;
             }
@@ -314,11 +343,7 @@ fn route_reachable(r: &Resolver<'_>, rule: &NetRule, v: usize, route: &IpNet) ->
         return true;
     }
     let src_overlaps = rule.src.wildcard || rule.src.nets.iter().any(|n| addr::overlaps(n, route));
-    src_overlaps
-        && rule
-            .dsts
-            .iter()
-            .any(|(d, _)| !covered_entries(r, d, v).is_empty())
+    src_overlaps && rule.covers(r, v)
 }
 
 /// All views of a tailnet under a policy, computed from scratch.
@@ -344,17 +369,7 @@ pub fn compute_all(policy: &Policy, tailnet: &Tailnet) -> Computed {
         .collect();
     let dst_sets: Vec<Vec<bool>> = rules
         .iter()
-        .map(|rule| {
-            (0..n)
-                .map(|i| {
-                    (!rule.self_rule || r.nodes[i].is_member())
-                        && rule
-                            .dsts
-                            .iter()
-                            .any(|(d, _)| !covered_entries(&r, d, i).is_empty())
-                })
-                .collect()
-        })
+        .map(|rule| (0..n).map(|i| rule.covers(&r, i)).collect())
         .collect();
     let mut adj: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
     for (ri, rule) in rules.iter().enumerate() {
@@ -375,14 +390,6 @@ pub fn compute_all(policy: &Policy, tailnet: &Tailnet) -> Computed {
         }
     }
 
-    let primary_of: BTreeMap<&str, Vec<IpNet>> = {
-        let mut m: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
-        for (p, name) in primaries.iter() {
-            m.entry(name.as_str()).or_default().push(*p);
-        }
-        m
-    };
-
     let mut views = BTreeMap::new();
     for v in 0..n {
         let packet_filter = filter_for(&r, &rules, &src_cache, v);
@@ -398,10 +405,8 @@ pub fn compute_all(policy: &Policy, tailnet: &Tailnet) -> Computed {
                 .collect();
             let mut allowed_ips = addresses.clone();
             let mut primary_routes = Vec::new();
-            for rt in primary_of.get(xn.name).map(Vec::as_slice).unwrap_or(&[]) {
-                // Routers of the same prefix (standby routers) always know the primary's route.
-                let sibling = r.nodes[v].routes.contains(rt);
-                if sibling || rules.iter().any(|rule| route_reachable(&r, rule, v, rt)) {
+            for rt in &xn.routes {
+                if routed_through(&r, &rules, &primaries, v, x, rt) {
                     allowed_ips.push(rt.to_string());
                     primary_routes.push(rt.to_string());
                 }
@@ -432,6 +437,55 @@ pub fn compute_all(policy: &Policy, tailnet: &Tailnet) -> Computed {
         );
     }
     Computed { views, primaries }
+}
+
+/// Whether viewer `v` routes prefix `rt` through peer `x`. `via` grants steer the prefix to
+/// the routers carrying a via tag (their primary: the global one if it qualifies, else the
+/// oldest online); otherwise the prefix goes to its primary router, when `v` may reach it
+/// (or is a standby router of the same prefix).
+fn routed_through(
+    r: &Resolver<'_>,
+    rules: &[NetRule],
+    primaries: &OrdMap<IpNet, String>,
+    v: usize,
+    x: usize,
+    rt: &IpNet,
+) -> bool {
+    let mut via_tags: Vec<&String> = Vec::new();
+    for rule in rules {
+        if rule.via.is_empty() || !r.src_contains(&rule.src, v) {
+            continue;
+        }
+        if rule
+            .dsts
+            .iter()
+            .any(|(d, _)| d.nets.iter().any(|n| addr::overlaps(n, rt)))
+        {
+            via_tags.extend(rule.via.iter());
+        }
+    }
+    let primary = primaries.get(rt).map(String::as_str);
+    // Access to the prefix without `via` (or being a standby router of it) goes through the
+    // prefix's primary router; `via` steering applies only otherwise.
+    let direct = r.nodes[v].routes.contains(rt)
+        || rules
+            .iter()
+            .filter(|rule| rule.via.is_empty())
+            .any(|rule| route_reachable(r, rule, v, rt));
+    if direct {
+        return primary == Some(r.nodes[x].name);
+    }
+    if via_tags.is_empty() {
+        return false;
+    }
+    let tagged = |i: usize| r.nodes[i].node.tags.iter().any(|t| via_tags.contains(&t));
+    let chosen = match primary.and_then(|p| r.nodes.iter().position(|n| n.name == p)) {
+        Some(p) if tagged(p) => Some(p),
+        _ => (0..r.nodes.len())
+            .filter(|&i| tagged(i) && r.nodes[i].node.online && r.nodes[i].routes.contains(rt))
+            .min_by_key(|&i| (r.nodes[i].node.created_key(), r.nodes[i].name)),
+    };
+    chosen == Some(x)
 }
 
 /// Whether node `v` may use exit nodes (some rule lets it reach the internet).

@@ -45,15 +45,14 @@ fn auto_approved(r: &Resolver<'_>, i: usize, routes: &[IpNet]) -> Vec<IpNet> {
     let mut out = Vec::new();
     for rt in routes {
         let rt = rt.trunc();
-        let ok = if is_exit_route(&rt) {
-            approver_matches(r, &policy.auto_approvers.exit_node, i)
-        } else {
-            policy
-                .auto_approvers
-                .routes
-                .iter()
-                .any(|(p, who)| !is_exit_route(p) && p.contains(&rt) && approver_matches(r, who, i))
-        };
+        let ok =
+            if is_exit_route(&rt) {
+                approver_matches(r, &policy.auto_approvers.exit_node, i)
+            } else {
+                policy.auto_approvers.routes.iter().any(|(p, who)| {
+                    !is_exit_route(p) && p.contains(&rt) && approver_matches(r, who, i)
+                })
+            };
         if ok && !out.contains(&rt) {
             out.push(rt);
         }

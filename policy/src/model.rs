@@ -403,7 +403,11 @@ pub fn parse_policy(text: &str) -> Result<Policy, PolicyError> {
 
 fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
     let members = c.object("groups")?;
-    for (k, gc) in &members {
+    // The hosted service reports the last group (in name order) that nests another.
+    let mut nested: Option<PolicyError> = None;
+    let mut sorted: Vec<&(&Key, Ctx<'_>)> = members.iter().collect();
+    sorted.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    for (k, gc) in sorted {
         if !k.name.starts_with("group:") {
             return Err(invalid(
                 format!("group {:?} must start with \"group:\"", k.name),
@@ -415,14 +419,17 @@ fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
         for (m, mc) in gc.strings("group members")? {
             let m = m.trim().to_string();
             if m.starts_with("group:") {
-                return Err(invalid(
-                    format!(
-                        "groups[{:?}]: {:?}: group members cannot be recursive",
-                        k.name, m
-                    ),
-                    &mc.path,
-                    mc.node.pos,
-                ));
+                if nested.as_ref().is_none_or(|e| e.path() < mc.path.as_str()) {
+                    nested = Some(invalid(
+                        format!(
+                            "groups[{:?}]: {:?}: group members cannot be recursive",
+                            k.name, m
+                        ),
+                        &mc.path,
+                        mc.node.pos,
+                    ));
+                }
+                continue;
             }
             if m.starts_with("tag:") || m.starts_with("autogroup:") {
                 return Err(invalid(
@@ -435,7 +442,10 @@ fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
         }
         p.groups.insert(k.name.clone(), list);
     }
-    Ok(())
+    match nested {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 fn valid_tag_name(tag: &str) -> bool {

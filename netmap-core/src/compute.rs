@@ -1,17 +1,16 @@
 //! The from-scratch computation: policy + tailnet → every node's view. This is the reference
 //! the incremental engine must always equal; it is kept simple and pure.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use imbl::OrdMap;
 use ipnet::IpNet;
-use netmap_policy::{Alias, AutoGroup, Policy, PortRange};
+use netmap_policy::PortRange;
 
 use crate::addr::{self, fmt_net, host_prefix};
 use crate::resolve::{Resolved, Resolver};
-use crate::tailnet::Tailnet;
-use crate::wire::{CapGrant, CapMap, DstPort, FilterRule, NodeView, Peer, Ports};
+use crate::wire::{CapGrant, DstPort, FilterRule, Ports};
 
 /// A network or application rule with its selectors resolved.
 #[derive(Debug, Clone)]
@@ -212,7 +211,7 @@ impl NetRule {
     /// The entries of destination `dst` of this rule that node `i` receives. Capability
     /// grants reach nodes, not the subnets behind them; `via` rules reach subnets only
     /// through routers carrying a via tag.
-    fn entries_for(&self, r: &Resolver<'_>, dst: &Resolved, i: usize) -> Vec<String> {
+    pub(crate) fn entries_for(&self, r: &Resolver<'_>, dst: &Resolved, i: usize) -> Vec<String> {
         let via_ok =
             self.via.is_empty() || r.nodes[i].node.tags.iter().any(|t| self.via.contains(t));
         entries_covering(r, dst, i, self.caps.is_none() && via_ok)
@@ -220,7 +219,7 @@ impl NetRule {
 
     /// Whether any destination of this rule covers node `i` (for visibility).
     /// Capability grants to a subnet make its routers visible without filtering there.
-    fn covers(&self, r: &Resolver<'_>, i: usize) -> bool {
+    pub(crate) fn covers(&self, r: &Resolver<'_>, i: usize) -> bool {
         let via_ok =
             self.via.is_empty() || r.nodes[i].node.tags.iter().any(|t| self.via.contains(t));
         (!self.self_rule || r.nodes[i].is_member())
@@ -231,34 +230,12 @@ impl NetRule {
     }
 }
 
-/// Whether the owner of node `a` also owns node `b` (both untagged).
-fn same_owner(r: &Resolver<'_>, a: usize, b: usize) -> bool {
-    r.nodes[a].is_member() && r.nodes[b].is_member() && r.nodes[a].email == r.nodes[b].email
-}
-
-/// Sources of `rule` as seen by destination node `d`.
-fn sources_for(r: &Resolver<'_>, rule: &NetRule, d: usize) -> Vec<String> {
-    if rule.self_rule {
-        let mut out: BTreeSet<String> = BTreeSet::new();
-        for j in 0..r.nodes.len() {
-            if same_owner(r, j, d) && r.src_contains(&rule.src, j) {
-                out.extend(r.nodes[j].addr_strings());
-            }
-        }
-        out.into_iter().collect()
-    } else {
-        r.src_strings(&rule.src)
-    }
-}
-
-fn filter_for(
-    r: &Resolver<'_>,
-    rules: &[NetRule],
-    src_cache: &[Vec<String>],
-    d: usize,
-) -> Vec<FilterRule> {
+/// The packet filter of node `d`: every rule whose destinations cover it, narrowed to what
+/// it serves; rules with the same sources and protocols merge.
+pub(crate) fn filter_for(plan: &crate::build::Plan<'_, '_>, d: usize) -> Vec<FilterRule> {
+    let r = plan.r;
     let mut out: Vec<FilterRule> = Vec::new();
-    for (ri, rule) in rules.iter().enumerate() {
+    for (ri, rule) in plan.rules.iter().enumerate() {
         if rule.self_rule && !r.nodes[d].is_member() {
             continue;
         }
@@ -280,21 +257,23 @@ fn filter_for(
             }
             for e in entries {
                 for p in ports {
-                    let dp = DstPort {
+                    dst_ports.push(DstPort {
                         ip: e.clone(),
                         ports: Ports {
                             first: p.first,
                             last: p.last,
                         },
-                    };
-                    dst_ports.push(dp);
+                    });
                 }
             }
         }
         let src_ips = if rule.self_rule {
-            sources_for(r, rule, d)
+            match r.nodes[d].email.and_then(|e| plan.self_src.get(&(ri, e))) {
+                Some(s) => s.clone(),
+                None => continue,
+            }
         } else {
-            src_cache[ri].clone()
+            plan.src_strings[ri].clone()
         };
         if let Some(caps) = &rule.caps {
             if cap_dsts.is_empty() {
@@ -315,10 +294,11 @@ fn filter_for(
             continue;
         }
         // Rules with the same sources and protocols merge.
-        if let Some(existing) = out
-            .iter_mut()
-            .find(|f| f.cap_grant.is_empty() && f.src_ips == src_ips && f.ip_proto == rule.protos)
-        {
+        if let Some(existing) = out.iter_mut().find(|f| {
+            f.cap_grant.is_empty()
+                && f.ip_proto == rule.protos
+                && (Arc::ptr_eq(&f.src_ips, &src_ips) || f.src_ips == src_ips)
+        }) {
             existing.dst_ports.extend(dst_ports);
         } else {
             out.push(FilterRule {
@@ -346,104 +326,11 @@ fn route_reachable(r: &Resolver<'_>, rule: &NetRule, v: usize, route: &IpNet) ->
     src_overlaps && rule.covers(r, v)
 }
 
-/// All views of a tailnet under a policy, computed from scratch.
-pub struct Computed {
-    /// Views by node name.
-    pub views: BTreeMap<String, NodeView>,
-    /// Primary routers decided for this state.
-    pub primaries: OrdMap<IpNet, String>,
-}
-
-/// Computes every node's view from scratch.
-pub fn compute_all(policy: &Policy, tailnet: &Tailnet) -> Computed {
-    let r = Resolver::new(policy, tailnet);
-    let primaries = crate::routes::elect(&r, &tailnet.primaries);
-    let rules = net_rules(&r);
-    let n = r.nodes.len();
-    let src_cache: Vec<Vec<String>> = rules.iter().map(|rule| r.src_strings(&rule.src)).collect();
-
-    // Who is in each rule's sources and who each rule's destinations cover.
-    let src_sets: Vec<Vec<bool>> = rules
-        .iter()
-        .map(|rule| (0..n).map(|i| r.src_contains(&rule.src, i)).collect())
-        .collect();
-    let dst_sets: Vec<Vec<bool>> = rules
-        .iter()
-        .map(|rule| (0..n).map(|i| rule.covers(&r, i)).collect())
-        .collect();
-    let mut adj: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
-    for (ri, rule) in rules.iter().enumerate() {
-        for a in 0..n {
-            if !src_sets[ri][a] {
-                continue;
-            }
-            for b in 0..n {
-                if a == b || !dst_sets[ri][b] {
-                    continue;
-                }
-                if rule.self_rule && !same_owner(&r, a, b) {
-                    continue;
-                }
-                adj[a].insert(b);
-                adj[b].insert(a);
-            }
-        }
-    }
-
-    let mut views = BTreeMap::new();
-    for v in 0..n {
-        let packet_filter = filter_for(&r, &rules, &src_cache, v);
-        let mut peers = Vec::new();
-        for &x in &adj[v] {
-            let xn = &r.nodes[x];
-            let v4_ok = !r.nodes[v].no_ipv4;
-            let addresses: Vec<String> = xn
-                .addrs
-                .iter()
-                .filter(|a| v4_ok || a.is_ipv6())
-                .map(|a| host_prefix(*a))
-                .collect();
-            let mut allowed_ips = addresses.clone();
-            let mut primary_routes = Vec::new();
-            for rt in &xn.routes {
-                if routed_through(&r, &rules, &primaries, v, x, rt) {
-                    allowed_ips.push(rt.to_string());
-                    primary_routes.push(rt.to_string());
-                }
-            }
-            if xn.exit && exit_usable(&r, &rules, v) {
-                allowed_ips.push("0.0.0.0/0".into());
-                allowed_ips.push("::/0".into());
-            }
-            peers.push(Arc::new(Peer {
-                name: xn.name.to_string(),
-                addresses,
-                allowed_ips,
-                primary_routes,
-                tags: xn.node.tags.clone(),
-                user: xn.email.map(str::to_string),
-            }));
-        }
-        let ssh_rules = crate::ssh::ssh_rules_for(&r, v);
-        let cap_map = caps_for(&r, v);
-        views.insert(
-            r.nodes[v].name.to_string(),
-            NodeView {
-                packet_filter: Arc::new(packet_filter),
-                peers,
-                ssh_rules: Arc::new(ssh_rules),
-                cap_map: Arc::new(cap_map),
-            },
-        );
-    }
-    Computed { views, primaries }
-}
-
 /// Whether viewer `v` routes prefix `rt` through peer `x`. `via` grants steer the prefix to
 /// the routers carrying a via tag (their primary: the global one if it qualifies, else the
 /// oldest online); otherwise the prefix goes to its primary router, when `v` may reach it
 /// (or is a standby router of the same prefix).
-fn routed_through(
+pub(crate) fn routed_through(
     r: &Resolver<'_>,
     rules: &[NetRule],
     primaries: &OrdMap<IpNet, String>,
@@ -479,7 +366,7 @@ fn routed_through(
         return false;
     }
     let tagged = |i: usize| r.nodes[i].node.tags.iter().any(|t| via_tags.contains(&t));
-    let chosen = match primary.and_then(|p| r.nodes.iter().position(|n| n.name == p)) {
+    let chosen = match primary.and_then(|p| r.by_name.get(p).copied()) {
         Some(p) if tagged(p) => Some(p),
         _ => (0..r.nodes.len())
             .filter(|&i| tagged(i) && r.nodes[i].node.online && r.nodes[i].routes.contains(rt))
@@ -489,44 +376,10 @@ fn routed_through(
 }
 
 /// Whether node `v` may use exit nodes (some rule lets it reach the internet).
-fn exit_usable(r: &Resolver<'_>, rules: &[NetRule], v: usize) -> bool {
+pub(crate) fn exit_usable(r: &Resolver<'_>, rules: &[NetRule], v: usize) -> bool {
     rules.iter().any(|rule| {
         rule.caps.is_none()
             && r.src_contains(&rule.src, v)
             && rule.dsts.iter().any(|(d, _)| d.internet || d.wildcard)
     })
-}
-
-/// Node attributes (`nodeAttrs`) and tailnet-wide switches for node `v`.
-fn caps_for(r: &Resolver<'_>, v: usize) -> CapMap {
-    let mut m = CapMap::new();
-    for na in &r.policy.node_attrs {
-        let target = r.resolve_all(na.target.iter().map(|t| &t.value));
-        if !r.src_contains(&target, v) {
-            continue;
-        }
-        for a in &na.attr {
-            m.entry(a.clone()).or_insert(None);
-            if a == "funnel" {
-                // Funnel comes with its default ports and the HTTPS warning capability.
-                for extra in [
-                    "https://tailscale.com/cap/funnel-ports?ports=443,8443,10000",
-                    "https://tailscale.com/cap/warn-funnel-no-https",
-                ] {
-                    m.entry(extra.to_string()).or_insert(None);
-                }
-            }
-        }
-        for (name, values) in &na.app {
-            let e = m.entry(name.clone()).or_insert(None);
-            e.get_or_insert_with(Vec::new)
-                .extend(values.iter().cloned());
-        }
-    }
-    if r.policy.randomize_client_port {
-        m.entry("randomize-client-port".into()).or_insert(None);
-    }
-    let _ = AutoGroup::Member;
-    let _: Option<&Alias> = None;
-    m
 }

@@ -137,33 +137,32 @@ pub fn diff_views(old: Option<&NodeView>, new: Option<&NodeView>) -> NodeDelta {
                 self_changed: o.cap_map != n.cap_map,
                 ..NodeDelta::default()
             };
-            let (mut i, mut j) = (0, 0);
-            while i < o.peers.len() || j < n.peers.len() {
-                match (o.peers.get(i), n.peers.get(j)) {
-                    (Some(a), Some(b)) if a.name == b.name => {
-                        if a != b {
-                            d.peers_changed.push(b.name.clone());
+            if o.peers != n.peers {
+                let mut a = o.peers.iter().peekable();
+                let mut b = n.peers.iter().peekable();
+                loop {
+                    match (a.peek(), b.peek()) {
+                        (Some(x), Some(y)) if x.name == y.name => {
+                            if x != y {
+                                d.peers_changed.push(y.name.clone());
+                            }
+                            a.next();
+                            b.next();
                         }
-                        i += 1;
-                        j += 1;
+                        (Some(x), Some(y)) if x.name < y.name => {
+                            d.peers_removed.push(x.name.clone());
+                            a.next();
+                        }
+                        (Some(x), None) => {
+                            d.peers_removed.push(x.name.clone());
+                            a.next();
+                        }
+                        (_, Some(y)) => {
+                            d.peers_added.push(y.name.clone());
+                            b.next();
+                        }
+                        (None, None) => break,
                     }
-                    (Some(a), Some(b)) if a.name < b.name => {
-                        d.peers_removed.push(a.name.clone());
-                        i += 1;
-                    }
-                    (Some(_), Some(b)) => {
-                        d.peers_added.push(b.name.clone());
-                        j += 1;
-                    }
-                    (Some(a), None) => {
-                        d.peers_removed.push(a.name.clone());
-                        i += 1;
-                    }
-                    (None, Some(b)) => {
-                        d.peers_added.push(b.name.clone());
-                        j += 1;
-                    }
-                    (None, None) => break,
                 }
             }
             d
@@ -234,7 +233,7 @@ impl Engine {
     pub fn new(policy_text: &str, tailnet: Tailnet) -> Result<Engine, CoreError> {
         let policy = load_policy(policy_text, &tailnet)?;
         let mut tailnet = tailnet;
-        let computed = crate::compute::compute_all(&policy, &tailnet);
+        let computed = crate::build::compute_all(&policy, &tailnet);
         tailnet.primaries = computed.primaries;
         Ok(Engine {
             current: Snapshot {
@@ -288,7 +287,7 @@ impl Engine {
                 None => return Err(CoreError::NotFound(format!("node {node:?} not found"))),
             },
         }
-        let computed = crate::compute::compute_all(&policy, &tailnet);
+        let computed = crate::build::compute_all(&policy, &tailnet);
         tailnet.primaries = computed.primaries;
         let views: OrdMap<String, NodeView> = computed.views.into_iter().collect();
         let mut cs = ChangeSet::default();

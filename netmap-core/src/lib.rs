@@ -3,6 +3,7 @@
 //! `tests`/`sshTests`, and the incremental engine.
 
 mod addr;
+mod build;
 mod compute;
 mod engine;
 mod error;
@@ -13,7 +14,7 @@ mod tailnet;
 mod tests_eval;
 pub mod wire;
 
-pub use compute::{compute_all, Computed};
+pub use build::{compute_all, Computed};
 pub use engine::{diff_views, load_policy, Change, ChangeSet, Engine, NodeDelta, Snapshot};
 pub use error::CoreError;
 pub use routes::{auto_approve, elect_primaries};

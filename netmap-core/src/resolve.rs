@@ -1,6 +1,6 @@
 //! Resolution of selectors against a tailnet.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -95,6 +95,10 @@ pub(crate) struct Resolver<'a> {
     pub policy: &'a Policy,
     pub tailnet: &'a Tailnet,
     pub nodes: Vec<NodeInfo<'a>>,
+    /// Untagged nodes by owner email.
+    pub by_email: HashMap<&'a str, Vec<usize>>,
+    /// Node index by name.
+    pub by_name: HashMap<&'a str, usize>,
 }
 
 impl<'a> Resolver<'a> {
@@ -120,19 +124,29 @@ impl<'a> Resolver<'a> {
                 no_ipv4: false,
             });
         }
+        let mut by_email: HashMap<&'a str, Vec<usize>> = HashMap::new();
+        let mut by_name = HashMap::with_capacity(nodes.len());
+        for (i, n) in nodes.iter().enumerate() {
+            by_name.insert(n.name, i);
+            if let (false, Some(e)) = (n.node.is_tagged(), n.email) {
+                by_email.entry(e).or_default().push(i);
+            }
+        }
         let mut r = Resolver {
             policy,
             tailnet,
             nodes,
+            by_email,
+            by_name,
         };
+        let v4_off_targets: Vec<Resolved> = policy
+            .node_attrs
+            .iter()
+            .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
+            .map(|na| r.resolve_all(na.target.iter().map(|t| &t.value)))
+            .collect();
         let no_v4: Vec<bool> = (0..r.nodes.len())
-            .map(|i| {
-                policy.disable_ipv4
-                    || policy.node_attrs.iter().any(|na| {
-                        na.attr.iter().any(|a| a == "disable-ipv4")
-                            && r.src_contains(&r.resolve_all(na.target.iter().map(|t| &t.value)), i)
-                    })
-            })
+            .map(|i| policy.disable_ipv4 || v4_off_targets.iter().any(|t| r.src_contains(t, i)))
             .collect();
         for (i, off) in no_v4.into_iter().enumerate() {
             if off {
@@ -140,8 +154,9 @@ impl<'a> Resolver<'a> {
                 r.nodes[i].addrs.retain(IpAddr::is_ipv6);
             }
         }
+        let approvers = crate::routes::Approvers::new(&r);
         for i in 0..r.nodes.len() {
-            let (routes, exit) = crate::routes::effective_routes(&r, i);
+            let (routes, exit) = crate::routes::effective_routes(&r, &approvers, i);
             r.nodes[i].routes = routes;
             r.nodes[i].exit = exit;
         }
@@ -149,11 +164,11 @@ impl<'a> Resolver<'a> {
     }
 
     fn users_nodes(&self, pred: impl Fn(&str) -> bool) -> BTreeSet<usize> {
-        self.nodes
+        self.by_email
             .iter()
-            .enumerate()
-            .filter(|(_, n)| n.is_member() && n.email.is_some_and(&pred))
-            .map(|(i, _)| i)
+            .filter(|(e, _)| pred(e))
+            .flat_map(|(_, v)| v.iter().copied())
+            .filter(|&i| self.nodes[i].is_member())
             .collect()
     }
 
@@ -162,13 +177,30 @@ impl<'a> Resolver<'a> {
         let mut r = Resolved::default();
         match a {
             Alias::Wildcard => r.wildcard = true,
-            Alias::User(email) => r.nodes = self.users_nodes(|e| e == email),
+            Alias::User(email) => {
+                r.nodes = self
+                    .by_email
+                    .get(email.as_str())
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .filter(|&i| self.nodes[i].is_member())
+                    .collect()
+            }
             Alias::UserDomain(d) => {
                 r.nodes = self.users_nodes(|e| e.rsplit_once('@').is_some_and(|(_, ed)| ed == d))
             }
             Alias::Group(g) => {
-                let members = self.policy.groups.get(g).cloned().unwrap_or_default();
-                r.nodes = self.users_nodes(|e| members.iter().any(|m| m == e));
+                for m in self.policy.groups.get(g).into_iter().flatten() {
+                    r.nodes.extend(
+                        self.by_email
+                            .get(m.as_str())
+                            .into_iter()
+                            .flatten()
+                            .copied()
+                            .filter(|&i| self.nodes[i].is_member()),
+                    );
+                }
             }
             Alias::Tag(t) => {
                 r.nodes = self

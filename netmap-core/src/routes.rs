@@ -5,28 +5,47 @@ use ipnet::IpNet;
 use netmap_policy::{Alias, Policy};
 
 use crate::addr::is_exit_route;
-use crate::resolve::Resolver;
+use crate::resolve::{Resolved, Resolver};
 use crate::tailnet::Tailnet;
 
-/// Whether approver aliases name node `i` (tags, users, groups, autogroups, addresses).
-fn approver_matches(r: &Resolver<'_>, who: &[netmap_policy::Located<Alias>], i: usize) -> bool {
-    who.iter()
-        .any(|a| r.src_contains(&r.resolve(&a.value), i) && a.value != Alias::Wildcard)
-        || who.iter().any(|a| a.value == Alias::Wildcard)
+/// `autoApprovers` with their selectors resolved once.
+pub(crate) struct Approvers {
+    routes: Vec<(IpNet, Resolved)>,
+    exit_node: Resolved,
+}
+
+impl Approvers {
+    pub(crate) fn new(r: &Resolver<'_>) -> Approvers {
+        let resolve =
+            |who: &[netmap_policy::Located<Alias>]| r.resolve_all(who.iter().map(|a| &a.value));
+        Approvers {
+            routes: r
+                .policy
+                .auto_approvers
+                .routes
+                .iter()
+                .map(|(p, who)| (*p, resolve(who)))
+                .collect(),
+            exit_node: resolve(&r.policy.auto_approvers.exit_node),
+        }
+    }
 }
 
 /// The routes node `i` serves: advertised and approved, by hand or by `autoApprovers`
 /// (subnet routes through `routes`, exit routes through `exitNode`); exit routes are reported
 /// as a flag. Approving either exit route approves both.
-pub(crate) fn effective_routes(r: &Resolver<'_>, i: usize) -> (Vec<IpNet>, bool) {
+pub(crate) fn effective_routes(r: &Resolver<'_>, a: &Approvers, i: usize) -> (Vec<IpNet>, bool) {
     let node = r.nodes[i].node;
-    let auto = auto_approved(r, i, &node.routable_ips);
+    if node.routable_ips.is_empty() {
+        return (Vec::new(), false);
+    }
+    let auto = auto_approved(r, a, i, &node.routable_ips);
     let mut routes = Vec::new();
     let mut exit_advertised = false;
     let mut exit_approved = false;
     for rt in &node.routable_ips {
         let rt = rt.trunc();
-        let approved = node.approved_routes.iter().any(|a| a.trunc() == rt) || auto.contains(&rt);
+        let approved = node.approved_routes.iter().any(|x| x.trunc() == rt) || auto.contains(&rt);
         if is_exit_route(&rt) {
             exit_advertised = true;
             exit_approved |= approved;
@@ -40,19 +59,17 @@ pub(crate) fn effective_routes(r: &Resolver<'_>, i: usize) -> (Vec<IpNet>, bool)
 
 /// The routes among `routes` that `autoApprovers` approve for node `i`: subnet routes inside
 /// a `routes` prefix whose approvers name the node, exit routes when `exitNode` names it.
-fn auto_approved(r: &Resolver<'_>, i: usize, routes: &[IpNet]) -> Vec<IpNet> {
-    let policy = r.policy;
+fn auto_approved(r: &Resolver<'_>, a: &Approvers, i: usize, routes: &[IpNet]) -> Vec<IpNet> {
     let mut out = Vec::new();
     for rt in routes {
         let rt = rt.trunc();
-        let ok =
-            if is_exit_route(&rt) {
-                approver_matches(r, &policy.auto_approvers.exit_node, i)
-            } else {
-                policy.auto_approvers.routes.iter().any(|(p, who)| {
-                    !is_exit_route(p) && p.contains(&rt) && approver_matches(r, who, i)
-                })
-            };
+        let ok = if is_exit_route(&rt) {
+            r.src_contains(&a.exit_node, i)
+        } else {
+            a.routes
+                .iter()
+                .any(|(p, who)| !is_exit_route(p) && p.contains(&rt) && r.src_contains(who, i))
+        };
         if ok && !out.contains(&rt) {
             out.push(rt);
         }
@@ -63,8 +80,9 @@ fn auto_approved(r: &Resolver<'_>, i: usize, routes: &[IpNet]) -> Vec<IpNet> {
 /// The routes `autoApprovers` approve for node `key` among `routes` it advertises.
 pub fn auto_approve(policy: &Policy, tailnet: &Tailnet, key: &str, routes: &[IpNet]) -> Vec<IpNet> {
     let r = Resolver::new(policy, tailnet);
-    match r.nodes.iter().position(|n| n.name == key) {
-        Some(i) => auto_approved(&r, i, routes),
+    let a = Approvers::new(&r);
+    match r.by_name.get(key) {
+        Some(&i) => auto_approved(&r, &a, i, routes),
         None => Vec::new(),
     }
 }
@@ -103,9 +121,8 @@ pub(crate) fn elect(r: &Resolver<'_>, previous: &OrdMap<IpNet, String>) -> OrdMa
 pub fn elect_primaries(
     tailnet: &Tailnet,
     previous: &OrdMap<IpNet, String>,
-    policy: Option<&Policy>,
+    policy: &Policy,
 ) -> OrdMap<IpNet, String> {
-    let empty = Policy::default();
-    let r = Resolver::new(policy.unwrap_or(&empty), tailnet);
+    let r = Resolver::new(policy, tailnet);
     elect(&r, previous)
 }

@@ -1,10 +1,11 @@
 //! SSH policy compiled per destination node into tailcfg `SSHRule`s.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use netmap_policy::{Alias, AutoGroup, SshAction, SshUser};
 
-use crate::resolve::Resolver;
+use crate::resolve::{Resolved, Resolver};
 use crate::wire::{SshActionWire, SshPrincipal, SshRuleWire};
 
 const CHECK_URL: &str =
@@ -29,127 +30,187 @@ fn action_wire(action: SshAction, check_period_secs: Option<u64>) -> SshActionWi
     }
 }
 
-fn principals(r: &Resolver<'_>, nodes: &[usize]) -> Vec<SshPrincipal> {
-    nodes
-        .iter()
-        .flat_map(|&j| r.nodes[j].addr_strings())
-        .map(|node_ip| SshPrincipal { node_ip })
-        .collect()
+fn principals(r: &Resolver<'_>, nodes: &[usize]) -> Arc<Vec<SshPrincipal>> {
+    Arc::new(
+        nodes
+            .iter()
+            .flat_map(|&j| r.nodes[j].addr_strings())
+            .map(|node_ip| SshPrincipal { node_ip })
+            .collect(),
+    )
 }
 
-/// The SSH rules node `d` receives, in match order.
-pub(crate) fn ssh_rules_for(r: &Resolver<'_>, d: usize) -> Vec<SshRuleWire> {
-    let mut out = Vec::new();
-    let dn = &r.nodes[d];
-    // Check rules come before accept rules; within each, policy order.
-    let ordered = r
-        .policy
-        .ssh
-        .iter()
-        .filter(|x| x.action == SshAction::Check)
-        .chain(
-            r.policy
-                .ssh
-                .iter()
-                .filter(|x| x.action == SshAction::Accept),
-        );
-    for rule in ordered {
-        let has_localpart = rule
-            .users
+/// One SSH rule with its selectors resolved and its shared parts built once.
+struct PlannedRule {
+    has_localpart: bool,
+    localparts: Vec<String>,
+    dst: Resolved,
+    src: Resolved,
+    /// Source nodes in principal order (owner's user id, join time, name).
+    srcs: Vec<usize>,
+    tagged_src: bool,
+    users: BTreeMap<String, String>,
+    action: SshActionWire,
+    accept_env: Vec<String>,
+    /// Principals when the destination is named by identity (all sources).
+    all_principals: Arc<Vec<SshPrincipal>>,
+}
+
+/// The SSH policy compiled once per tailnet state; `rules_for` builds a node's rules.
+pub(crate) struct SshPlan {
+    rules: Vec<PlannedRule>,
+}
+
+impl SshPlan {
+    pub(crate) fn new(r: &Resolver<'_>) -> SshPlan {
+        // Check rules come before accept rules; within each, policy order.
+        let ordered = r
+            .policy
+            .ssh
             .iter()
-            .any(|u| matches!(u, SshUser::LocalPart(_)));
-        let dst = r.resolve_all(rule.dst.iter().map(|x| &x.value));
-        let by_identity = dst.nodes.contains(&d) || dst.wildcard;
-        let by_self = dst.self_devices && dn.is_member();
-        let src = r.resolve_all(rule.src.iter().map(|x| &x.value));
-        // With localpart users, every source node may also log in to itself.
-        let as_own_source = has_localpart && r.src_contains(&src, d);
-        if !by_identity && !by_self && !as_own_source {
-            continue;
-        }
-        let mut srcs: Vec<usize> = (0..r.nodes.len())
-            .filter(|&j| r.src_contains(&src, j))
-            .filter(|&j| {
-                by_identity
-                    || (by_self && r.nodes[j].is_member() && r.nodes[j].email == dn.email)
-                    || j == d
-            })
-            .collect();
-        if srcs.is_empty() {
-            continue;
-        }
-        srcs.sort_by_key(|&j| {
-            let n = &r.nodes[j];
-            let uid = n
-                .node
-                .user
-                .as_ref()
-                .and_then(|u| r.tailnet.users.get(u))
-                .map(|u| u.id)
-                .unwrap_or(u64::MAX);
-            (uid, n.node.created_key(), n.name)
-        });
-        let mut users: BTreeMap<String, String> = BTreeMap::new();
-        let mut localparts = Vec::new();
-        for u in &rule.users {
-            match u {
-                SshUser::Root => {
-                    users.insert("root".into(), "root".into());
+            .filter(|x| x.action == SshAction::Check)
+            .chain(
+                r.policy
+                    .ssh
+                    .iter()
+                    .filter(|x| x.action == SshAction::Accept),
+            );
+        let mut rules = Vec::new();
+        for rule in ordered {
+            let dst = r.resolve_all(rule.dst.iter().map(|x| &x.value));
+            let src = r.resolve_all(rule.src.iter().map(|x| &x.value));
+            let mut srcs: Vec<usize> = (0..r.nodes.len())
+                .filter(|&j| r.src_contains(&src, j))
+                .collect();
+            srcs.sort_by_key(|&j| {
+                let n = &r.nodes[j];
+                let uid = n
+                    .node
+                    .user
+                    .as_ref()
+                    .and_then(|u| r.tailnet.users.get(u))
+                    .map(|u| u.id)
+                    .unwrap_or(u64::MAX);
+                (uid, n.node.created_key(), n.name)
+            });
+            let mut users: BTreeMap<String, String> = BTreeMap::new();
+            let mut localparts = Vec::new();
+            for u in &rule.users {
+                match u {
+                    SshUser::Root => {
+                        users.insert("root".into(), "root".into());
+                    }
+                    SshUser::NonRoot => {
+                        users.insert("*".into(), "=".into());
+                    }
+                    SshUser::Named(n) => {
+                        users.insert(n.clone(), n.clone());
+                    }
+                    SshUser::LocalPart(dom) => localparts.push(dom.clone()),
                 }
-                SshUser::NonRoot => {
-                    users.insert("*".into(), "=".into());
-                }
-                SshUser::Named(n) => {
-                    users.insert(n.clone(), n.clone());
-                }
-                SshUser::LocalPart(dom) => localparts.push(dom.clone()),
             }
-        }
-        users.entry("root".into()).or_default();
-        let action = action_wire(rule.action, rule.check_period_secs);
-        if localparts.is_empty() {
-            // autogroup:tagged expands tag by tag: a node with two tags is listed twice.
-            let tagged_extra: Vec<usize> = if rule
+            users.entry("root".into()).or_default();
+            let tagged_src = rule
                 .src
                 .iter()
-                .any(|s| s.value == Alias::AutoGroup(AutoGroup::Tagged))
-            {
-                srcs.iter()
-                    .flat_map(|&j| {
-                        std::iter::repeat_n(j, r.nodes[j].node.tags.len().saturating_sub(1))
+                .any(|s| s.value == Alias::AutoGroup(AutoGroup::Tagged));
+            let all_principals = principals(r, &with_tag_repeats(r, &srcs, tagged_src));
+            rules.push(PlannedRule {
+                has_localpart: !localparts.is_empty(),
+                localparts,
+                dst,
+                src,
+                srcs,
+                tagged_src,
+                users,
+                action: action_wire(rule.action, rule.check_period_secs),
+                accept_env: rule.accept_env.clone(),
+                all_principals,
+            });
+        }
+        SshPlan { rules }
+    }
+
+    /// The SSH rules node `d` receives, in match order.
+    pub(crate) fn rules_for(&self, r: &Resolver<'_>, d: usize) -> Vec<SshRuleWire> {
+        let mut out = Vec::new();
+        let dn = &r.nodes[d];
+        for rule in &self.rules {
+            let by_identity = rule.dst.nodes.contains(&d) || rule.dst.wildcard;
+            let by_self = rule.dst.self_devices && dn.is_member();
+            // With localpart users, every source node may also log in to itself.
+            let as_own_source = rule.has_localpart && r.src_contains(&rule.src, d);
+            if !by_identity && !by_self && !as_own_source {
+                continue;
+            }
+            let srcs: Vec<usize> = if by_identity {
+                rule.srcs.clone()
+            } else {
+                rule.srcs
+                    .iter()
+                    .copied()
+                    .filter(|&j| {
+                        (by_self && r.nodes[j].is_member() && r.nodes[j].email == dn.email)
+                            || j == d
                     })
                     .collect()
-            } else {
-                Vec::new()
             };
-            let mut all = srcs.clone();
-            all.extend(tagged_extra);
-            out.push(SshRuleWire {
-                principals: principals(r, &all),
-                ssh_users: users,
-                action,
-                accept_env: rule.accept_env.clone(),
-            });
-            continue;
-        }
-        for &j in &srcs {
-            out.push(SshRuleWire {
-                principals: principals(r, &[j]),
-                ssh_users: users.clone(),
-                action: action.clone(),
-                accept_env: rule.accept_env.clone(),
-            });
-            if let Some((local, dom)) = r.nodes[j].email.and_then(|e| e.rsplit_once('@')) {
-                if localparts.iter().any(|d| d == dom) {
-                    out.push(SshRuleWire {
-                        principals: principals(r, &[j]),
-                        ssh_users: BTreeMap::from([(local.to_string(), local.to_string())]),
-                        action: action.clone(),
-                        accept_env: rule.accept_env.clone(),
-                    });
+            if srcs.is_empty() {
+                continue;
+            }
+            if !rule.has_localpart {
+                let principals = if by_identity {
+                    rule.all_principals.clone()
+                } else {
+                    principals(r, &with_tag_repeats(r, &srcs, rule.tagged_src))
+                };
+                out.push(SshRuleWire {
+                    principals,
+                    ssh_users: rule.users.clone(),
+                    action: rule.action.clone(),
+                    accept_env: rule.accept_env.clone(),
+                });
+                continue;
+            }
+            for &j in &srcs {
+                let own = principals(r, &[j]);
+                out.push(SshRuleWire {
+                    principals: own.clone(),
+                    ssh_users: rule.users.clone(),
+                    action: rule.action.clone(),
+                    accept_env: rule.accept_env.clone(),
+                });
+                if let Some((local, dom)) = r.nodes[j].email.and_then(|e| e.rsplit_once('@')) {
+                    if rule.localparts.iter().any(|d| d == dom) {
+                        out.push(SshRuleWire {
+                            principals: own,
+                            ssh_users: BTreeMap::from([(local.to_string(), local.to_string())]),
+                            action: rule.action.clone(),
+                            accept_env: rule.accept_env.clone(),
+                        });
+                    }
                 }
             }
         }
+        out
     }
-    out
+}
+
+/// `autogroup:tagged` expands tag by tag: a node with two tags is listed twice.
+fn with_tag_repeats(r: &Resolver<'_>, srcs: &[usize], tagged_src: bool) -> Vec<usize> {
+    let mut all = srcs.to_vec();
+    if tagged_src {
+        for &j in srcs {
+            let extra = r.nodes[j].node.tags.len().saturating_sub(1);
+            all.extend(std::iter::repeat_n(j, extra));
+        }
+    }
+    all
+}
+
+/// The SSH rules node `d` receives (plans the whole SSH policy; prefer [`SshPlan`] for many
+/// nodes).
+#[allow(dead_code)]
+pub(crate) fn ssh_rules_for(r: &Resolver<'_>, d: usize) -> Vec<SshRuleWire> {
+    SshPlan::new(r).rules_for(r, d)
 }

@@ -125,6 +125,8 @@ pub struct Tailnet {
     pub primaries: OrdMap<IpNet, String>,
     /// MagicDNS name per node (history: a `-N` suffix stays with the node that got it).
     pub dns_names: OrdMap<String, String>,
+    /// The reverse of `dns_names`: which node holds a name.
+    pub dns_holders: OrdMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -171,20 +173,25 @@ impl Tailnet {
                 return cur.clone();
             }
         }
-        let taken = |n: &str| self.dns_names.iter().any(|(k, v)| k != key && v == n);
+        let taken = |n: &str| self.dns_holders.get(n).is_some_and(|k| k != key);
         let mut name = base.clone();
         let mut i = 1;
         while taken(&name) {
             name = format!("{base}-{i}");
             i += 1;
         }
-        self.dns_names.insert(key.to_string(), name.clone());
+        if let Some(old) = self.dns_names.insert(key.to_string(), name.clone()) {
+            self.dns_holders.remove(&old);
+        }
+        self.dns_holders.insert(name.clone(), key.to_string());
         name
     }
 
     /// Forgets a removed node's name (it becomes free for others; holders keep theirs).
     pub fn release_dns_name(&mut self, key: &str) {
-        self.dns_names.remove(key);
+        if let Some(old) = self.dns_names.remove(key) {
+            self.dns_holders.remove(&old);
+        }
     }
 
     /// Finds a user by email.

@@ -41,9 +41,9 @@ pub struct CapGrant {
 /// A packet filter rule (tailcfg.FilterRule).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilterRule {
-    /// Source addresses.
+    /// Source addresses (shared between the nodes that receive the rule).
     #[serde(rename = "SrcIPs")]
-    pub src_ips: Vec<String>,
+    pub src_ips: Arc<Vec<String>>,
     /// Destinations (network rules).
     #[serde(rename = "DstPorts", default, skip_serializing_if = "Vec::is_empty")]
     pub dst_ports: Vec<DstPort>,
@@ -109,8 +109,8 @@ pub struct SshActionWire {
 /// An SSH rule (tailcfg.SSHRule).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SshRuleWire {
-    /// Who may connect.
-    pub principals: Vec<SshPrincipal>,
+    /// Who may connect (shared between the nodes that receive the rule).
+    pub principals: Arc<Vec<SshPrincipal>>,
     /// Requested user → local user (`""` denies, `"="` maps to the same name).
     #[serde(rename = "sshUsers")]
     pub ssh_users: BTreeMap<String, String>,
@@ -150,9 +150,114 @@ pub struct NodeView {
     /// Packet filter.
     pub packet_filter: Arc<Vec<FilterRule>>,
     /// Visible peers, sorted by name.
-    pub peers: Vec<Arc<Peer>>,
+    pub peers: PeerList,
     /// SSH policy rules, in match order.
     pub ssh_rules: Arc<Vec<SshRuleWire>>,
     /// Node attributes and capabilities.
     pub cap_map: Arc<CapMap>,
+}
+
+/// A node's peers, sorted by name. Nodes with the same reachability share one list (`shared`);
+/// a node's own entry is skipped and peers only it has (its own devices) are kept aside, so
+/// large tailnets do not hold one copy of every peer per node.
+#[derive(Debug, Clone, Default)]
+pub struct PeerList {
+    shared: Arc<Vec<Arc<Peer>>>,
+    skip: Option<usize>,
+    extra: Vec<Arc<Peer>>,
+}
+
+impl PeerList {
+    /// A list from a shared sorted list, skipping the viewer's own entry, plus extra peers
+    /// (sorted; entries already in the shared list are dropped).
+    pub fn new(shared: Arc<Vec<Arc<Peer>>>, own_name: &str, extra: Vec<Arc<Peer>>) -> PeerList {
+        let skip = shared
+            .binary_search_by(|p| p.name.as_str().cmp(own_name))
+            .ok();
+        let extra = extra
+            .into_iter()
+            .filter(|p| shared.binary_search_by(|q| q.name.cmp(&p.name)).is_err())
+            .collect();
+        PeerList {
+            shared,
+            skip,
+            extra,
+        }
+    }
+
+    /// A list that owns its peers (sorted by name).
+    pub fn from_vec(mut peers: Vec<Arc<Peer>>) -> PeerList {
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        PeerList {
+            shared: Arc::new(peers),
+            skip: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The shared part (for cheap comparisons between snapshots).
+    pub fn shared(&self) -> &Arc<Vec<Arc<Peer>>> {
+        &self.shared
+    }
+
+    /// The peers in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Peer>> + '_ {
+        let mut a = self
+            .shared
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| Some(*i) != self.skip)
+            .map(|(_, p)| p)
+            .peekable();
+        let mut b = self.extra.iter().peekable();
+        std::iter::from_fn(move || match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => {
+                if x.name <= y.name {
+                    a.next()
+                } else {
+                    b.next()
+                }
+            }
+            (Some(_), None) => a.next(),
+            (None, Some(_)) => b.next(),
+            (None, None) => None,
+        })
+    }
+
+    /// Number of peers.
+    pub fn len(&self) -> usize {
+        self.shared.len() - usize::from(self.skip.is_some()) + self.extra.len()
+    }
+
+    /// Whether there are no peers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PartialEq for PeerList {
+    fn eq(&self, other: &PeerList) -> bool {
+        if Arc::ptr_eq(&self.shared, &other.shared)
+            && self.skip == other.skip
+            && self.extra == other.extra
+        {
+            return true;
+        }
+        self.len() == other.len() && self.iter().zip(other.iter()).all(|(a, b)| a == b)
+    }
+}
+
+impl Eq for PeerList {}
+
+impl Serialize for PeerList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PeerList, D::Error> {
+        let v: Vec<Arc<Peer>> = Vec::deserialize(d)?;
+        Ok(PeerList::from_vec(v))
+    }
 }

@@ -1,8 +1,11 @@
-//! The from-scratch computation, organised for large tailnets: rules are resolved once,
-//! nodes with the same reachability share one peer list, and shared parts of filters and SSH
-//! rules are reference-counted instead of copied per node.
+//! The computation of views, organised for large tailnets and for incremental updates:
+//! rules are resolved once, nodes with the same reachability share one peer list (a
+//! "class"), and shared parts of filters and SSH rules are reference-counted.
+//!
+//! [`compute_all`] builds a [`Plan`] from scratch and derives every view; the engine keeps a
+//! `Plan` and brings it up to date with [`Plan::update_node`] when one node changes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -14,7 +17,7 @@ use crate::addr::host_prefix;
 use crate::compute::{exit_usable, filter_for, net_rules, routed_through, NetRule};
 use crate::resolve::{Resolved, Resolver};
 use crate::ssh::SshPlan;
-use crate::tailnet::Tailnet;
+use crate::tailnet::{Node, Tailnet};
 use crate::wire::{CapMap, NodeView, Peer, PeerList};
 
 /// All views of a tailnet under a policy, computed from scratch.
@@ -27,16 +30,11 @@ pub struct Computed {
 
 /// Computes every node's view from scratch. This is the reference the engine must equal.
 pub fn compute_all(policy: &Policy, tailnet: &Tailnet) -> Computed {
-    let r = Resolver::new(policy, tailnet);
-    let primaries = crate::routes::elect(&r, &tailnet.primaries);
-    let plan = Plan::new(&r, &primaries);
-    let views: Vec<(String, NodeView)> = (0..r.nodes.len())
-        .into_par_iter()
-        .map(|v| (r.nodes[v].name.to_string(), plan.view(v)))
-        .collect();
+    let plan = Plan::build(Arc::new(policy.clone()), tailnet);
+    let views = plan.all_views();
     Computed {
         views: views.into_iter().collect(),
-        primaries,
+        primaries: plan.primaries.clone(),
     }
 }
 
@@ -50,167 +48,236 @@ fn intersects(a: &[u64], b: &[u64], mask: &[u64]) -> bool {
     a.iter().zip(b).zip(mask).any(|((x, y), m)| x & y & m != 0)
 }
 
+/// What decides a node's peers: rule membership, its own routes, its use of IPv4.
+type ClassKey = (Bits, Bits, Vec<IpNet>, bool);
+
+#[derive(Debug)]
+struct Class {
+    rep: usize,
+    members: BTreeSet<usize>,
+    peers: Arc<Vec<Arc<Peer>>>,
+}
+
 /// Resolved rules and shared structures for one tailnet state.
-pub(crate) struct Plan<'r, 'a> {
-    pub r: &'r Resolver<'a>,
+pub(crate) struct Plan {
+    pub r: Resolver,
     pub rules: Vec<NetRule>,
-    pub primaries: &'r OrdMap<IpNet, String>,
-    /// Per node: which rules have it among their sources.
+    pub primaries: OrdMap<IpNet, String>,
+    words: usize,
+    /// Per slot: which rules have it among their sources.
     src_bits: Vec<Bits>,
-    /// Per node: which rules' destinations cover it.
+    /// Per slot: which rules' destinations cover it.
     dst_bits: Vec<Bits>,
     /// Rules that are not `autogroup:self` rules.
     plain_mask: Bits,
     pub src_strings: Vec<Arc<Vec<String>>>,
     /// Sources of `autogroup:self` rules, per (rule, owner email).
-    pub self_src: HashMap<(usize, &'a str), Arc<Vec<String>>>,
+    pub self_src: HashMap<(usize, String), Arc<Vec<String>>>,
+    classes: Vec<Option<Class>>,
+    class_ids: HashMap<ClassKey, usize>,
     class_of: Vec<usize>,
-    class_peers: Vec<Arc<Vec<Arc<Peer>>>>,
-    /// Per node, the peer entry of a node without routes: [viewer uses IPv4, viewer does not].
+    /// Per slot, the peer entry of a node without routes: [viewer uses IPv4, viewer does not].
     base_peer: Vec<[Arc<Peer>; 2]>,
     ssh: SshPlan,
     attr_targets: Vec<Resolved>,
 }
 
-impl<'r, 'a> Plan<'r, 'a> {
-    pub(crate) fn new(r: &'r Resolver<'a>, primaries: &'r OrdMap<IpNet, String>) -> Plan<'r, 'a> {
-        let rules = net_rules(r);
-        let n = r.nodes.len();
+/// The slots whose views an update may have changed.
+#[derive(Debug, Default)]
+pub(crate) struct Affected {
+    pub slots: BTreeSet<usize>,
+}
+
+impl Plan {
+    /// Builds the plan of a tailnet state from scratch.
+    pub(crate) fn build(policy: Arc<Policy>, tailnet: &Tailnet) -> Plan {
+        let r = Resolver::new(policy, tailnet);
+        let primaries = crate::routes::elect(&r, &tailnet.primaries);
+        let rules = net_rules(&r);
         let words = rules.len().div_ceil(64).max(1);
-        let (src_bits, dst_bits): (Vec<Bits>, Vec<Bits>) = (0..n)
-            .into_par_iter()
-            .map(|i| {
-                let mut s = vec![0u64; words];
-                let mut d = vec![0u64; words];
-                for (ri, rule) in rules.iter().enumerate() {
-                    if r.src_contains(&rule.src, i) {
-                        s[ri / 64] |= 1 << (ri % 64);
-                    }
-                    if rule.covers(r, i) {
-                        d[ri / 64] |= 1 << (ri % 64);
-                    }
-                }
-                (s, d)
-            })
-            .unzip();
         let mut plain_mask = vec![0u64; words];
         for (ri, rule) in rules.iter().enumerate() {
             if !rule.self_rule {
                 plain_mask[ri / 64] |= 1 << (ri % 64);
             }
         }
-        let src_strings: Vec<Arc<Vec<String>>> = rules
-            .iter()
-            .map(|rule| Arc::new(r.src_strings(&rule.src)))
-            .collect();
-        let mut self_src = HashMap::new();
-        for (ri, rule) in rules.iter().enumerate() {
-            if !rule.self_rule {
-                continue;
-            }
-            for (email, owned) in &r.by_email {
-                let mut ips: Vec<String> = owned
-                    .iter()
-                    .filter(|&&j| r.nodes[j].is_member() && bit(&src_bits[j], ri))
-                    .flat_map(|&j| r.nodes[j].addr_strings())
-                    .collect();
-                ips.sort();
-                ips.dedup();
-                self_src.insert((ri, *email), Arc::new(ips));
-            }
-        }
-        let base_peer = r
-            .nodes
-            .iter()
-            .map(|xn| {
-                let mk = |v4: bool| {
-                    let addresses: Vec<String> = xn
-                        .addrs
-                        .iter()
-                        .filter(|a| v4 || a.is_ipv6())
-                        .map(|a| host_prefix(*a))
-                        .collect();
-                    Arc::new(Peer {
-                        name: xn.name.to_string(),
-                        allowed_ips: addresses.clone(),
-                        addresses,
-                        primary_routes: Vec::new(),
-                        tags: xn.node.tags.clone(),
-                        user: xn.email.map(str::to_string),
-                    })
-                };
-                [mk(true), mk(false)]
-            })
-            .collect();
         let attr_targets = r
             .policy
             .node_attrs
             .iter()
             .map(|na| r.resolve_all(na.target.iter().map(|t| &t.value)))
             .collect();
+        let ssh = SshPlan::new(&r);
         let mut plan = Plan {
             r,
             rules,
             primaries,
-            src_bits,
-            dst_bits,
+            words,
+            src_bits: Vec::new(),
+            dst_bits: Vec::new(),
             plain_mask,
-            src_strings,
-            self_src,
+            src_strings: Vec::new(),
+            self_src: HashMap::new(),
+            classes: Vec::new(),
+            class_ids: HashMap::new(),
             class_of: Vec::new(),
-            class_peers: Vec::new(),
-            base_peer,
-            ssh: SshPlan::new(r),
+            base_peer: Vec::new(),
+            ssh,
             attr_targets,
         };
+        let n = plan.r.nodes.len();
+        let (src_bits, dst_bits): (Vec<Bits>, Vec<Bits>) =
+            (0..n).into_par_iter().map(|i| plan.bits_of(i)).unzip();
+        plan.src_bits = src_bits;
+        plan.dst_bits = dst_bits;
+        plan.src_strings = (0..plan.rules.len())
+            .map(|ri| Arc::new(plan.r.src_strings(&plan.rules[ri].src)))
+            .collect();
+        let owners: Vec<String> = plan.r.by_email.keys().cloned().collect();
+        for email in owners {
+            plan.refresh_self_src(&email);
+        }
+        plan.base_peer = (0..n).map(|i| plan.base_peers_of(i)).collect();
         plan.build_classes();
         plan
     }
 
-    /// Groups nodes by what decides their peers (rule membership, own routes, IPv4 use) and
-    /// computes one peer list per group.
+    /// Every live node's view, in name order.
+    pub(crate) fn all_views(&self) -> Vec<(String, NodeView)> {
+        let live: Vec<usize> = self.live().collect();
+        let mut out: Vec<(String, NodeView)> = live
+            .par_iter()
+            .map(|&v| (self.r.nodes[v].name.clone(), self.view(v)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn live(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.r.nodes.len()).filter(|&i| self.r.nodes[i].alive)
+    }
+
+    fn bits_of(&self, i: usize) -> (Bits, Bits) {
+        let mut s = vec![0u64; self.words];
+        let mut d = vec![0u64; self.words];
+        if self.r.nodes[i].alive {
+            for (ri, rule) in self.rules.iter().enumerate() {
+                if self.r.src_contains(&rule.src, i) {
+                    s[ri / 64] |= 1 << (ri % 64);
+                }
+                if rule.covers(&self.r, i) {
+                    d[ri / 64] |= 1 << (ri % 64);
+                }
+            }
+        }
+        (s, d)
+    }
+
+    fn refresh_self_src(&mut self, email: &str) {
+        for ri in 0..self.rules.len() {
+            if !self.rules[ri].self_rule {
+                continue;
+            }
+            let owned = self.r.by_email.get(email).cloned().unwrap_or_default();
+            let mut ips: Vec<String> = owned
+                .iter()
+                .filter(|&&j| self.r.nodes[j].is_member() && bit(&self.src_bits[j], ri))
+                .flat_map(|&j| self.r.nodes[j].addr_strings())
+                .collect();
+            ips.sort();
+            ips.dedup();
+            self.self_src.insert((ri, email.to_string()), Arc::new(ips));
+        }
+    }
+
+    fn base_peers_of(&self, i: usize) -> [Arc<Peer>; 2] {
+        let xn = &self.r.nodes[i];
+        let mk = |v4: bool| {
+            let addresses: Vec<String> = xn
+                .addrs
+                .iter()
+                .filter(|a| v4 || a.is_ipv6())
+                .map(|a| host_prefix(*a))
+                .collect();
+            Arc::new(Peer {
+                name: xn.name.clone(),
+                allowed_ips: addresses.clone(),
+                addresses,
+                primary_routes: Vec::new(),
+                tags: xn.node.tags.clone(),
+                user: xn.email.clone(),
+            })
+        };
+        [mk(true), mk(false)]
+    }
+
+    fn class_key(&self, v: usize) -> ClassKey {
+        (
+            self.src_bits[v].clone(),
+            self.dst_bits[v].clone(),
+            self.r.nodes[v].routes.clone(),
+            self.r.nodes[v].no_ipv4,
+        )
+    }
+
+    /// Whether nodes of class represented by `v` see node `x` (through non-self rules).
+    fn sees(&self, v: usize, x: usize) -> bool {
+        self.r.nodes[x].alive
+            && (intersects(&self.src_bits[v], &self.dst_bits[x], &self.plain_mask)
+                || intersects(&self.dst_bits[v], &self.src_bits[x], &self.plain_mask))
+    }
+
+    fn class_peer_list(&self, rep: usize) -> Arc<Vec<Arc<Peer>>> {
+        let mut list: Vec<Arc<Peer>> = self
+            .live()
+            .filter(|&x| self.sees(rep, x))
+            .map(|x| self.peer_entry(rep, x))
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Arc::new(list)
+    }
+
+    /// Groups nodes by class and computes one peer list per class.
     fn build_classes(&mut self) {
         let n = self.r.nodes.len();
-        let mut ids: HashMap<(&Bits, &Bits, &Vec<IpNet>, bool), usize> = HashMap::new();
-        let mut reps = Vec::new();
-        let mut class_of = Vec::with_capacity(n);
-        for v in 0..n {
-            let key = (
-                &self.src_bits[v],
-                &self.dst_bits[v],
-                &self.r.nodes[v].routes,
-                self.r.nodes[v].no_ipv4,
-            );
+        let mut class_of = vec![usize::MAX; n];
+        let mut reps: Vec<usize> = Vec::new();
+        let mut members: Vec<BTreeSet<usize>> = Vec::new();
+        let mut ids: HashMap<ClassKey, usize> = HashMap::new();
+        for v in self.live().collect::<Vec<_>>() {
+            let key = self.class_key(v);
             let next = reps.len();
             let id = *ids.entry(key).or_insert(next);
             if id == next {
                 reps.push(v);
+                members.push(BTreeSet::new());
             }
-            class_of.push(id);
+            members[id].insert(v);
+            class_of[v] = id;
         }
-        let class_peers: Vec<Arc<Vec<Arc<Peer>>>> = reps
+        let lists: Vec<Arc<Vec<Arc<Peer>>>> = reps
             .par_iter()
-            .map(|&v| {
-                let sv = &self.src_bits[v];
-                let dv = &self.dst_bits[v];
-                let list: Vec<Arc<Peer>> = (0..n)
-                    .filter(|&x| {
-                        intersects(sv, &self.dst_bits[x], &self.plain_mask)
-                            || intersects(dv, &self.src_bits[x], &self.plain_mask)
-                    })
-                    .map(|x| self.peer_entry(v, x))
-                    .collect();
-                Arc::new(list)
+            .map(|&rep| self.class_peer_list(rep))
+            .collect();
+        self.classes = reps
+            .into_iter()
+            .zip(members)
+            .zip(lists)
+            .map(|((rep, members), peers)| {
+                Some(Class {
+                    rep,
+                    members,
+                    peers,
+                })
             })
             .collect();
-        drop(ids);
+        self.class_ids = ids;
         self.class_of = class_of;
-        self.class_peers = class_peers;
     }
 
     /// How viewer `v` sees peer `x`.
     fn peer_entry(&self, v: usize, x: usize) -> Arc<Peer> {
-        let r = self.r;
+        let r = &self.r;
         let xn = &r.nodes[x];
         let v4 = !r.nodes[v].no_ipv4;
         let base = &self.base_peer[x][usize::from(!v4)];
@@ -220,7 +287,7 @@ impl<'r, 'a> Plan<'r, 'a> {
         let mut allowed_ips = base.addresses.clone();
         let mut primary_routes = Vec::new();
         for rt in &xn.routes {
-            if routed_through(r, &self.rules, self.primaries, v, x, rt) {
+            if routed_through(r, &self.rules, &self.primaries, v, x, rt) {
                 allowed_ips.push(rt.to_string());
                 primary_routes.push(rt.to_string());
             }
@@ -239,15 +306,19 @@ impl<'r, 'a> Plan<'r, 'a> {
         })
     }
 
+    fn self_rule_ids(&self) -> Vec<usize> {
+        (0..self.rules.len())
+            .filter(|&ri| self.rules[ri].self_rule)
+            .collect()
+    }
+
     /// Peers that node `v` has through `autogroup:self` rules (its owner's other devices).
     fn self_peers(&self, v: usize) -> Vec<Arc<Peer>> {
-        let r = self.r;
-        let Some(email) = r.nodes[v].email.filter(|_| r.nodes[v].is_member()) else {
+        let r = &self.r;
+        let Some(email) = r.nodes[v].email.as_ref().filter(|_| r.nodes[v].is_member()) else {
             return Vec::new();
         };
-        let self_rules: Vec<usize> = (0..self.rules.len())
-            .filter(|&ri| self.rules[ri].self_rule)
-            .collect();
+        let self_rules = self.self_rule_ids();
         if self_rules.is_empty() {
             return Vec::new();
         }
@@ -299,15 +370,209 @@ impl<'r, 'a> Plan<'r, 'a> {
         m
     }
 
+    /// The slot of a live node.
+    pub(crate) fn slot(&self, name: &str) -> Option<usize> {
+        self.r
+            .by_name
+            .get(name)
+            .copied()
+            .filter(|&i| self.r.nodes[i].alive)
+    }
+
+    /// The name of a slot's node.
+    pub(crate) fn name(&self, slot: usize) -> &str {
+        &self.r.nodes[slot].name
+    }
+
     /// The complete view of node `v`.
     pub(crate) fn view(&self, v: usize) -> NodeView {
-        let r = self.r;
-        let shared = self.class_peers[self.class_of[v]].clone();
+        let shared = self.classes[self.class_of[v]]
+            .as_ref()
+            .map(|c| c.peers.clone())
+            .unwrap_or_default();
         NodeView {
             packet_filter: Arc::new(filter_for(self, v)),
-            peers: PeerList::new(shared, r.nodes[v].name, self.self_peers(v)),
-            ssh_rules: Arc::new(self.ssh.rules_for(r, v)),
+            peers: PeerList::new(shared, &self.r.nodes[v].name, self.self_peers(v)),
+            ssh_rules: Arc::new(self.ssh.rules_for(&self.r, v)),
             cap_map: Arc::new(self.caps_for(v)),
         }
+    }
+
+    /// Brings the plan up to date after node `name` was upserted (`node` = Some) or removed,
+    /// when neither its old nor its new state serves routes. Returns `None` when the change
+    /// needs a rebuild instead (routes involved, or nothing to update incrementally).
+    pub(crate) fn update_node(
+        &mut self,
+        tailnet: &Tailnet,
+        name: &str,
+        node: Option<&Node>,
+    ) -> Option<Affected> {
+        let old_slot = self.slot(name);
+        if let Some(s) = old_slot {
+            if !self.r.nodes[s].node.routable_ips.is_empty() {
+                return None;
+            }
+        }
+        if node.is_some_and(|n| !n.routable_ips.is_empty()) {
+            return None;
+        }
+        let mut affected = Affected::default();
+        let (old_src, old_dst) = match old_slot {
+            Some(s) => (self.src_bits[s].clone(), self.dst_bits[s].clone()),
+            None => (vec![0; self.words], vec![0; self.words]),
+        };
+        let old_info = old_slot.map(|s| self.r.nodes[s].clone());
+        let x = self.r.set_slot(tailnet, name, node);
+        self.r.tailnet = tailnet.clone();
+        if x >= self.src_bits.len() {
+            self.src_bits.push(vec![0; self.words]);
+            self.dst_bits.push(vec![0; self.words]);
+            self.class_of.push(usize::MAX);
+            let bp = self.base_peers_of(x);
+            self.base_peer.push(bp);
+        }
+        let alive = self.r.nodes[x].alive;
+        let addrs_changed = old_info.as_ref().map(|o| &o.addrs) != Some(&self.r.nodes[x].addrs);
+        let ident_changed = old_info.as_ref().is_none_or(|o| {
+            o.addrs != self.r.nodes[x].addrs
+                || o.node.tags != self.r.nodes[x].node.tags
+                || o.email != self.r.nodes[x].email
+                || o.no_ipv4 != self.r.nodes[x].no_ipv4
+        }) || !alive;
+
+        // Identity sets of every selector.
+        for rule in &mut self.rules {
+            self.r.refresh(&mut rule.src, x);
+            for (d, _) in &mut rule.dsts {
+                self.r.refresh(d, x);
+            }
+        }
+        for t in &mut self.attr_targets {
+            self.r.refresh(t, x);
+        }
+        let ssh_changed = self.ssh.refresh_node(&self.r, x, addrs_changed);
+        let (new_src, new_dst) = self.bits_of(x);
+        self.src_bits[x] = new_src.clone();
+        self.dst_bits[x] = new_dst.clone();
+        self.base_peer[x] = self.base_peers_of(x);
+
+        // Rules whose sources changed: their SrcIPs, hence the filters of what they cover.
+        let owners: BTreeSet<String> = old_info
+            .iter()
+            .filter_map(|o| o.email.clone())
+            .chain(self.r.nodes[x].email.clone())
+            .collect();
+        for ri in 0..self.rules.len() {
+            let was = bit(&old_src, ri);
+            let now = bit(&new_src, ri);
+            if was == now && !(now && addrs_changed) {
+                continue;
+            }
+            if self.rules[ri].self_rule {
+                continue;
+            }
+            self.src_strings[ri] = Arc::new(self.r.src_strings(&self.rules[ri].src));
+            for v in self.live().collect::<Vec<_>>() {
+                if bit(&self.dst_bits[v], ri) {
+                    affected.slots.insert(v);
+                }
+            }
+        }
+        // Self rules, self peers: the owner's devices.
+        for email in &owners {
+            self.refresh_self_src(email);
+            for &y in self.r.by_email.get(email).map(Vec::as_slice).unwrap_or(&[]) {
+                affected.slots.insert(y);
+            }
+        }
+        if let Some(o) = &old_info {
+            // The old owner's devices (by_email no longer lists x under a changed owner).
+            if let Some(e) = &o.email {
+                for &y in self.r.by_email.get(e).map(Vec::as_slice).unwrap_or(&[]) {
+                    affected.slots.insert(y);
+                }
+            }
+        }
+        // SSH rules whose principals changed: the nodes they apply to.
+        for k in ssh_changed {
+            let (all, dsts) = self.ssh.identity_dsts(k);
+            if all {
+                affected.slots.extend(self.live());
+            } else {
+                affected.slots.extend(dsts);
+            }
+        }
+
+        // Classes: move x, then update every class's view of x.
+        if let Some(c) = self.class_of.get(x).copied().filter(|&c| c != usize::MAX) {
+            if let Some(class) = self.classes[c].as_mut() {
+                class.members.remove(&x);
+                if class.members.is_empty() {
+                    self.classes[c] = None;
+                    self.class_ids.retain(|_, id| *id != c);
+                } else if class.rep == x {
+                    class.rep = *class.members.iter().next().unwrap_or(&x);
+                }
+            }
+            self.class_of[x] = usize::MAX;
+        }
+        let old_sees = |plan: &Plan, rep: usize| {
+            old_info.as_ref().is_some_and(|o| o.alive)
+                && (intersects(&plan.src_bits[rep], &old_dst, &plan.plain_mask)
+                    || intersects(&plan.dst_bits[rep], &old_src, &plan.plain_mask))
+        };
+        for c in 0..self.classes.len() {
+            let Some(class) = self.classes[c].as_ref() else {
+                continue;
+            };
+            let rep = class.rep;
+            let was = old_sees(self, rep);
+            let now = self.sees(rep, x);
+            if !was && !now {
+                continue;
+            }
+            if was && now && !ident_changed {
+                continue;
+            }
+            let entry = now.then(|| self.peer_entry(rep, x));
+            if let Some(class) = self.classes[c].as_mut() {
+                let mut list: Vec<Arc<Peer>> = class.peers.as_ref().clone();
+                let pos = list.binary_search_by(|p| p.name.as_str().cmp(name));
+                match (pos, entry) {
+                    (Ok(i), Some(e)) => list[i] = e,
+                    (Ok(i), None) => {
+                        list.remove(i);
+                    }
+                    (Err(i), Some(e)) => list.insert(i, e),
+                    (Err(_), None) => {}
+                }
+                class.peers = Arc::new(list);
+                affected.slots.extend(class.members.iter().copied());
+            }
+        }
+        if alive {
+            let key = self.class_key(x);
+            let id = match self.class_ids.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let peers = self.class_peer_list(x);
+                    self.classes.push(Some(Class {
+                        rep: x,
+                        members: BTreeSet::new(),
+                        peers,
+                    }));
+                    let id = self.classes.len() - 1;
+                    self.class_ids.insert(key, id);
+                    id
+                }
+            };
+            if let Some(class) = self.classes[id].as_mut() {
+                class.members.insert(x);
+            }
+            self.class_of[x] = id;
+            affected.slots.insert(x);
+        }
+        affected.slots.retain(|&s| self.r.nodes[s].alive);
+        Some(affected)
     }
 }

@@ -67,8 +67,8 @@ fn push_split(out: &mut Vec<NetRule>, base: NetRule) {
 }
 
 /// Resolves the policy's `acls` and `grants` into rules.
-pub(crate) fn net_rules(r: &Resolver<'_>) -> Vec<NetRule> {
-    let p = r.policy;
+pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
+    let p = &*r.policy;
     if !p.has_rules {
         return default_allow_all();
     }
@@ -179,13 +179,13 @@ fn companion_cap(cap: &str) -> Option<&'static str> {
 }
 
 /// The destination entries of `dst` that cover node `i` (narrowed to what it serves).
-pub(crate) fn covered_entries(r: &Resolver<'_>, dst: &Resolved, i: usize) -> Vec<String> {
+pub(crate) fn covered_entries(r: &Resolver, dst: &Resolved, i: usize) -> Vec<String> {
     entries_covering(r, dst, i, true)
 }
 
 /// Like [`covered_entries`]; `by_route` says whether a prefix covers a router through the
 /// subnet routes it serves (not only through its own addresses).
-fn entries_covering(r: &Resolver<'_>, dst: &Resolved, i: usize, by_route: bool) -> Vec<String> {
+fn entries_covering(r: &Resolver, dst: &Resolved, i: usize, by_route: bool) -> Vec<String> {
     let n = &r.nodes[i];
     let mut out = Vec::new();
     if dst.wildcard {
@@ -211,7 +211,7 @@ impl NetRule {
     /// The entries of destination `dst` of this rule that node `i` receives. Capability
     /// grants reach nodes, not the subnets behind them; `via` rules reach subnets only
     /// through routers carrying a via tag.
-    pub(crate) fn entries_for(&self, r: &Resolver<'_>, dst: &Resolved, i: usize) -> Vec<String> {
+    pub(crate) fn entries_for(&self, r: &Resolver, dst: &Resolved, i: usize) -> Vec<String> {
         let via_ok =
             self.via.is_empty() || r.nodes[i].node.tags.iter().any(|t| self.via.contains(t));
         entries_covering(r, dst, i, self.caps.is_none() && via_ok)
@@ -219,7 +219,7 @@ impl NetRule {
 
     /// Whether any destination of this rule covers node `i` (for visibility).
     /// Capability grants to a subnet make its routers visible without filtering there.
-    pub(crate) fn covers(&self, r: &Resolver<'_>, i: usize) -> bool {
+    pub(crate) fn covers(&self, r: &Resolver, i: usize) -> bool {
         let via_ok =
             self.via.is_empty() || r.nodes[i].node.tags.iter().any(|t| self.via.contains(t));
         (!self.self_rule || r.nodes[i].is_member())
@@ -232,8 +232,8 @@ impl NetRule {
 
 /// The packet filter of node `d`: every rule whose destinations cover it, narrowed to what
 /// it serves; rules with the same sources and protocols merge.
-pub(crate) fn filter_for(plan: &crate::build::Plan<'_, '_>, d: usize) -> Vec<FilterRule> {
-    let r = plan.r;
+pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<FilterRule> {
+    let r = &plan.r;
     let mut out: Vec<FilterRule> = Vec::new();
     for (ri, rule) in plan.rules.iter().enumerate() {
         if rule.self_rule && !r.nodes[d].is_member() {
@@ -268,7 +268,11 @@ pub(crate) fn filter_for(plan: &crate::build::Plan<'_, '_>, d: usize) -> Vec<Fil
             }
         }
         let src_ips = if rule.self_rule {
-            match r.nodes[d].email.and_then(|e| plan.self_src.get(&(ri, e))) {
+            match r.nodes[d]
+                .email
+                .as_ref()
+                .and_then(|e| plan.self_src.get(&(ri, e.clone())))
+            {
                 Some(s) => s.clone(),
                 None => continue,
             }
@@ -313,7 +317,7 @@ pub(crate) fn filter_for(plan: &crate::build::Plan<'_, '_>, d: usize) -> Vec<Fil
 }
 
 /// Whether `rule` lets node `v` reach prefix `route`, or lets `route` reach `v`.
-fn route_reachable(r: &Resolver<'_>, rule: &NetRule, v: usize, route: &IpNet) -> bool {
+fn route_reachable(r: &Resolver, rule: &NetRule, v: usize, route: &IpNet) -> bool {
     let forward = r.src_contains(&rule.src, v)
         && rule
             .dsts
@@ -331,7 +335,7 @@ fn route_reachable(r: &Resolver<'_>, rule: &NetRule, v: usize, route: &IpNet) ->
 /// oldest online); otherwise the prefix goes to its primary router, when `v` may reach it
 /// (or is a standby router of the same prefix).
 pub(crate) fn routed_through(
-    r: &Resolver<'_>,
+    r: &Resolver,
     rules: &[NetRule],
     primaries: &OrdMap<IpNet, String>,
     v: usize,
@@ -360,7 +364,7 @@ pub(crate) fn routed_through(
             .filter(|rule| rule.via.is_empty())
             .any(|rule| route_reachable(r, rule, v, rt));
     if direct {
-        return primary == Some(r.nodes[x].name);
+        return primary == Some(r.nodes[x].name.as_str());
     }
     if via_tags.is_empty() {
         return false;
@@ -370,13 +374,13 @@ pub(crate) fn routed_through(
         Some(p) if tagged(p) => Some(p),
         _ => (0..r.nodes.len())
             .filter(|&i| tagged(i) && r.nodes[i].node.online && r.nodes[i].routes.contains(rt))
-            .min_by_key(|&i| (r.nodes[i].node.created_key(), r.nodes[i].name)),
+            .min_by_key(|&i| (r.nodes[i].node.created_key(), r.nodes[i].name.as_str())),
     };
     chosen == Some(x)
 }
 
 /// Whether node `v` may use exit nodes (some rule lets it reach the internet).
-pub(crate) fn exit_usable(r: &Resolver<'_>, rules: &[NetRule], v: usize) -> bool {
+pub(crate) fn exit_usable(r: &Resolver, rules: &[NetRule], v: usize) -> bool {
     rules.iter().any(|rule| {
         rule.caps.is_none()
             && r.src_contains(&rule.src, v)

@@ -1,7 +1,7 @@
 //! The engine: holds a policy and a tailnet, applies changes, and reports per-node deltas.
 //! Snapshots are persistent (O(1) to take) and answer `view(node)` while the engine goes on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
 use crate::tailnet::{Node, Tailnet, User};
-use crate::wire::NodeView;
+use rayon::prelude::*;
+
+use crate::build::Plan;
+use crate::wire::{NodeView, Peer};
 
 /// A change to the tailnet or its policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -222,26 +225,131 @@ pub fn load_policy(text: &str, tailnet: &Tailnet) -> Result<Policy, CoreError> {
     Ok(policy)
 }
 
+/// The names that differ between two peer lists: (added, removed, changed).
+type PeerDelta = (Vec<String>, Vec<String>, Vec<String>);
+
+fn merge_diff<'a>(
+    old: impl Iterator<Item = &'a Arc<Peer>>,
+    new: impl Iterator<Item = &'a Arc<Peer>>,
+) -> PeerDelta {
+    let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut a = old.peekable();
+    let mut b = new.peekable();
+    loop {
+        match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.name == y.name => {
+                if !Arc::ptr_eq(x, y) && x != y {
+                    changed.push(y.name.clone());
+                }
+                a.next();
+                b.next();
+            }
+            (Some(x), Some(y)) if x.name < y.name => {
+                removed.push(x.name.clone());
+                a.next();
+            }
+            (Some(x), None) => {
+                removed.push(x.name.clone());
+                a.next();
+            }
+            (_, Some(y)) => {
+                added.push(y.name.clone());
+                b.next();
+            }
+            (None, None) => break,
+        }
+    }
+    (added, removed, changed)
+}
+
+/// Diffs views, computing the difference of shared peer lists once per pair of lists.
+struct Differ {
+    memo: HashMap<(usize, usize), Arc<PeerDelta>>,
+}
+
+impl Differ {
+    fn new() -> Differ {
+        Differ {
+            memo: HashMap::new(),
+        }
+    }
+
+    fn diff(&mut self, name: &str, old: Option<&NodeView>, new: Option<&NodeView>) -> NodeDelta {
+        let (Some(o), Some(n)) = (old, new) else {
+            return diff_views(old, new);
+        };
+        let mut d = NodeDelta {
+            filter_changed: o.packet_filter != n.packet_filter,
+            ssh_changed: o.ssh_rules != n.ssh_rules,
+            self_changed: o.cap_map != n.cap_map,
+            ..NodeDelta::default()
+        };
+        if o.peers.extra().is_empty() && n.peers.extra().is_empty() {
+            let (os, ns) = (o.peers.shared(), n.peers.shared());
+            if Arc::ptr_eq(os, ns) {
+                return d;
+            }
+            let key = (Arc::as_ptr(os) as usize, Arc::as_ptr(ns) as usize);
+            let delta = self
+                .memo
+                .entry(key)
+                .or_insert_with(|| Arc::new(merge_diff(os.iter(), ns.iter())))
+                .clone();
+            let keep = |v: &Vec<String>| v.iter().filter(|p| *p != name).cloned().collect();
+            d.peers_added = keep(&delta.0);
+            d.peers_removed = keep(&delta.1);
+            d.peers_changed = keep(&delta.2);
+        } else if o.peers != n.peers {
+            let (a, r, c) = merge_diff(o.peers.iter(), n.peers.iter());
+            d.peers_added = a;
+            d.peers_removed = r;
+            d.peers_changed = c;
+        }
+        d
+    }
+}
+
 /// The engine. `apply` changes state and returns what changed for whom.
-#[derive(Debug, Clone)]
 pub struct Engine {
     current: Snapshot,
+    plan: Plan,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("nodes", &self.current.views.len())
+            .finish()
+    }
 }
 
 impl Engine {
     /// Builds an engine from a policy text and a tailnet; a rejected policy is an error.
     pub fn new(policy_text: &str, tailnet: Tailnet) -> Result<Engine, CoreError> {
-        let policy = load_policy(policy_text, &tailnet)?;
+        let policy = Arc::new(load_policy(policy_text, &tailnet)?);
         let mut tailnet = tailnet;
-        let computed = crate::build::compute_all(&policy, &tailnet);
-        tailnet.primaries = computed.primaries;
+        // Nodes loaded without a recorded name get one now, oldest first.
+        let mut unnamed: Vec<(String, String, (i64, u32))> = tailnet
+            .nodes
+            .iter()
+            .filter(|(k, _)| !tailnet.dns_names.contains_key(*k))
+            .map(|(k, n)| (k.clone(), n.hostname.clone(), n.created_key()))
+            .collect();
+        unnamed.sort_by(|a, b| (a.2, &a.0).cmp(&(b.2, &b.0)));
+        for (k, h, _) in unnamed {
+            tailnet.assign_dns_name(&k, &h);
+        }
+        let plan = Plan::build(policy.clone(), &tailnet);
+        tailnet.primaries = plan.primaries.clone();
+        let views: OrdMap<String, NodeView> = plan.all_views().into_iter().collect();
         Ok(Engine {
             current: Snapshot {
                 policy_text: Arc::from(policy_text),
-                policy: Arc::new(policy),
+                policy,
                 tailnet,
-                views: computed.views.into_iter().collect(),
+                views,
             },
+            plan,
         })
     }
 
@@ -255,28 +363,53 @@ impl Engine {
         let mut tailnet = self.current.tailnet.clone();
         let mut policy = self.current.policy.clone();
         let mut policy_text = self.current.policy_text.clone();
+        let not_found =
+            |what: &str, name: &str| CoreError::NotFound(format!("{what} {name:?} not found"));
+        // Which node changed, for the incremental path; `None` = rebuild.
+        let mut incremental: Option<(String, Option<Node>)> = None;
+        let mut unchanged_views = false;
         match change {
             Change::UpsertNode { node, value } => {
                 tailnet.assign_dns_name(&node, &value.hostname);
-                tailnet.nodes.insert(node, value);
+                tailnet.nodes.insert(node.clone(), value.clone());
+                incremental = Some((node, Some(value)));
             }
             Change::RemoveNode { node } => {
                 if tailnet.nodes.remove(&node).is_none() {
-                    return Err(CoreError::NotFound(format!("node {node:?} not found")));
+                    return Err(not_found("node", &node));
                 }
                 tailnet.release_dns_name(&node);
+                incremental = Some((node, None));
             }
-            Change::SetOnline { node, online } => match tailnet.nodes.get_mut(&node) {
-                Some(n) => n.online = online,
-                None => return Err(CoreError::NotFound(format!("node {node:?} not found"))),
-            },
+            Change::SetOnline { node, online } => {
+                let Some(n) = tailnet.nodes.get_mut(&node) else {
+                    return Err(not_found("node", &node));
+                };
+                n.online = online;
+                // Only routers' presence matters (primary election); nothing else reads it.
+                if n.routable_ips.is_empty() {
+                    unchanged_views = true;
+                    if let Some(s) = self.plan.slot(&node) {
+                        self.plan.r.nodes[s].node.online = online;
+                    }
+                }
+            }
             Change::UpsertUser { user } => {
+                let referenced = tailnet
+                    .nodes
+                    .values()
+                    .any(|n| n.user.as_deref() == Some(&user.name));
+                unchanged_views = !referenced;
                 tailnet.users.insert(user.name.clone(), user);
             }
             Change::RemoveUser { name } => {
                 if tailnet.users.remove(&name).is_none() {
-                    return Err(CoreError::NotFound(format!("user {name:?} not found")));
+                    return Err(not_found("user", &name));
                 }
+                unchanged_views = !tailnet
+                    .nodes
+                    .values()
+                    .any(|n| n.user.as_deref() == Some(&name));
             }
             Change::SetPolicy { policy: text } => {
                 policy = Arc::new(load_policy(&text, &tailnet)?);
@@ -284,24 +417,63 @@ impl Engine {
             }
             Change::ApproveRoutes { node, routes } => match tailnet.nodes.get_mut(&node) {
                 Some(n) => n.approved_routes = routes,
-                None => return Err(CoreError::NotFound(format!("node {node:?} not found"))),
+                None => return Err(not_found("node", &node)),
             },
         }
-        let computed = crate::build::compute_all(&policy, &tailnet);
-        tailnet.primaries = computed.primaries;
-        let views: OrdMap<String, NodeView> = computed.views.into_iter().collect();
+        if unchanged_views {
+            self.plan.r.tailnet = tailnet.clone();
+            self.current = Snapshot {
+                tailnet,
+                ..self.current.clone()
+            };
+            return Ok(ChangeSet::default());
+        }
+        let old_views = self.current.views.clone();
+        let mut differ = Differ::new();
         let mut cs = ChangeSet::default();
-        for (name, old) in self.current.views.iter() {
-            let d = diff_views(Some(old), views.get(name));
-            if !d.is_empty() {
-                cs.nodes.insert(name.clone(), d);
+        let affected = incremental
+            .as_ref()
+            .and_then(|(name, node)| self.plan.update_node(&tailnet, name, node.as_ref()));
+        let views = match (affected, &incremental) {
+            (Some(affected), Some((name, node))) => {
+                let slots: Vec<usize> = affected.slots.into_iter().collect();
+                let fresh: Vec<(String, NodeView)> = slots
+                    .par_iter()
+                    .map(|&s| (self.plan.name(s).to_string(), self.plan.view(s)))
+                    .collect();
+                let mut views = old_views.clone();
+                if node.is_none() {
+                    views.remove(name);
+                    cs.nodes
+                        .insert(name.clone(), diff_views(old_views.get(name), None));
+                }
+                for (n, v) in fresh {
+                    let d = differ.diff(&n, old_views.get(&n), Some(&v));
+                    if !d.is_empty() {
+                        cs.nodes.insert(n.clone(), d);
+                    }
+                    views.insert(n, v);
+                }
+                views
             }
-        }
-        for (name, new) in views.iter() {
-            if !self.current.views.contains_key(name) {
-                cs.nodes.insert(name.clone(), diff_views(None, Some(new)));
+            _ => {
+                self.plan = Plan::build(policy.clone(), &tailnet);
+                let views: OrdMap<String, NodeView> = self.plan.all_views().into_iter().collect();
+                for (name, old) in old_views.iter() {
+                    let d = differ.diff(name, Some(old), views.get(name));
+                    if !d.is_empty() {
+                        cs.nodes.insert(name.clone(), d);
+                    }
+                }
+                for (name, new) in views.iter() {
+                    if !old_views.contains_key(name) {
+                        cs.nodes.insert(name.clone(), diff_views(None, Some(new)));
+                    }
+                }
+                views
             }
-        }
+        };
+        tailnet.primaries = self.plan.primaries.clone();
         self.current = Snapshot {
             policy_text,
             policy,

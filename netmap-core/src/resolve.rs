@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use netmap_policy::{Alias, AutoGroup, IpSetItem, Policy};
@@ -11,14 +12,16 @@ use crate::tailnet::{Node, Tailnet};
 
 /// A node prepared for resolution: its addresses, owner and effective routes.
 #[derive(Debug, Clone)]
-pub(crate) struct NodeInfo<'a> {
-    pub name: &'a str,
-    pub node: &'a Node,
+pub(crate) struct NodeInfo {
+    pub name: String,
+    pub node: Node,
+    /// Whether the slot holds a node (the engine keeps slots of removed nodes).
+    pub alive: bool,
     pub addrs: Vec<IpAddr>,
     /// The owner's email, for untagged nodes.
-    pub email: Option<&'a str>,
+    pub email: Option<String>,
     /// The owner's role, for untagged nodes.
-    pub role: Option<&'a str>,
+    pub role: Option<String>,
     /// Approved (by hand or automatically) and advertised subnet routes, exit routes excluded.
     pub routes: Vec<IpNet>,
     /// Whether the node is an approved exit node.
@@ -28,10 +31,10 @@ pub(crate) struct NodeInfo<'a> {
     pub no_ipv4: bool,
 }
 
-impl NodeInfo<'_> {
+impl NodeInfo {
     /// Whether the node is untagged and owned by a user.
     pub fn is_member(&self) -> bool {
-        !self.node.is_tagged() && self.email.is_some()
+        self.alive && !self.node.is_tagged() && self.email.is_some()
     }
 
     /// The node's addresses as bare strings (filter form).
@@ -50,6 +53,39 @@ fn effective_role<'a>(u: &'a crate::tailnet::User, tailnet: &Tailnet) -> &'a str
     }
 }
 
+/// Builds the resolution record of one node (routes and IPv4 use are filled in later).
+pub(crate) fn node_info(tailnet: &Tailnet, name: &str, node: &Node) -> NodeInfo {
+    let (email, role) = if node.is_tagged() {
+        (None, None)
+    } else {
+        match node.user.as_ref().and_then(|u| tailnet.users.get(u)) {
+            Some(u) => (
+                Some(u.email.clone()),
+                Some(effective_role(u, tailnet).to_string()),
+            ),
+            None => (None, None),
+        }
+    };
+    NodeInfo {
+        name: name.to_string(),
+        node: node.clone(),
+        alive: true,
+        addrs: node.addrs().collect(),
+        email,
+        role,
+        routes: Vec::new(),
+        exit: false,
+        no_ipv4: false,
+    }
+}
+
+fn role_matches(role: Option<&str>, want: &str) -> bool {
+    match role {
+        Some(x) => x == want || (want == "admin" && x == "owner"),
+        None => false,
+    }
+}
+
 /// What a selector resolves to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Resolved {
@@ -65,6 +101,8 @@ pub(crate) struct Resolved {
     pub nodes: BTreeSet<usize>,
     /// Literal prefixes (IPs, CIDRs, hosts, ipsets).
     pub nets: Vec<IpNet>,
+    /// The aliases this set was resolved from (to re-evaluate one node after a change).
+    pub aliases: Vec<Alias>,
 }
 
 impl Resolved {
@@ -74,6 +112,7 @@ impl Resolved {
         self.self_devices |= o.self_devices;
         self.internet |= o.internet;
         self.nodes.extend(o.nodes);
+        self.aliases.extend(o.aliases);
         for n in o.nets {
             if !self.nets.contains(&n) {
                 self.nets.push(n);
@@ -91,54 +130,41 @@ impl Resolved {
 }
 
 /// Resolution context: the policy, the tailnet and prepared nodes.
-pub(crate) struct Resolver<'a> {
-    pub policy: &'a Policy,
-    pub tailnet: &'a Tailnet,
-    pub nodes: Vec<NodeInfo<'a>>,
+pub(crate) struct Resolver {
+    pub policy: Arc<Policy>,
+    pub tailnet: Tailnet,
+    pub nodes: Vec<NodeInfo>,
     /// Untagged nodes by owner email.
-    pub by_email: HashMap<&'a str, Vec<usize>>,
+    pub by_email: HashMap<String, Vec<usize>>,
     /// Node index by name.
-    pub by_name: HashMap<&'a str, usize>,
+    pub by_name: HashMap<String, usize>,
+    /// Targets of `disable-ipv4` node attributes.
+    pub v4_off: Vec<Resolved>,
 }
 
-impl<'a> Resolver<'a> {
-    pub fn new(policy: &'a Policy, tailnet: &'a Tailnet) -> Resolver<'a> {
+impl Resolver {
+    pub fn new(policy: Arc<Policy>, tailnet: &Tailnet) -> Resolver {
         let mut nodes = Vec::with_capacity(tailnet.nodes.len());
         for (name, node) in tailnet.nodes.iter() {
-            let (email, role) = if node.is_tagged() {
-                (None, None)
-            } else {
-                match node.user.as_ref().and_then(|u| tailnet.users.get(u)) {
-                    Some(u) => (Some(u.email.as_str()), Some(effective_role(u, tailnet))),
-                    None => (None, None),
-                }
-            };
-            nodes.push(NodeInfo {
-                name,
-                node,
-                addrs: node.addrs().collect(),
-                email,
-                role,
-                routes: Vec::new(),
-                exit: false,
-                no_ipv4: false,
-            });
+            nodes.push(node_info(tailnet, name, node));
         }
-        let mut by_email: HashMap<&'a str, Vec<usize>> = HashMap::new();
+        let mut by_email: HashMap<String, Vec<usize>> = HashMap::new();
         let mut by_name = HashMap::with_capacity(nodes.len());
         for (i, n) in nodes.iter().enumerate() {
-            by_name.insert(n.name, i);
-            if let (false, Some(e)) = (n.node.is_tagged(), n.email) {
-                by_email.entry(e).or_default().push(i);
+            by_name.insert(n.name.clone(), i);
+            if let (false, Some(e)) = (n.node.is_tagged(), &n.email) {
+                by_email.entry(e.clone()).or_default().push(i);
             }
         }
         let mut r = Resolver {
             policy,
-            tailnet,
+            tailnet: tailnet.clone(),
             nodes,
             by_email,
             by_name,
+            v4_off: Vec::new(),
         };
+        let policy = r.policy.clone();
         let v4_off_targets: Vec<Resolved> = policy
             .node_attrs
             .iter()
@@ -148,6 +174,7 @@ impl<'a> Resolver<'a> {
         let no_v4: Vec<bool> = (0..r.nodes.len())
             .map(|i| policy.disable_ipv4 || v4_off_targets.iter().any(|t| r.src_contains(t, i)))
             .collect();
+        r.v4_off = v4_off_targets;
         for (i, off) in no_v4.into_iter().enumerate() {
             if off {
                 r.nodes[i].no_ipv4 = true;
@@ -174,6 +201,139 @@ impl<'a> Resolver<'a> {
 
     /// Resolves one alias.
     pub fn resolve(&self, a: &Alias) -> Resolved {
+        let mut r = self.resolve_inner(a);
+        r.aliases = vec![a.clone()];
+        r.nodes.retain(|&i| self.nodes[i].alive);
+        r
+    }
+
+    /// Whether alias `a` names node `i` by identity (user, group, tag, autogroup), evaluated
+    /// for that node alone.
+    pub fn alias_names(&self, a: &Alias, i: usize) -> bool {
+        let n = &self.nodes[i];
+        if !n.alive {
+            return false;
+        }
+        match a {
+            Alias::User(email) => n.is_member() && n.email.as_deref() == Some(email.as_str()),
+            Alias::UserDomain(d) => {
+                n.is_member()
+                    && n.email
+                        .as_deref()
+                        .and_then(|e| e.rsplit_once('@'))
+                        .is_some_and(|(_, ed)| ed == d)
+            }
+            Alias::Group(g) => {
+                n.is_member()
+                    && self
+                        .policy
+                        .groups
+                        .get(g)
+                        .is_some_and(|m| m.iter().any(|x| Some(x.as_str()) == n.email.as_deref()))
+            }
+            Alias::Tag(t) => n.node.tags.iter().any(|x| x == t),
+            Alias::IpSet(name) => {
+                let items = self
+                    .policy
+                    .ipsets
+                    .get(name)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
+                items
+                    .iter()
+                    .any(|it| matches!(it, IpSetItem::Add(a) if self.alias_names(a, i)))
+                    && !items
+                        .iter()
+                        .any(|it| matches!(it, IpSetItem::Remove(a) if self.alias_names(a, i)))
+            }
+            Alias::AutoGroup(g) => match g {
+                AutoGroup::Member => n.is_member(),
+                AutoGroup::Tagged => n.node.is_tagged(),
+                AutoGroup::SelfDevices
+                | AutoGroup::Internet
+                | AutoGroup::DangerAll
+                | AutoGroup::NonRoot
+                | AutoGroup::Shared => false,
+                role => n.is_member() && role_matches(n.role.as_deref(), role.name()),
+            },
+            Alias::Wildcard | Alias::Host(_) | Alias::Prefix(_) => false,
+        }
+    }
+
+    /// Re-evaluates node `i`'s identity membership in `set`; returns whether it changed.
+    pub fn refresh(&self, set: &mut Resolved, i: usize) -> bool {
+        let now = set.aliases.iter().any(|a| self.alias_names(a, i));
+        if now {
+            set.nodes.insert(i)
+        } else {
+            set.nodes.remove(&i)
+        }
+    }
+
+    /// Puts a node (new or changed) into its slot, or marks the slot dead (`node` = None).
+    /// Routes are not computed here; callers only use this for nodes without routes.
+    /// Returns the slot.
+    pub fn set_slot(&mut self, tailnet: &Tailnet, name: &str, node: Option<&Node>) -> usize {
+        let slot = match self.by_name.get(name) {
+            Some(&s) => s,
+            None => {
+                self.nodes.push(NodeInfo {
+                    alive: false,
+                    ..node_info(tailnet, name, &Node::default())
+                });
+                self.by_name.insert(name.to_string(), self.nodes.len() - 1);
+                self.nodes.len() - 1
+            }
+        };
+        if let Some(e) = self.nodes[slot].email.clone() {
+            if let Some(v) = self.by_email.get_mut(&e) {
+                v.retain(|&j| j != slot);
+            }
+        }
+        self.tailnet = tailnet.clone();
+        match node {
+            Some(node) => {
+                let mut info = node_info(tailnet, name, node);
+                let off = self.policy.disable_ipv4
+                    || self.v4_off.iter().any(|t| {
+                        t.aliases.iter().any(|a| self.alias_names_info(a, &info))
+                            || t.nets
+                                .iter()
+                                .any(|net| info.addrs.iter().any(|a| net.contains(a)))
+                    });
+                if off {
+                    info.no_ipv4 = true;
+                    info.addrs.retain(IpAddr::is_ipv6);
+                }
+                if let (false, Some(e)) = (info.node.is_tagged(), &info.email) {
+                    self.by_email.entry(e.clone()).or_default().push(slot);
+                }
+                self.nodes[slot] = info;
+            }
+            None => {
+                self.nodes[slot].alive = false;
+                self.nodes[slot].routes.clear();
+                self.nodes[slot].exit = false;
+                self.by_name.remove(name);
+            }
+        }
+        slot
+    }
+
+    fn alias_names_info(&self, a: &Alias, info: &NodeInfo) -> bool {
+        // Evaluate against a node not yet in its slot.
+        let probe = Resolver {
+            policy: self.policy.clone(),
+            tailnet: Tailnet::default(),
+            nodes: vec![info.clone()],
+            by_email: HashMap::new(),
+            by_name: HashMap::new(),
+            v4_off: Vec::new(),
+        };
+        probe.alias_names(a, 0)
+    }
+
+    fn resolve_inner(&self, a: &Alias) -> Resolved {
         let mut r = Resolved::default();
         match a {
             Alias::Wildcard => r.wildcard = true,
@@ -259,11 +419,7 @@ impl<'a> Resolver<'a> {
                     r.nodes = (0..self.nodes.len())
                         .filter(|&i| {
                             let n = &self.nodes[i];
-                            n.is_member()
-                                && match n.role {
-                                    Some(x) => x == want || (want == "admin" && x == "owner"),
-                                    None => false,
-                                }
+                            n.is_member() && role_matches(n.role.as_deref(), want)
                         })
                         .collect()
                 }
@@ -283,10 +439,13 @@ impl<'a> Resolver<'a> {
 
     /// Whether a node is in a resolved source set (by identity, address, or a route it serves).
     pub fn src_contains(&self, r: &Resolved, i: usize) -> bool {
+        let n = &self.nodes[i];
+        if !n.alive {
+            return false;
+        }
         if r.wildcard || r.nodes.contains(&i) {
             return true;
         }
-        let n = &self.nodes[i];
         r.nets.iter().any(|net| {
             n.addrs.iter().any(|a| addr::contains_ip(net, a))
                 || n.routes.iter().any(|rt| addr::overlaps(net, rt))

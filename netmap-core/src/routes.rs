@@ -15,7 +15,7 @@ pub(crate) struct Approvers {
 }
 
 impl Approvers {
-    pub(crate) fn new(r: &Resolver<'_>) -> Approvers {
+    pub(crate) fn new(r: &Resolver) -> Approvers {
         let resolve =
             |who: &[netmap_policy::Located<Alias>]| r.resolve_all(who.iter().map(|a| &a.value));
         Approvers {
@@ -34,8 +34,8 @@ impl Approvers {
 /// The routes node `i` serves: advertised and approved, by hand or by `autoApprovers`
 /// (subnet routes through `routes`, exit routes through `exitNode`); exit routes are reported
 /// as a flag. Approving either exit route approves both.
-pub(crate) fn effective_routes(r: &Resolver<'_>, a: &Approvers, i: usize) -> (Vec<IpNet>, bool) {
-    let node = r.nodes[i].node;
+pub(crate) fn effective_routes(r: &Resolver, a: &Approvers, i: usize) -> (Vec<IpNet>, bool) {
+    let node = &r.nodes[i].node;
     if node.routable_ips.is_empty() {
         return (Vec::new(), false);
     }
@@ -59,7 +59,7 @@ pub(crate) fn effective_routes(r: &Resolver<'_>, a: &Approvers, i: usize) -> (Ve
 
 /// The routes among `routes` that `autoApprovers` approve for node `i`: subnet routes inside
 /// a `routes` prefix whose approvers name the node, exit routes when `exitNode` names it.
-fn auto_approved(r: &Resolver<'_>, a: &Approvers, i: usize, routes: &[IpNet]) -> Vec<IpNet> {
+fn auto_approved(r: &Resolver, a: &Approvers, i: usize, routes: &[IpNet]) -> Vec<IpNet> {
     let mut out = Vec::new();
     for rt in routes {
         let rt = rt.trunc();
@@ -79,7 +79,7 @@ fn auto_approved(r: &Resolver<'_>, a: &Approvers, i: usize, routes: &[IpNet]) ->
 
 /// The routes `autoApprovers` approve for node `key` among `routes` it advertises.
 pub fn auto_approve(policy: &Policy, tailnet: &Tailnet, key: &str, routes: &[IpNet]) -> Vec<IpNet> {
-    let r = Resolver::new(policy, tailnet);
+    let r = Resolver::new(std::sync::Arc::new(policy.clone()), tailnet);
     let a = Approvers::new(&r);
     match r.by_name.get(key) {
         Some(&i) => auto_approved(&r, &a, i, routes),
@@ -89,11 +89,11 @@ pub fn auto_approve(policy: &Policy, tailnet: &Tailnet, key: &str, routes: &[IpN
 
 /// Elects the primary router of every subnet prefix: the current primary stays while it is
 /// online and still serves the prefix; otherwise the oldest online router wins.
-pub(crate) fn elect(r: &Resolver<'_>, previous: &OrdMap<IpNet, String>) -> OrdMap<IpNet, String> {
+pub(crate) fn elect(r: &Resolver, previous: &OrdMap<IpNet, String>) -> OrdMap<IpNet, String> {
     let mut out = OrdMap::new();
     let mut candidates: std::collections::BTreeMap<IpNet, Vec<usize>> = Default::default();
     for (i, n) in r.nodes.iter().enumerate() {
-        if !n.node.online {
+        if !n.alive || !n.node.online {
             continue;
         }
         for rt in &n.routes {
@@ -102,16 +102,19 @@ pub(crate) fn elect(r: &Resolver<'_>, previous: &OrdMap<IpNet, String>) -> OrdMa
     }
     for (prefix, cands) in candidates {
         if let Some(prev) = previous.get(&prefix) {
-            if cands.iter().any(|&i| r.nodes[i].name == prev) {
+            if cands
+                .iter()
+                .any(|&i| r.nodes[i].alive && &r.nodes[i].name == prev)
+            {
                 out.insert(prefix, prev.clone());
                 continue;
             }
         }
         if let Some(&best) = cands
             .iter()
-            .min_by_key(|&&i| (r.nodes[i].node.created_key(), r.nodes[i].name))
+            .min_by_key(|&&i| (r.nodes[i].node.created_key(), r.nodes[i].name.as_str()))
         {
-            out.insert(prefix, r.nodes[best].name.to_string());
+            out.insert(prefix, r.nodes[best].name.clone());
         }
     }
     out
@@ -123,6 +126,6 @@ pub fn elect_primaries(
     previous: &OrdMap<IpNet, String>,
     policy: &Policy,
 ) -> OrdMap<IpNet, String> {
-    let r = Resolver::new(policy, tailnet);
+    let r = Resolver::new(std::sync::Arc::new(policy.clone()), tailnet);
     elect(&r, previous)
 }

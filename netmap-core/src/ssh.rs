@@ -30,7 +30,7 @@ fn action_wire(action: SshAction, check_period_secs: Option<u64>) -> SshActionWi
     }
 }
 
-fn principals(r: &Resolver<'_>, nodes: &[usize]) -> Arc<Vec<SshPrincipal>> {
+fn principals(r: &Resolver, nodes: &[usize]) -> Arc<Vec<SshPrincipal>> {
     Arc::new(
         nodes
             .iter()
@@ -62,7 +62,7 @@ pub(crate) struct SshPlan {
 }
 
 impl SshPlan {
-    pub(crate) fn new(r: &Resolver<'_>) -> SshPlan {
+    pub(crate) fn new(r: &Resolver) -> SshPlan {
         // Check rules come before accept rules; within each, policy order.
         let ordered = r
             .policy
@@ -82,17 +82,7 @@ impl SshPlan {
             let mut srcs: Vec<usize> = (0..r.nodes.len())
                 .filter(|&j| r.src_contains(&src, j))
                 .collect();
-            srcs.sort_by_key(|&j| {
-                let n = &r.nodes[j];
-                let uid = n
-                    .node
-                    .user
-                    .as_ref()
-                    .and_then(|u| r.tailnet.users.get(u))
-                    .map(|u| u.id)
-                    .unwrap_or(u64::MAX);
-                (uid, n.node.created_key(), n.name)
-            });
+            sort_principal_order(r, &mut srcs);
             let mut users: BTreeMap<String, String> = BTreeMap::new();
             let mut localparts = Vec::new();
             for u in &rule.users {
@@ -132,7 +122,7 @@ impl SshPlan {
     }
 
     /// The SSH rules node `d` receives, in match order.
-    pub(crate) fn rules_for(&self, r: &Resolver<'_>, d: usize) -> Vec<SshRuleWire> {
+    pub(crate) fn rules_for(&self, r: &Resolver, d: usize) -> Vec<SshRuleWire> {
         let mut out = Vec::new();
         let dn = &r.nodes[d];
         for rule in &self.rules {
@@ -180,7 +170,9 @@ impl SshPlan {
                     action: rule.action.clone(),
                     accept_env: rule.accept_env.clone(),
                 });
-                if let Some((local, dom)) = r.nodes[j].email.and_then(|e| e.rsplit_once('@')) {
+                if let Some((local, dom)) =
+                    r.nodes[j].email.as_deref().and_then(|e| e.rsplit_once('@'))
+                {
                     if rule.localparts.iter().any(|d| d == dom) {
                         out.push(SshRuleWire {
                             principals: own,
@@ -196,8 +188,64 @@ impl SshPlan {
     }
 }
 
+impl SshPlan {
+    /// Brings the plan up to date after node `x` changed (it has no routes). Returns the
+    /// indexes of rules whose principals changed (their destinations must be recomputed) and
+    /// whether `x`'s own destination membership changed.
+    pub(crate) fn refresh_node(
+        &mut self,
+        r: &Resolver,
+        x: usize,
+        addrs_changed: bool,
+    ) -> Vec<usize> {
+        let mut changed = Vec::new();
+        for (k, rule) in self.rules.iter_mut().enumerate() {
+            r.refresh(&mut rule.dst, x);
+            let was = rule.srcs.contains(&x);
+            r.refresh(&mut rule.src, x);
+            let now = r.src_contains(&rule.src, x);
+            if !was && !now {
+                continue;
+            }
+            // Owner, join time or addresses may have moved it in principal order.
+            let before = rule.all_principals.clone();
+            rule.srcs.retain(|&j| j != x);
+            if now {
+                rule.srcs.push(x);
+                sort_principal_order(r, &mut rule.srcs);
+            }
+            rule.all_principals = principals(r, &with_tag_repeats(r, &rule.srcs, rule.tagged_src));
+            if was != now || addrs_changed || before != rule.all_principals {
+                changed.push(k);
+            }
+        }
+        changed
+    }
+
+    /// The nodes that receive rule `k` by identity (all nodes when it names `*`).
+    pub(crate) fn identity_dsts(&self, k: usize) -> (bool, Vec<usize>) {
+        let d = &self.rules[k].dst;
+        (d.wildcard, d.nodes.iter().copied().collect())
+    }
+}
+
+/// Principal order: the owner's user id, then join time, then name.
+fn sort_principal_order(r: &Resolver, srcs: &mut [usize]) {
+    srcs.sort_by_key(|&j| {
+        let n = &r.nodes[j];
+        let uid = n
+            .node
+            .user
+            .as_ref()
+            .and_then(|u| r.tailnet.users.get(u))
+            .map(|u| u.id)
+            .unwrap_or(u64::MAX);
+        (uid, n.node.created_key(), n.name.clone())
+    });
+}
+
 /// `autogroup:tagged` expands tag by tag: a node with two tags is listed twice.
-fn with_tag_repeats(r: &Resolver<'_>, srcs: &[usize], tagged_src: bool) -> Vec<usize> {
+fn with_tag_repeats(r: &Resolver, srcs: &[usize], tagged_src: bool) -> Vec<usize> {
     let mut all = srcs.to_vec();
     if tagged_src {
         for &j in srcs {
@@ -211,6 +259,6 @@ fn with_tag_repeats(r: &Resolver<'_>, srcs: &[usize], tagged_src: bool) -> Vec<u
 /// The SSH rules node `d` receives (plans the whole SSH policy; prefer [`SshPlan`] for many
 /// nodes).
 #[allow(dead_code)]
-pub(crate) fn ssh_rules_for(r: &Resolver<'_>, d: usize) -> Vec<SshRuleWire> {
+pub(crate) fn ssh_rules_for(r: &Resolver, d: usize) -> Vec<SshRuleWire> {
     SshPlan::new(r).rules_for(r, d)
 }

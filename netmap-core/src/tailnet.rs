@@ -27,7 +27,7 @@ pub struct User {
 }
 
 /// A node (device) of the tailnet.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Node {
     /// Hostname the device reported.
     #[serde(default)]

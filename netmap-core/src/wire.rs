@@ -200,6 +200,11 @@ impl PeerList {
         &self.shared
     }
 
+    /// Peers only this node has (not in the shared part).
+    pub fn extra(&self) -> &[Arc<Peer>] {
+        &self.extra
+    }
+
     /// The peers in name order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Peer>> + '_ {
         let mut a = self

@@ -1,0 +1,273 @@
+//! The incremental engine must equal the from-scratch computation after every change, and its
+//! change set must name exactly the nodes whose view changed.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use netmap_core::{compute_all, Change, Engine, Node, Snapshot, Tailnet, User};
+use proptest::prelude::*;
+
+const POLICIES: &[&str] = &[
+    // ops-like: groups, tags, hosts, ssh, routes, exit, self.
+    r#"{
+      "groups": {"group:admins": ["u0@example.com"], "group:devs": ["u1@example.com", "u2@example.com"]},
+      "tagOwners": {"tag:web": [], "tag:db": [], "tag:router": [], "tag:exit": []},
+      "hosts": {"dns": "100.64.0.1", "corp": "10.0.0.0/8"},
+      "acls": [
+        {"action": "accept", "src": ["*"], "dst": ["dns:53"], "proto": "udp"},
+        {"action": "accept", "src": ["group:admins"], "dst": ["*:*"]},
+        {"action": "accept", "src": ["group:devs"], "dst": ["tag:web:80,443", "corp:22"]},
+        {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
+        {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+        {"action": "accept", "src": ["group:devs"], "dst": ["autogroup:internet:*"]}
+      ],
+      "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}, "exitNode": ["tag:exit"]},
+      "ssh": [
+        {"action": "accept", "src": ["group:admins"], "dst": ["tag:web", "tag:db"], "users": ["root"]},
+        {"action": "check", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["autogroup:nonroot"]}
+      ],
+      "nodeAttrs": [{"target": ["tag:web"], "attr": ["funnel"]}, {"target": ["group:devs"], "attr": ["disable-ipv4"]}]
+    }"#,
+    r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#,
+    r#"{
+      "tagOwners": {"tag:web": [], "tag:db": [], "tag:router": [], "tag:exit": []},
+      "grants": [
+        {"src": ["autogroup:member"], "dst": ["autogroup:self"], "ip": ["*"]},
+        {"src": ["autogroup:member"], "dst": ["autogroup:tagged"], "ip": ["tcp:22", "443"]},
+        {"src": ["tag:web"], "dst": ["10.1.0.0/16"], "ip": ["*"], "via": ["tag:router"]},
+        {"src": ["*"], "dst": ["tag:db"], "app": {"example.com/cap/x": [{"a": 1}]}}
+      ],
+      "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:web"], "users": ["localpart:*@example.com", "root"]}]
+    }"#,
+];
+
+const TAGS: &[&str] = &["tag:web", "tag:db", "tag:router", "tag:exit"];
+const ROUTES: &[&str] = &[
+    "10.1.0.0/16",
+    "10.2.0.0/16",
+    "0.0.0.0/0",
+    "::/0",
+    "192.168.0.0/24",
+];
+
+#[derive(Debug, Clone)]
+struct NodeSpec {
+    owner: Option<usize>,
+    tags: Vec<usize>,
+    v4: bool,
+    v6: bool,
+    routes: Vec<usize>,
+    approved: Vec<usize>,
+    online: bool,
+    host: u8,
+}
+
+fn node_spec() -> impl Strategy<Value = NodeSpec> {
+    (
+        prop::option::of(0usize..4),
+        prop::collection::vec(0usize..TAGS.len(), 0..3),
+        any::<bool>(),
+        any::<bool>(),
+        prop::collection::vec(0usize..ROUTES.len(), 0..3),
+        prop::collection::vec(0usize..ROUTES.len(), 0..3),
+        any::<bool>(),
+        0u8..6,
+    )
+        .prop_map(
+            |(owner, tags, v4, v6, routes, approved, online, host)| NodeSpec {
+                tags: if owner.is_some() { Vec::new() } else { tags },
+                owner,
+                v4: v4 || !v6,
+                v6,
+                routes,
+                approved,
+                online,
+                host,
+            },
+        )
+}
+
+fn build_node(id: u32, s: &NodeSpec) -> Node {
+    let mut tags: Vec<String> = s.tags.iter().map(|&t| TAGS[t].to_string()).collect();
+    tags.sort();
+    tags.dedup();
+    let owner = if tags.is_empty() {
+        Some(s.owner.unwrap_or(0))
+    } else {
+        None
+    };
+    let route = |i: &usize| ROUTES[*i].parse::<IpNet>().ok();
+    Node {
+        hostname: format!("host{}", s.host),
+        user: owner.map(|u| format!("u{u}")),
+        tags,
+        ipv4: s
+            .v4
+            .then(|| Ipv4Addr::new(100, 64, (id / 250) as u8, (id % 250) as u8 + 1)),
+        ipv6: s
+            .v6
+            .then(|| Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, id as u16 + 1)),
+        routable_ips: s.routes.iter().filter_map(route).collect(),
+        approved_routes: s.approved.iter().filter_map(route).collect(),
+        created: format!("2026-01-01T00:{:02}:{:02}Z", id / 60 % 60, id % 60),
+        online: s.online,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Upsert(u32, NodeSpec),
+    Remove(u32),
+    Online(u32, bool),
+    User(usize, bool),
+    RemoveUser(usize),
+    Policy(usize),
+    Approve(u32, Vec<usize>),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u32..14, node_spec()).prop_map(|(i, s)| Op::Upsert(i, s)),
+        2 => (0u32..14).prop_map(Op::Remove),
+        3 => (0u32..14, any::<bool>()).prop_map(|(i, o)| Op::Online(i, o)),
+        1 => (0usize..6, any::<bool>()).prop_map(|(u, d)| Op::User(u, d)),
+        1 => (0usize..6).prop_map(Op::RemoveUser),
+        1 => (0usize..POLICIES.len()).prop_map(Op::Policy),
+        1 => (0u32..14, prop::collection::vec(0usize..ROUTES.len(), 0..3)).prop_map(|(i, r)| Op::Approve(i, r)),
+    ]
+}
+
+fn user(u: usize, other_domain: bool) -> User {
+    User {
+        id: u as u64 + 1,
+        name: format!("u{u}"),
+        email: format!(
+            "u{u}@{}",
+            if other_domain {
+                "example.org"
+            } else {
+                "example.com"
+            }
+        ),
+        role: None,
+    }
+}
+
+fn initial(nodes: &[NodeSpec]) -> Tailnet {
+    let mut t = Tailnet::default();
+    t.settings.name = "u0@example.com".into();
+    for u in 0..4 {
+        let user = user(u, u == 3);
+        t.users.insert(user.name.clone(), user);
+    }
+    for (i, s) in nodes.iter().enumerate() {
+        let name = format!("n{i}");
+        t.assign_dns_name(&name, &format!("host{}", s.host));
+        t.nodes.insert(name, build_node(i as u32, s));
+    }
+    t
+}
+
+fn change_for(op: &Op, snap: &Snapshot) -> Option<Change> {
+    let name = |i: &u32| format!("n{i}");
+    Some(match op {
+        Op::Upsert(i, s) => Change::UpsertNode {
+            node: name(i),
+            value: build_node(*i, s),
+        },
+        Op::Remove(i) => {
+            snap.tailnet().nodes.get(&name(i))?;
+            Change::RemoveNode { node: name(i) }
+        }
+        Op::Online(i, o) => {
+            snap.tailnet().nodes.get(&name(i))?;
+            Change::SetOnline {
+                node: name(i),
+                online: *o,
+            }
+        }
+        Op::User(u, d) => Change::UpsertUser { user: user(*u, *d) },
+        Op::RemoveUser(u) => {
+            snap.tailnet().users.get(&format!("u{u}"))?;
+            Change::RemoveUser {
+                name: format!("u{u}"),
+            }
+        }
+        Op::Policy(p) => Change::SetPolicy {
+            policy: POLICIES[*p].to_string(),
+        },
+        Op::Approve(i, r) => {
+            snap.tailnet().nodes.get(&name(i))?;
+            Change::ApproveRoutes {
+                node: name(i),
+                routes: r.iter().filter_map(|x| ROUTES[*x].parse().ok()).collect(),
+            }
+        }
+    })
+}
+
+fn check_equal(step: usize, snap: &Snapshot) -> Result<(), TestCaseError> {
+    let reference = compute_all(snap.policy(), snap.tailnet());
+    prop_assert_eq!(
+        reference.views.len(),
+        snap.views().len(),
+        "step {}: node count differs",
+        step
+    );
+    for (name, want) in &reference.views {
+        let got = snap.view(name);
+        prop_assert!(
+            got == Some(want),
+            "step {step}: view of {name} differs from scratch:\n engine {}\n scratch {}",
+            serde_json::to_string(&got).unwrap_or_default(),
+            serde_json::to_string(want).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    // Sized for CI; raise with PROPTEST_CASES for a longer search.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(96),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn engine_equals_from_scratch(
+        nodes in prop::collection::vec(node_spec(), 1..10),
+        policy in 0usize..POLICIES.len(),
+        ops in prop::collection::vec(op(), 1..25),
+    ) {
+        let mut engine = Engine::new(POLICIES[policy], initial(&nodes))
+            .map_err(|e| TestCaseError::fail(format!("engine: {e}")))?;
+        check_equal(0, &engine.snapshot())?;
+        for (step, op) in ops.iter().enumerate() {
+            let before = engine.snapshot();
+            let Some(change) = change_for(op, &before) else { continue };
+            let cs = match engine.apply(change.clone()) {
+                Ok(cs) => cs,
+                Err(_) => {
+                    // A rejected change leaves everything as it was.
+                    let after = engine.snapshot();
+                    prop_assert!(after.views() == before.views(), "rejected change altered views");
+                    continue;
+                }
+            };
+            let after = engine.snapshot();
+            check_equal(step + 1, &after)?;
+            // The change set names exactly the nodes whose view differs.
+            let names: BTreeSet<&String> = before.views().keys().chain(after.views().keys()).collect();
+            for n in names {
+                let differs = before.view(n) != after.view(n);
+                prop_assert_eq!(
+                    differs,
+                    cs.nodes.contains_key(n),
+                    "step {}: change set and views disagree for {} after {:?}",
+                    step + 1, n, change.op()
+                );
+            }
+        }
+    }
+}

@@ -85,7 +85,10 @@ pub(crate) struct Plan {
 /// The slots whose views an update may have changed.
 #[derive(Debug, Default)]
 pub(crate) struct Affected {
+    /// Views to recompute.
     pub slots: BTreeSet<usize>,
+    /// Views whose only possible change is their class's peer list.
+    pub peers_only: BTreeSet<usize>,
 }
 
 impl Plan {
@@ -384,6 +387,18 @@ impl Plan {
         &self.r.nodes[slot].name
     }
 
+    /// Node `v`'s view when only its class's peer list may have changed since `old`.
+    pub(crate) fn with_new_peers(&self, v: usize, old: &NodeView) -> NodeView {
+        let shared = self.classes[self.class_of[v]]
+            .as_ref()
+            .map(|c| c.peers.clone())
+            .unwrap_or_default();
+        NodeView {
+            peers: PeerList::new(shared, &self.r.nodes[v].name, old.peers.extra().to_vec()),
+            ..old.clone()
+        }
+    }
+
     /// The complete view of node `v`.
     pub(crate) fn view(&self, v: usize) -> NodeView {
         let shared = self.classes[self.class_of[v]]
@@ -547,7 +562,7 @@ impl Plan {
                     (Err(_), None) => {}
                 }
                 class.peers = Arc::new(list);
-                affected.slots.extend(class.members.iter().copied());
+                affected.peers_only.extend(class.members.iter().copied());
             }
         }
         if alive {
@@ -573,6 +588,10 @@ impl Plan {
             affected.slots.insert(x);
         }
         affected.slots.retain(|&s| self.r.nodes[s].alive);
+        let full = &affected.slots;
+        affected
+            .peers_only
+            .retain(|s| !full.contains(s) && self.r.nodes[*s].alive);
         Some(affected)
     }
 }

@@ -437,10 +437,16 @@ impl Engine {
         let views = match (affected, &incremental) {
             (Some(affected), Some((name, node))) => {
                 let slots: Vec<usize> = affected.slots.into_iter().collect();
-                let fresh: Vec<(String, NodeView)> = slots
+                let mut fresh: Vec<(String, NodeView)> = slots
                     .par_iter()
                     .map(|&s| (self.plan.name(s).to_string(), self.plan.view(s)))
                     .collect();
+                for s in affected.peers_only {
+                    let n = self.plan.name(s);
+                    if let Some(old) = old_views.get(n) {
+                        fresh.push((n.to_string(), self.plan.with_new_peers(s, old)));
+                    }
+                }
                 let mut views = old_views.clone();
                 if node.is_none() {
                     views.remove(name);

@@ -1,9 +1,18 @@
 //! Evaluation of the policy's `tests` and `sshTests`, and checks that need the tailnet.
 
-use netmap_policy::{Alias, Policy};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use ipnet::{IpNet, Ipv4Net};
+use netmap_policy::{
+    parse_alias, parse_proto, split_host_ports, AclTest, Alias, AliasContext, Policy, PortRange,
+    SshAction, SshTest, SshUser,
+};
 use serde::Serialize;
 
+use crate::addr;
 use crate::error::CoreError;
+use crate::resolve::{Resolved, Resolver};
 use crate::tailnet::Tailnet;
 
 /// The outcome of one test entry.
@@ -25,6 +34,12 @@ pub struct TestOutcome {
     pub passed: bool,
     /// Why it failed (or which rule decided), for a person to act on.
     pub reason: String,
+    /// The rule that decided (`acls[2]`, `grants[0]`, `ssh[1]`): the one that allows what
+    /// should be denied, or the one that allows what should be allowed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Where the entry is in the policy file (`line:column`).
+    pub pos: String,
 }
 
 /// The outcome of every test of a policy.
@@ -93,7 +108,1313 @@ pub fn check_policy_for_tailnet(policy: &Policy, tailnet: &Tailnet) -> Result<()
 }
 
 /// Runs the `tests` and `sshTests` blocks against the tailnet.
+///
+/// `tests`: every device of `src` must (`accept`) or must not (`deny`) reach every device of
+/// each `host:port` through the `acls` and `grants` (capability-only grants carry no traffic),
+/// for `proto` (default TCP). The port is a single number; the host names devices or a single
+/// address (a tag, user, group, host alias, IP, `autogroup:self`, `*`), not a range.
+///
+/// `sshTests`: for every device of `src` and of each `dst`, the first matching SSH rule
+/// (check rules before accept rules, as the client sees them) must accept each user of
+/// `accept`, must require a check for each user of `check`, and no rule may let in a user of
+/// `deny`.
+///
+/// Malformed entries are failing outcomes with the reason, never a panic.
 pub fn run_tests(policy: &Policy, tailnet: &Tailnet) -> TestReport {
-    let _ = (policy, tailnet);
-    TestReport::default()
+    let mut report = TestReport::default();
+    if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
+        return report;
+    }
+    let r = Resolver::new(Arc::new(policy.clone()), tailnet);
+    let ev = Evaluator::new(&r);
+    for (i, t) in policy.tests.iter().enumerate() {
+        ev.acl_test(i, t, &mut report.outcomes);
+    }
+    for (i, t) in policy.ssh_tests.iter().enumerate() {
+        ev.ssh_test(i, t, &mut report.outcomes);
+    }
+    report
+}
+
+/// Who a test entry speaks for: a device, or an address that is no device's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Principal {
+    Node(usize),
+    Addr(IpAddr),
+    Net(IpNet),
+}
+
+/// What a test entry's destination names: a device, or one address (maybe a device's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Node(usize),
+    Addr { ip: IpAddr, node: Option<usize> },
+}
+
+/// A destination host as parsed: fixed devices/addresses, or the source's own devices.
+enum DstHost {
+    Fixed(Vec<Target>),
+    SelfDevices,
+}
+
+/// One `acls`/`grants` entry with its selectors resolved.
+struct NetRuleEval {
+    label: String,
+    src: Resolved,
+    /// (destination, protocols (empty = default set), ports).
+    entries: Vec<(Resolved, Vec<u8>, Vec<PortRange>)>,
+}
+
+/// One `ssh` entry with its selectors resolved.
+struct SshRuleEval {
+    label: String,
+    action: SshAction,
+    src: Resolved,
+    dst: Resolved,
+    users: Vec<SshUser>,
+    has_localpart: bool,
+}
+
+/// How a pair (source device, destination) fared for one check.
+struct PairResult {
+    ok: bool,
+    rule: Option<String>,
+    reason: String,
+}
+
+/// The identifying part of an outcome.
+struct EntryId<'a> {
+    kind: &'static str,
+    index: usize,
+    src: &'a str,
+    pos: String,
+}
+
+impl EntryId<'_> {
+    fn outcome(&self, dst: &str, what: &str, expect: &str, res: PairResult) -> TestOutcome {
+        TestOutcome {
+            kind: self.kind.to_string(),
+            index: self.index,
+            src: self.src.to_string(),
+            dst: dst.to_string(),
+            what: what.to_string(),
+            expect: expect.to_string(),
+            passed: res.ok,
+            reason: res.reason,
+            rule: res.rule,
+            pos: self.pos.clone(),
+        }
+    }
+
+    fn malformed(&self, dst: &str, what: &str, expect: &str, reason: String) -> TestOutcome {
+        self.outcome(
+            dst,
+            what,
+            expect,
+            PairResult {
+                ok: false,
+                rule: None,
+                reason: format!("invalid test: {reason}"),
+            },
+        )
+    }
+}
+
+const DEFAULT_POLICY: &str = "the default policy (no acls or grants: everything is allowed)";
+
+struct Evaluator<'a> {
+    r: &'a Resolver,
+    net_rules: Vec<NetRuleEval>,
+    /// Check rules first, then accept rules, each in policy order.
+    ssh_rules: Vec<SshRuleEval>,
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        2 => "igmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        47 => "gre".into(),
+        50 => "esp".into(),
+        51 => "ah".into(),
+        58 => "ipv6-icmp".into(),
+        132 => "sctp".into(),
+        n => format!("proto {n}"),
+    }
+}
+
+/// Whether a protocol carries ports (others match a rule whatever its ports).
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, 6 | 17 | 132)
+}
+
+/// Whether `ip` is in `autogroup:internet` (public IPv4, global unicast IPv6).
+fn is_internet(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(o[0] == 10
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0] == 169 && o[1] == 254)
+                || (o[0] == 172 && (16..32).contains(&o[1]))
+                || (o[0] == 192 && o[1] == 168))
+        }
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xe000) == 0x2000,
+    }
+}
+
+/// Parses a test port: one decimal number, 0–65535.
+fn parse_test_port(port: &str) -> Result<u16, String> {
+    if port.is_empty() || !port.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "port {port:?} is not a port number (tests take a single port: no ranges, lists or *)"
+        ));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("port {port:?} is out of range (0-65535)"))
+}
+
+impl<'a> Evaluator<'a> {
+    fn new(r: &'a Resolver) -> Evaluator<'a> {
+        let p = &*r.policy;
+        let mut net_rules = Vec::new();
+        for (i, acl) in p.acls.iter().enumerate() {
+            net_rules.push(NetRuleEval {
+                label: format!("acls[{i}]"),
+                src: r.resolve_all(acl.src.iter().map(|s| &s.value)),
+                entries: acl
+                    .dst
+                    .iter()
+                    .map(|d| (r.resolve(&d.value.0), acl.protos.clone(), d.value.1.clone()))
+                    .collect(),
+            });
+        }
+        for (i, g) in p.grants.iter().enumerate() {
+            if g.ip.is_empty() {
+                continue;
+            }
+            let mut entries = Vec::new();
+            for d in &g.dst {
+                let rd = r.resolve(&d.value);
+                for spec in &g.ip {
+                    entries.push((rd.clone(), spec.protos.clone(), spec.ports.clone()));
+                }
+            }
+            net_rules.push(NetRuleEval {
+                label: format!("grants[{i}]"),
+                src: r.resolve_all(g.src.iter().map(|s| &s.value)),
+                entries,
+            });
+        }
+        let ordered = p
+            .ssh
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.action == SshAction::Check)
+            .chain(
+                p.ssh
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| x.action == SshAction::Accept),
+            );
+        let ssh_rules = ordered
+            .map(|(i, rule)| SshRuleEval {
+                label: format!("ssh[{i}]"),
+                action: rule.action,
+                src: r.resolve_all(rule.src.iter().map(|x| &x.value)),
+                dst: r.resolve_all(rule.dst.iter().map(|x| &x.value)),
+                users: rule.users.clone(),
+                has_localpart: rule
+                    .users
+                    .iter()
+                    .any(|u| matches!(u, SshUser::LocalPart(_))),
+            })
+            .collect();
+        Evaluator {
+            r,
+            net_rules,
+            ssh_rules,
+        }
+    }
+
+    fn policy(&self) -> &Policy {
+        &self.r.policy
+    }
+
+    fn alive_nodes(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.r.nodes.len()).filter(|&i| self.r.nodes[i].alive)
+    }
+
+    fn node_by_addr(&self, ip: &IpAddr) -> Option<usize> {
+        self.alive_nodes()
+            .find(|&i| self.r.nodes[i].addrs.contains(ip))
+    }
+
+    fn node_name(&self, i: usize) -> String {
+        let n = &self.r.nodes[i];
+        match n.addrs.first() {
+            Some(a) => format!("{} ({a})", n.name),
+            None => n.name.clone(),
+        }
+    }
+
+    fn principal_name(&self, p: Principal) -> String {
+        match p {
+            Principal::Node(i) => self.node_name(i),
+            Principal::Addr(ip) => ip.to_string(),
+            Principal::Net(n) => n.to_string(),
+        }
+    }
+
+    fn target_name(&self, t: Target) -> String {
+        match t {
+            Target::Node(i) => self.node_name(i),
+            Target::Addr { ip, node: Some(i) } => {
+                format!("{ip} ({})", self.r.nodes[i].name)
+            }
+            Target::Addr { ip, node: None } => ip.to_string(),
+        }
+    }
+
+    /// Whether a range lies in what `*` means as a source: the tailnet's own ranges and
+    /// every approved subnet route.
+    fn in_tailnet_space(&self, n: &IpNet) -> bool {
+        let excluded =
+            IpNet::V4(Ipv4Net::new(Ipv4Addr::new(100, 115, 92, 0), 23).unwrap_or_default());
+        (addr::cgnat().contains(n) && !addr::overlaps(&excluded, n))
+            || addr::tailnet_v6().contains(n)
+            || self
+                .r
+                .nodes
+                .iter()
+                .filter(|x| x.alive)
+                .flat_map(|x| x.routes.iter())
+                .any(|rt| rt.contains(n))
+    }
+
+    fn src_matches(&self, s: &Resolved, p: Principal) -> bool {
+        match p {
+            Principal::Node(i) => {
+                let n = &self.r.nodes[i];
+                s.wildcard
+                    || s.nodes.contains(&i)
+                    || s.nets
+                        .iter()
+                        .any(|net| n.addrs.iter().any(|a| net.contains(a)))
+            }
+            Principal::Addr(ip) => {
+                s.danger_all
+                    || (s.wildcard && self.in_tailnet_space(&IpNet::from(ip)))
+                    || s.nets.iter().any(|net| net.contains(&ip))
+            }
+            Principal::Net(x) => {
+                s.danger_all
+                    || (s.wildcard && self.in_tailnet_space(&x))
+                    || s.nets.iter().any(|net| net.contains(&x))
+            }
+        }
+    }
+
+    /// Whether `p` and node `j` are untagged devices of the same user.
+    fn same_user(&self, p: Principal, j: usize) -> bool {
+        let Principal::Node(i) = p else {
+            return false;
+        };
+        let (a, b) = (&self.r.nodes[i], &self.r.nodes[j]);
+        a.is_member() && b.is_member() && a.email == b.email
+    }
+
+    fn dst_covers(&self, d: &Resolved, t: Target, p: Principal) -> bool {
+        if d.wildcard {
+            return true;
+        }
+        match t {
+            Target::Node(j) => {
+                d.nodes.contains(&j)
+                    || (d.self_devices && self.same_user(p, j))
+                    || d.nets
+                        .iter()
+                        .any(|n| self.r.nodes[j].addrs.iter().any(|a| n.contains(a)))
+            }
+            Target::Addr { ip, node } => {
+                d.nets.iter().any(|n| n.contains(&ip))
+                    || node.is_some_and(|j| {
+                        d.nodes.contains(&j) || (d.self_devices && self.same_user(p, j))
+                    })
+                    || (d.internet && node.is_none() && is_internet(&ip))
+            }
+        }
+    }
+
+    /// The first rule letting `p` reach `t` on `proto`/`port`.
+    fn allowing_rule(&self, p: Principal, t: Target, proto: u8, port: u16) -> Option<&str> {
+        if !self.policy().has_rules {
+            return Some(DEFAULT_POLICY);
+        }
+        self.net_rules.iter().find_map(|rule| {
+            if !self.src_matches(&rule.src, p) {
+                return None;
+            }
+            rule.entries
+                .iter()
+                .any(|(d, protos, ports)| {
+                    let proto_ok = if protos.is_empty() {
+                        matches!(proto, 1 | 6 | 17 | 58)
+                    } else {
+                        protos.contains(&proto)
+                    };
+                    proto_ok
+                        && (!has_ports(proto) || ports.iter().any(|r| r.contains(port)))
+                        && self.dst_covers(d, t, p)
+                })
+                .then_some(rule.label.as_str())
+        })
+    }
+
+    /// The devices (or addresses) a source names.
+    fn src_principals(&self, src: &str) -> Result<Vec<Principal>, String> {
+        let s = src.trim();
+        if s.is_empty() {
+            return Err("src is missing or empty".into());
+        }
+        let alias = parse_alias(s, AliasContext::AclSrc, self.policy())
+            .map_err(|e| format!("src {s:?}: {}", e.strip_prefix("src=").unwrap_or(&e)))?;
+        let res = self.r.resolve(&alias);
+        let mut out: Vec<Principal> = Vec::new();
+        if res.wildcard {
+            out.extend(self.alive_nodes().map(Principal::Node));
+        }
+        out.extend(res.nodes.iter().map(|&i| Principal::Node(i)));
+        for n in &res.nets {
+            if n.prefix_len() == n.max_prefix_len() {
+                let ip = n.addr();
+                out.push(match self.node_by_addr(&ip) {
+                    Some(i) => Principal::Node(i),
+                    None => Principal::Addr(ip),
+                });
+            } else {
+                out.push(Principal::Net(*n));
+            }
+        }
+        let mut seen = Vec::with_capacity(out.len());
+        out.retain(|p| {
+            let new = !seen.contains(p);
+            if new {
+                seen.push(*p);
+            }
+            new
+        });
+        if out.is_empty() {
+            return Err(format!("src {s:?} matches no devices in the tailnet"));
+        }
+        Ok(out)
+    }
+
+    /// Parses a `tests` destination `host:port`.
+    fn acl_dst(&self, dst: &str) -> Result<(DstHost, u16), String> {
+        let d = dst.trim();
+        let (host, port) = split_host_ports(d);
+        let Some(port) = port else {
+            return Err(format!("dst {d:?} must be host:port"));
+        };
+        let port = parse_test_port(port).map_err(|e| format!("dst {d:?}: {e}"))?;
+        if host.is_empty() {
+            return Err(format!("dst {d:?}: the host is empty"));
+        }
+        match host {
+            "autogroup:self" => return Ok((DstHost::SelfDevices, port)),
+            "autogroup:internet" => {
+                let hint = "test a public IP address instead";
+                return Err(format!(
+                    "dst {d:?}: autogroup:internet cannot be tested; {hint}"
+                ));
+            }
+            _ => {}
+        }
+        let alias = parse_alias(host, AliasContext::AclDst, self.policy())
+            .map_err(|e| format!("dst {d:?}: {e}"))?;
+        let res = self.r.resolve(&alias);
+        let mut targets: Vec<Target> = Vec::new();
+        if res.wildcard {
+            targets.extend(self.alive_nodes().map(Target::Node));
+        }
+        targets.extend(res.nodes.iter().map(|&i| Target::Node(i)));
+        for n in &res.nets {
+            if n.prefix_len() != n.max_prefix_len() {
+                let what = if host == n.to_string() {
+                    format!("{n} is a range")
+                } else {
+                    format!("{host} is the range {n}")
+                };
+                return Err(format!(
+                    "dst {d:?}: {what}; a test destination must be a single address"
+                ));
+            }
+            let ip = n.addr();
+            targets.push(Target::Addr {
+                ip,
+                node: self.node_by_addr(&ip),
+            });
+        }
+        Ok((DstHost::Fixed(targets), port))
+    }
+
+    /// The devices of `p`'s user (for `autogroup:self`).
+    fn own_devices(&self, p: Principal) -> Result<Vec<usize>, String> {
+        match p {
+            Principal::Node(i) if self.r.nodes[i].is_member() => Ok(self
+                .alive_nodes()
+                .filter(|&j| self.same_user(p, j))
+                .collect()),
+            _ => Err(format!(
+                "autogroup:self needs a source that is a user's device, and {} is not",
+                self.principal_name(p)
+            )),
+        }
+    }
+
+    fn acl_test(&self, index: usize, t: &AclTest, out: &mut Vec<TestOutcome>) {
+        let id = EntryId {
+            kind: "tests",
+            index,
+            src: &t.src,
+            pos: t.pos.to_string(),
+        };
+        if t.accept.is_empty() && t.deny.is_empty() {
+            out.push(id.malformed("", "", "", "the entry has neither accept nor deny".into()));
+            return;
+        }
+        let principals = match self.src_principals(&t.src) {
+            Ok(p) => p,
+            Err(e) => {
+                out.push(id.malformed("", "", "", e));
+                return;
+            }
+        };
+        let proto = match t.proto.as_deref().map(str::trim) {
+            None | Some("") => 6,
+            Some(s) => match parse_proto(s) {
+                Ok(p) => p,
+                Err(e) => {
+                    out.push(id.malformed("", s, "", e));
+                    return;
+                }
+            },
+        };
+        let checks = t
+            .accept
+            .iter()
+            .map(|d| (d, true))
+            .chain(t.deny.iter().map(|d| (d, false)));
+        for (dst, accept) in checks {
+            let expect = if accept { "accept" } else { "deny" };
+            let (host, port) = match self.acl_dst(dst) {
+                Ok(x) => x,
+                Err(e) => {
+                    out.push(id.malformed(dst, &proto_name(proto), expect, e));
+                    return;
+                }
+            };
+            let what = if has_ports(proto) {
+                format!("{}/{port}", proto_name(proto))
+            } else {
+                proto_name(proto)
+            };
+            let res = self.eval_acl_pairs(&principals, &host, proto, port, accept, &what);
+            out.push(id.outcome(dst, &what, expect, res));
+        }
+    }
+
+    fn eval_acl_pairs(
+        &self,
+        principals: &[Principal],
+        host: &DstHost,
+        proto: u8,
+        port: u16,
+        accept: bool,
+        what: &str,
+    ) -> PairResult {
+        let mut rules: Vec<String> = Vec::new();
+        for &p in principals {
+            let targets = match host {
+                DstHost::Fixed(t) => t.clone(),
+                DstHost::SelfDevices => match self.own_devices(p) {
+                    Ok(v) => v.into_iter().map(Target::Node).collect(),
+                    Err(e) => {
+                        return PairResult {
+                            ok: false,
+                            rule: None,
+                            reason: format!("invalid test: {e}"),
+                        }
+                    }
+                },
+            };
+            if targets.is_empty() && accept {
+                return PairResult {
+                    ok: false,
+                    rule: None,
+                    reason: format!(
+                        "the destination matches no devices that {} could reach",
+                        self.principal_name(p)
+                    ),
+                };
+            }
+            for t in targets {
+                match (self.allowing_rule(p, t, proto, port), accept) {
+                    (Some(label), true) => {
+                        if !rules.iter().any(|r| r == label) {
+                            rules.push(label.to_string());
+                        }
+                    }
+                    (None, true) => {
+                        return PairResult {
+                            ok: false,
+                            rule: None,
+                            reason: format!(
+                                "{} cannot reach {} on {what}: no rule in acls or grants allows it",
+                                self.principal_name(p),
+                                self.target_name(t)
+                            ),
+                        }
+                    }
+                    (Some(label), false) => {
+                        return PairResult {
+                            ok: false,
+                            rule: Some(label.to_string()),
+                            reason: format!(
+                                "{} can reach {} on {what}: allowed by {label}",
+                                self.principal_name(p),
+                                self.target_name(t)
+                            ),
+                        }
+                    }
+                    (None, false) => {}
+                }
+            }
+        }
+        if accept {
+            PairResult {
+                ok: true,
+                reason: format!("allowed by {}", rules.join(", ")),
+                rule: rules.into_iter().next(),
+            }
+        } else {
+            PairResult {
+                ok: true,
+                rule: None,
+                reason: "no rule allows it".into(),
+            }
+        }
+    }
+
+    /// Parses an `sshTests` destination into devices.
+    fn ssh_dst(&self, dst: &str) -> Result<DstHost, String> {
+        let d = dst.trim();
+        if d.is_empty() {
+            return Err("dst is empty".into());
+        }
+        if d.starts_with('[') || d.parse::<std::net::Ipv6Addr>().is_ok() {
+            return Err(format!(
+                "dst {d:?}: an IPv6 address is not a valid sshTests destination; use the device's IPv4 address, tag or user"
+            ));
+        }
+        if let Ok(v4) = d.parse::<Ipv4Addr>() {
+            return match self.node_by_addr(&IpAddr::V4(v4)) {
+                Some(i) => Ok(DstHost::Fixed(vec![Target::Node(i)])),
+                None => Err(format!("dst {d:?}: no device has this address")),
+            };
+        }
+        if d == "autogroup:self" {
+            return Ok(DstHost::SelfDevices);
+        }
+        let alias = parse_alias(d, AliasContext::SshDst, self.policy())
+            .map_err(|e| format!("dst {d:?}: {e}"))?;
+        let res = self.r.resolve(&alias);
+        let mut nodes: Vec<usize> = Vec::new();
+        if res.wildcard {
+            nodes.extend(self.alive_nodes());
+        }
+        nodes.extend(res.nodes.iter().copied());
+        for n in &res.nets {
+            nodes.extend(
+                self.alive_nodes()
+                    .filter(|&i| self.r.nodes[i].addrs.iter().any(|a| n.contains(a))),
+            );
+        }
+        nodes.sort_unstable();
+        nodes.dedup();
+        Ok(DstHost::Fixed(
+            nodes.into_iter().map(Target::Node).collect(),
+        ))
+    }
+
+    /// The first SSH rule (in client order) letting `p` log in to node `d` as `user`.
+    fn ssh_verdict(&self, p: Principal, d: usize, user: &str) -> Option<&SshRuleEval> {
+        let localpart = match p {
+            Principal::Node(i) if self.r.nodes[i].is_member() => self.r.nodes[i]
+                .email
+                .as_deref()
+                .and_then(|e| e.rsplit_once('@')),
+            _ => None,
+        };
+        self.ssh_rules.iter().find(|rule| {
+            if !self.src_matches(&rule.src, p) {
+                return false;
+            }
+            let dn = &self.r.nodes[d];
+            let dst_ok = rule.dst.wildcard
+                || rule.dst.nodes.contains(&d)
+                || (rule.dst.self_devices && self.same_user(p, d))
+                || rule
+                    .dst
+                    .nets
+                    .iter()
+                    .any(|n| dn.addrs.iter().any(|a| n.contains(a)))
+                // With localpart users, a source device may also log in to itself.
+                || (rule.has_localpart && p == Principal::Node(d));
+            if !dst_ok {
+                return false;
+            }
+            if user == "root" {
+                return rule.users.contains(&SshUser::Root);
+            }
+            rule.users.iter().any(|u| match u {
+                SshUser::Root => false,
+                SshUser::NonRoot => true,
+                SshUser::Named(n) => n == user,
+                SshUser::LocalPart(dom) => {
+                    localpart.is_some_and(|(local, ed)| local == user && ed == dom)
+                }
+            })
+        })
+    }
+
+    fn ssh_test(&self, index: usize, t: &SshTest, out: &mut Vec<TestOutcome>) {
+        let id = EntryId {
+            kind: "sshTests",
+            index,
+            src: &t.src,
+            pos: t.pos.to_string(),
+        };
+        if t.accept.is_empty() && t.check.is_empty() && t.deny.is_empty() {
+            out.push(id.malformed(
+                &t.dst.join(","),
+                "",
+                "",
+                "the entry has none of accept, check and deny".into(),
+            ));
+            return;
+        }
+        if t.dst.is_empty() {
+            out.push(id.malformed("", "", "", "dst is missing or empty".into()));
+            return;
+        }
+        let principals = match self.src_principals(&t.src) {
+            Ok(p) => p,
+            Err(e) => {
+                out.push(id.malformed(&t.dst.join(","), "", "", e));
+                return;
+            }
+        };
+        for dst in &t.dst {
+            let host = match self.ssh_dst(dst) {
+                Ok(h) => h,
+                Err(e) => {
+                    out.push(id.malformed(dst, "", "", e));
+                    continue;
+                }
+            };
+            let checks = t
+                .accept
+                .iter()
+                .map(|u| (u, "accept"))
+                .chain(t.check.iter().map(|u| (u, "check")))
+                .chain(t.deny.iter().map(|u| (u, "deny")));
+            for (user, expect) in checks {
+                let u = user.trim();
+                if u.is_empty() {
+                    out.push(id.malformed(dst, user, expect, "the user name is empty".into()));
+                    continue;
+                }
+                let res = self.eval_ssh_pairs(&principals, &host, u, expect);
+                out.push(id.outcome(dst, u, expect, res));
+            }
+        }
+    }
+
+    fn eval_ssh_pairs(
+        &self,
+        principals: &[Principal],
+        host: &DstHost,
+        user: &str,
+        expect: &str,
+    ) -> PairResult {
+        let fail = |rule: Option<&SshRuleEval>, reason: String| PairResult {
+            ok: false,
+            rule: rule.map(|r| r.label.clone()),
+            reason,
+        };
+        let mut rules: Vec<String> = Vec::new();
+        for &p in principals {
+            let targets: Vec<usize> = match host {
+                DstHost::Fixed(t) => t
+                    .iter()
+                    .filter_map(|t| match t {
+                        Target::Node(i) | Target::Addr { node: Some(i), .. } => Some(*i),
+                        Target::Addr { node: None, .. } => None,
+                    })
+                    .collect(),
+                DstHost::SelfDevices => match self.own_devices(p) {
+                    Ok(v) => v,
+                    Err(e) => return fail(None, format!("invalid test: {e}")),
+                },
+            };
+            if targets.is_empty() && expect != "deny" {
+                return fail(None, "the destination matches no devices".into());
+            }
+            for d in targets {
+                let who = format!(
+                    "{} log in to {} as {user:?}",
+                    self.principal_name(p),
+                    self.node_name(d)
+                );
+                let v = self.ssh_verdict(p, d, user);
+                let (ok, reason) = match (expect, v) {
+                    ("deny", None) => (true, String::new()),
+                    ("deny", Some(rule)) => (
+                        false,
+                        format!(
+                            "{} lets {who}{}",
+                            rule.label,
+                            if rule.action == SshAction::Check {
+                                " (after a check)"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ),
+                    (_, None) => (false, format!("no ssh rule lets {who}")),
+                    ("check", Some(rule)) if rule.action == SshAction::Accept => (
+                        false,
+                        format!(
+                            "{} lets {who} without a check (list the user under accept)",
+                            rule.label
+                        ),
+                    ),
+                    ("accept", Some(rule)) if rule.action == SshAction::Check => (
+                        false,
+                        format!(
+                            "{} lets {who} only after a check (list the user under check)",
+                            rule.label
+                        ),
+                    ),
+                    (_, Some(rule)) => {
+                        if !rules.contains(&rule.label) {
+                            rules.push(rule.label.clone());
+                        }
+                        (true, String::new())
+                    }
+                };
+                if !ok {
+                    return fail(v, reason);
+                }
+            }
+        }
+        if expect == "deny" {
+            PairResult {
+                ok: true,
+                rule: None,
+                reason: "no ssh rule lets it in".into(),
+            }
+        } else {
+            PairResult {
+                ok: true,
+                reason: format!("allowed by {}", rules.join(", ")),
+                rule: rules.into_iter().next(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    const STATE: &str = r#"{
+      "users": [
+        {"id": 1, "name": "odin", "email": "odin@example.com"},
+        {"id": 2, "name": "thor", "email": "thor@example.org"},
+        {"id": 3, "name": "loki", "email": "loki@example.com"}
+      ],
+      "nodes": {
+        "odin-laptop": {"hostname": "odin-laptop", "user": "odin", "ipv4": "100.64.0.1",
+                        "ipv6": "fd7a:115c:a1e0::1", "created": "2024-01-01T00:00:00Z"},
+        "odin-phone": {"hostname": "odin-phone", "user": "odin", "ipv4": "100.64.0.2",
+                       "ipv6": "fd7a:115c:a1e0::2", "created": "2024-01-01T00:00:01Z"},
+        "thor-laptop": {"hostname": "thor-laptop", "user": "thor", "ipv4": "100.64.0.3",
+                        "ipv6": "fd7a:115c:a1e0::3", "created": "2024-01-01T00:00:02Z"},
+        "server": {"hostname": "server", "tags": ["tag:server"], "ipv4": "100.64.0.10",
+                   "ipv6": "fd7a:115c:a1e0::a", "created": "2024-01-01T00:00:03Z"},
+        "client": {"hostname": "client", "tags": ["tag:client"], "ipv4": "100.64.0.11",
+                   "ipv6": "fd7a:115c:a1e0::b", "created": "2024-01-01T00:00:04Z"},
+        "router": {"hostname": "router", "tags": ["tag:router"], "ipv4": "100.64.0.12",
+                   "ipv6": "fd7a:115c:a1e0::c", "routable_ips": ["10.33.0.0/16"],
+                   "approved_routes": ["10.33.0.0/16"], "created": "2024-01-01T00:00:05Z"}
+      },
+      "tailnet": {"name": "odin@example.com"}
+    }"#;
+
+    const HEAD: &str = r#"
+      "groups": {"group:dev": ["odin@example.com", "thor@example.org"], "group:none": []},
+      "tagOwners": {"tag:server": ["odin@example.com"], "tag:client": ["odin@example.com"],
+                    "tag:router": ["odin@example.com"], "tag:unused": ["odin@example.com"]},
+      "hosts": {"web": "100.64.0.10", "lan": "10.33.0.0/16", "printer": "10.33.1.5"},
+    "#;
+
+    fn run(body: &str) -> TestReport {
+        let policy = netmap_policy::parse_policy(&format!("{{{HEAD}{body}}}")).unwrap();
+        let tailnet = Tailnet::from_state_json(STATE).unwrap();
+        run_tests(&policy, &tailnet)
+    }
+
+    /// (passed, reason, rule) of every outcome.
+    fn outcomes(body: &str) -> Vec<(bool, String, Option<String>)> {
+        run(body)
+            .outcomes
+            .into_iter()
+            .map(|o| (o.passed, o.reason, o.rule))
+            .collect()
+    }
+
+    fn passes(body: &str) -> bool {
+        let r = run(body);
+        assert!(!r.outcomes.is_empty(), "no outcome for {body}");
+        r.passed()
+    }
+
+    #[test]
+    fn no_tests_no_outcomes() {
+        assert!(run(r#""acls": []"#).outcomes.is_empty());
+    }
+
+    #[test]
+    fn accept_and_deny_name_the_rule() {
+        let body = r#""acls": [
+            {"action": "accept", "src": ["tag:client"], "dst": ["web:80"]},
+            {"action": "accept", "src": ["group:dev"], "dst": ["tag:server:22"]}
+          ],
+          "tests": [
+            {"src": "thor@example.org", "accept": ["tag:server:22", "web:22"], "deny": ["web:80"]},
+            {"src": "thor@example.org", "deny": ["tag:server:22"]},
+            {"src": "tag:client", "accept": ["tag:server:443"]}
+          ]"#;
+        let o = outcomes(body);
+        assert_eq!(o.len(), 5);
+        assert!(o[0].0 && o[1].0 && o[2].0, "{o:?}");
+        assert_eq!(o[0].2.as_deref(), Some("acls[1]"));
+        assert!(!o[3].0);
+        assert_eq!(o[3].2.as_deref(), Some("acls[1]"));
+        assert!(
+            o[3].1.contains("thor-laptop") && o[3].1.contains("acls[1]"),
+            "{}",
+            o[3].1
+        );
+        assert!(!o[4].0);
+        assert!(o[4].1.contains("no rule"), "{}", o[4].1);
+        assert_eq!(o[4].2, None);
+        let r = run(body);
+        assert_eq!(r.outcomes[4].what, "tcp/443");
+        assert_eq!(r.outcomes[4].index, 2);
+        assert_eq!(r.outcomes[3].expect, "deny");
+    }
+
+    #[test]
+    fn every_source_device_must_reach() {
+        // Only thor is allowed; the group test must fail naming odin's device.
+        let body = r#""acls": [{"action": "accept", "src": ["thor@example.org"], "dst": ["web:80"]}],
+          "tests": [{"src": "group:dev", "accept": ["web:80"]}]"#;
+        let o = outcomes(body);
+        assert!(!o[0].0);
+        assert!(o[0].1.contains("odin-"), "{}", o[0].1);
+        // A deny passes only when no device gets through.
+        assert!(!passes(
+            r#""acls": [{"action": "accept", "src": ["thor@example.org"], "dst": ["web:80"]}],
+              "tests": [{"src": "group:dev", "deny": ["web:80"]}]"#
+        ));
+    }
+
+    #[test]
+    fn grants_count_but_capability_grants_do_not() {
+        let body = r#""grants": [
+            {"src": ["tag:client"], "dst": ["tag:server"], "ip": ["tcp:443"]},
+            {"src": ["thor@example.org"], "dst": ["tag:server"], "app": {"example.com/cap/x": [{}]}}
+          ],
+          "tests": [
+            {"src": "tag:client", "accept": ["100.64.0.10:443"], "deny": ["web:80"]},
+            {"src": "thor@example.org", "deny": ["tag:server:443"]}
+          ]"#;
+        let o = outcomes(body);
+        assert!(o.iter().all(|x| x.0), "{o:?}");
+        assert_eq!(o[0].2.as_deref(), Some("grants[0]"));
+        let fail = outcomes(
+            r#""grants": [{"src": ["tag:client"], "dst": ["tag:server"], "ip": ["tcp:443"]}],
+              "tests": [{"src": "tag:client", "deny": ["tag:server:443"]}]"#,
+        );
+        assert_eq!(fail[0].2.as_deref(), Some("grants[0]"));
+    }
+
+    #[test]
+    fn protocols() {
+        let acls = r#""acls": [
+            {"action": "accept", "src": ["tag:client"], "dst": ["web:53"], "proto": "udp"},
+            {"action": "accept", "src": ["tag:client"], "dst": ["web:80"]}
+          ],"#;
+        // No proto in a test means TCP.
+        assert!(!passes(&format!(
+            r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:53"]}}]"#
+        )));
+        assert!(passes(&format!(
+            r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:53"], "proto": "udp"}}]"#
+        )));
+        assert!(passes(&format!(
+            r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:53"], "proto": "17"}}]"#
+        )));
+        // A rule without proto allows TCP, UDP and ICMP; ICMP ignores ports.
+        assert!(passes(&format!(
+            r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:80"], "proto": "icmp"}}]"#
+        )));
+        assert!(!passes(&format!(
+            r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:80"], "proto": "sctp"}}]"#
+        )));
+        let bad = run(&format!(
+            r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:80"], "proto": "bogus"}}]"#
+        ));
+        assert!(!bad.passed());
+        assert!(bad.outcomes[0].reason.contains("invalid test"));
+    }
+
+    #[test]
+    fn malformed_entries_fail_with_a_reason() {
+        let acl = r#""acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],"#;
+        for (t, needle) in [
+            (r#"{"src": "", "accept": ["web:80"]}"#, "src is missing"),
+            (r#"{"accept": ["web:80"]}"#, "src is missing"),
+            (r#"{"src": "thor@example.org"}"#, "neither accept nor deny"),
+            (
+                r#"{"src": "group:nope", "accept": ["web:80"]}"#,
+                "group:nope",
+            ),
+            (r#"{"src": "tag:nope", "accept": ["web:80"]}"#, "tag:nope"),
+            (
+                r#"{"src": "autogroup:bogus", "accept": ["web:80"]}"#,
+                "autogroup:bogus",
+            ),
+            (r#"{"src": "nohost", "accept": ["web:80"]}"#, "nohost"),
+            (
+                r#"{"src": "autogroup:self", "accept": ["web:80"]}"#,
+                "destination",
+            ),
+            (
+                r#"{"src": "group:none", "accept": ["web:80"]}"#,
+                "no devices",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["web"]}"#,
+                "host:port",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["web:notaport"]}"#,
+                "notaport",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["web:-1"]}"#,
+                "\"-1\"",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["web:99999"]}"#,
+                "out of range",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["web:80-90"]}"#,
+                "single port",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["web:*"]}"#,
+                "single port",
+            ),
+            (
+                r#"{"src": "thor@example.org", "deny": ["web:22,23"]}"#,
+                "single port",
+            ),
+            (r#"{"src": "thor@example.org", "accept": [":80"]}"#, "host"),
+            (
+                r#"{"src": "thor@example.org", "accept": ["nohost:80"]}"#,
+                "nohost",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["group:nope:80"]}"#,
+                "group:nope",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["tag:nope:80"]}"#,
+                "tag:nope",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["autogroup:bogus:80"]}"#,
+                "bogus",
+            ),
+            (
+                r#"{"src": "thor@example.org", "deny": ["10.0.0.0/8:22"]}"#,
+                "range",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["lan:22"]}"#,
+                "range",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["autogroup:internet:443"]}"#,
+                "internet",
+            ),
+            (
+                r#"{"src": "tag:client", "accept": ["autogroup:self:22"]}"#,
+                "autogroup:self",
+            ),
+        ] {
+            let r = run(&format!(r#"{acl} "tests": [{t}]"#));
+            assert!(!r.passed(), "{t} passed");
+            let o = r.outcomes.iter().find(|o| !o.passed).unwrap();
+            assert!(o.reason.contains(needle), "{t}: {}", o.reason);
+        }
+    }
+
+    #[test]
+    fn destinations() {
+        let body = r#""acls": [
+            {"action": "accept", "src": ["thor@example.org"], "dst": ["autogroup:self:22"]},
+            {"action": "accept", "src": ["tag:client"], "dst": ["lan:443", "100.64.0.10:80"]}
+          ],
+          "tests": [
+            {"src": "thor@example.org", "accept": ["autogroup:self:22", "thor-laptop:22"]},
+            {"src": "odin@example.com", "deny": ["autogroup:self:22"]},
+            {"src": "tag:client", "accept": ["printer:443", "10.33.9.9:443", "web:80", "tag:server:80"]},
+            {"src": "tag:client", "deny": ["printer:80", "[fd7a:115c:a1e0::a]:80"]}
+          ]"#;
+        let r = run(body);
+        // `thor-laptop` is no host alias: invalid, everything else holds.
+        let failed: Vec<&TestOutcome> = r.outcomes.iter().filter(|o| !o.passed).collect();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].dst, "thor-laptop:22");
+        // Self: thor reaches his own device, not odin's.
+        assert!(!passes(
+            r#""acls": [{"action": "accept", "src": ["group:dev"], "dst": ["autogroup:self:22"]}],
+              "tests": [{"src": "thor@example.org", "accept": ["odin@example.com:22"]}]"#
+        ));
+        // `*` as a destination names every device.
+        assert!(!passes(
+            r#""acls": [{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:*"]}],
+              "tests": [{"src": "tag:client", "accept": ["*:22"]}]"#
+        ));
+        // An empty destination cannot be reached, and is trivially denied.
+        assert!(!passes(
+            r#""acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+              "tests": [{"src": "tag:client", "accept": ["tag:unused:22"]}]"#
+        ));
+        assert!(passes(
+            r#""acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+              "tests": [{"src": "tag:client", "deny": ["tag:unused:22"]}]"#
+        ));
+    }
+
+    #[test]
+    fn sources() {
+        let acls = r#""acls": [{"action": "accept", "src": ["100.64.0.3", "10.33.0.0/16"], "dst": ["web:22"]}],"#;
+        // An IP source is the device with that address (or the address itself).
+        assert!(passes(&format!(
+            r#"{acls} "tests": [{{"src": "thor@example.org", "accept": ["web:22"]}},
+                               {{"src": "10.33.4.4", "accept": ["web:22"]}},
+                               {{"src": "100.64.0.1", "deny": ["web:22"]}}]"#
+        )));
+        // `*` as a rule source covers the tailnet and its routes, not the internet.
+        let star = r#""acls": [{"action": "accept", "src": ["*"], "dst": ["web:22"]}],"#;
+        assert!(passes(&format!(
+            r#"{star} "tests": [{{"src": "10.33.1.1", "accept": ["web:22"]}},
+                               {{"src": "8.8.8.8", "deny": ["web:22"]}}]"#
+        )));
+    }
+
+    #[test]
+    fn default_policy_allows_everything() {
+        let o = outcomes(r#""tests": [{"src": "tag:client", "accept": ["tag:server:5432"]}]"#);
+        assert!(o[0].0);
+        assert!(o[0].1.contains("default policy"));
+        // An explicit empty acls denies everything.
+        assert!(!passes(
+            r#""acls": [], "tests": [{"src": "tag:client", "accept": ["tag:server:5432"]}]"#
+        ));
+    }
+
+    #[test]
+    fn ssh_actions_and_users() {
+        let ssh = r#""ssh": [
+            {"action": "accept", "src": ["thor@example.org"], "dst": ["tag:server"], "users": ["autogroup:nonroot"]},
+            {"action": "check", "src": ["group:dev"], "dst": ["tag:server"], "users": ["root", "admin"]},
+            {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root"]},
+            {"action": "accept", "src": ["odin@example.com"], "dst": ["tag:server"], "users": ["localpart:*@example.com"]}
+          ],"#;
+        let ok = format!(
+            r#"{ssh} "sshTests": [
+              {{"src": "thor@example.org", "dst": ["tag:server", "100.64.0.10"], "accept": ["alice", "ubuntu"], "check": ["root", "admin"]}},
+              {{"src": "thor@example.org", "dst": ["thor@example.org"], "accept": ["root"], "deny": ["alice"]}},
+              {{"src": "thor@example.org", "dst": ["odin@example.com"], "deny": ["root", "thor"]}},
+              {{"src": "odin@example.com", "dst": ["tag:server"], "accept": ["odin"], "check": ["root"], "deny": ["thor", "alice"]}},
+              {{"src": "100.64.0.3", "dst": ["tag:server"], "accept": ["bob"]}},
+              {{"src": "tag:client", "dst": ["tag:server"], "deny": ["root", "alice"]}}
+            ]"#
+        );
+        let r = run(&ok);
+        let failed: Vec<&TestOutcome> = r.outcomes.iter().filter(|o| !o.passed).collect();
+        assert!(failed.is_empty(), "{failed:#?}");
+        // The check rule comes first for admin: accept is not enough, and the accept rule
+        // does not satisfy a check.
+        let o = outcomes(&format!(
+            r#"{ssh} "sshTests": [
+              {{"src": "thor@example.org", "dst": ["tag:server"], "accept": ["admin"]}},
+              {{"src": "thor@example.org", "dst": ["tag:server"], "check": ["alice"]}},
+              {{"src": "thor@example.org", "dst": ["tag:server"], "deny": ["root"]}},
+              {{"src": "thor@example.org", "dst": ["tag:server"], "accept": ["thor"], "deny": ["bob"]}}
+            ]"#
+        ));
+        assert!(!o[0].0 && o[0].1.contains("check"), "{o:?}");
+        assert_eq!(o[0].2.as_deref(), Some("ssh[1]"));
+        assert!(!o[1].0 && o[1].2.as_deref() == Some("ssh[0]"), "{o:?}");
+        assert!(!o[2].0 && o[2].2.as_deref() == Some("ssh[1]"), "{o:?}");
+        assert!(o[3].0, "{o:?}");
+        assert!(!o[4].0 && o[4].2.as_deref() == Some("ssh[0]"), "{o:?}");
+    }
+
+    #[test]
+    fn ssh_malformed() {
+        let ssh = r#""ssh": [{"action": "accept", "src": ["*"], "dst": ["tag:server"], "users": ["root"]}],"#;
+        for (t, needle) in [
+            (
+                r#"{"src": "thor@example.org", "dst": ["tag:server"], "accept": [""]}"#,
+                "empty",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": ["fd7a:115c:a1e0::a"], "accept": ["root"]}"#,
+                "IPv6",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": ["100.99.9.9"], "accept": ["root"]}"#,
+                "no device",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": ["web"], "accept": ["root"]}"#,
+                "web",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": ["tag:nope"], "accept": ["root"]}"#,
+                "tag:nope",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": [], "accept": ["root"]}"#,
+                "dst",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": ["tag:server"]}"#,
+                "none of accept",
+            ),
+            (
+                r#"{"src": "", "dst": ["tag:server"], "accept": ["root"]}"#,
+                "src",
+            ),
+            (
+                r#"{"src": "group:nope", "dst": ["tag:server"], "accept": ["root"]}"#,
+                "group:nope",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": ["tag:unused"], "accept": ["root"]}"#,
+                "no devices",
+            ),
+            (
+                r#"{"src": "tag:client", "dst": ["autogroup:self"], "accept": ["root"]}"#,
+                "autogroup:self",
+            ),
+        ] {
+            let r = run(&format!(r#"{ssh} "sshTests": [{t}]"#));
+            assert!(!r.passed(), "{t} passed");
+            let o = r.outcomes.iter().find(|o| !o.passed).unwrap();
+            assert!(o.reason.contains(needle), "{t}: {}", o.reason);
+        }
+    }
+
+    /// The direct evaluation agrees with the compiled per-node SSH rules the client matches
+    /// (first rule whose principal is the source and whose `sshUsers` maps the user).
+    #[test]
+    fn ssh_verdicts_match_compiled_rules() {
+        let text = format!(
+            r#"{{{HEAD} "ssh": [
+              {{"action": "accept", "src": ["thor@example.org"], "dst": ["tag:server"], "users": ["autogroup:nonroot"]}},
+              {{"action": "check", "src": ["group:dev"], "dst": ["tag:server", "tag:router"], "users": ["root", "admin"]}},
+              {{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root", "ubuntu"]}},
+              {{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:server"], "users": ["localpart:*@example.com"]}},
+              {{"action": "accept", "src": ["tag:client", "100.64.0.1"], "dst": ["autogroup:tagged"], "users": ["root"]}}
+            ]}}"#
+        );
+        let policy = Arc::new(netmap_policy::parse_policy(&text).unwrap());
+        let tailnet = Tailnet::from_state_json(STATE).unwrap();
+        let r = Resolver::new(policy, &tailnet);
+        let ev = Evaluator::new(&r);
+        let users = ["root", "admin", "ubuntu", "alice", "odin", "loki", "thor"];
+        let mut checked = 0;
+        for d in 0..r.nodes.len() {
+            let compiled = crate::ssh::ssh_rules_for(&r, d);
+            for s in 0..r.nodes.len() {
+                let ips: Vec<String> = r.nodes[s].addr_strings().collect();
+                for user in users {
+                    let want = compiled.iter().find_map(|rule| {
+                        if !rule.principals.iter().any(|p| ips.contains(&p.node_ip)) {
+                            return None;
+                        }
+                        let local = rule
+                            .ssh_users
+                            .get(user)
+                            .or_else(|| rule.ssh_users.get("*"))?;
+                        if local.is_empty() {
+                            return None;
+                        }
+                        Some(if rule.action.accept {
+                            SshAction::Accept
+                        } else {
+                            SshAction::Check
+                        })
+                    });
+                    let got = ev
+                        .ssh_verdict(Principal::Node(s), d, user)
+                        .map(|x| x.action);
+                    assert_eq!(
+                        got, want,
+                        "{} -> {} as {user}",
+                        r.nodes[s].name, r.nodes[d].name
+                    );
+                    checked += usize::from(got.is_some());
+                }
+            }
+        }
+        assert!(checked > 10, "too few allowed pairs: {checked}");
+    }
+
+    #[test]
+    fn report_serializes() {
+        let r = run(
+            r#""acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+              "tests": [{"src": "tag:client", "deny": ["web:22"]}]"#,
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["outcomes"][0]["rule"], "acls[0]");
+        assert_eq!(v["outcomes"][0]["passed"], false);
+        assert!(v["outcomes"][0]["pos"].as_str().unwrap().contains(':'));
+    }
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod compute;
+mod conformance;
 mod policy;
 
 /// netmap: compute what every node of a Tailscale tailnet receives from a policy file.
@@ -25,6 +26,8 @@ enum Command {
     },
     /// Compute every node's view (packet filter, peers, SSH rules, capabilities) as JSON.
     Compute(compute::ComputeArgs),
+    /// Judge every conformance case in DIR as judge.py does; print `N passed, M failed`.
+    Conformance(conformance::ConformanceArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +65,7 @@ pub fn run(cli: Cli) -> ExitCode {
             } => policy::test(&policy, &state, format),
         },
         Command::Compute(args) => compute::run(&args),
+        Command::Conformance(args) => conformance::run(&args),
     }
 }
 

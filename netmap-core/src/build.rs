@@ -18,7 +18,7 @@ use crate::compute::{exit_usable, filter_for, net_rules, routed_through, NetRule
 use crate::resolve::{Resolved, Resolver};
 use crate::ssh::SshPlan;
 use crate::tailnet::{Node, Tailnet};
-use crate::wire::{CapMap, NodeView, Peer, PeerList};
+use crate::wire::{CapMap, NodeView, Peer, PeerList, SharedPeers};
 
 /// All views of a tailnet under a policy, computed from scratch.
 pub struct Computed {
@@ -55,7 +55,7 @@ type ClassKey = (Bits, Bits, Vec<IpNet>, bool);
 struct Class {
     rep: usize,
     members: BTreeSet<usize>,
-    peers: Arc<Vec<Arc<Peer>>>,
+    peers: SharedPeers,
 }
 
 /// Resolved rules and shared structures for one tailnet state.
@@ -230,14 +230,14 @@ impl Plan {
                 || intersects(&self.dst_bits[v], &self.src_bits[x], &self.plain_mask))
     }
 
-    fn class_peer_list(&self, rep: usize) -> Arc<Vec<Arc<Peer>>> {
+    fn class_peer_list(&self, rep: usize) -> SharedPeers {
         let mut list: Vec<Arc<Peer>> = self
             .live()
             .filter(|&x| self.sees(rep, x))
             .map(|x| self.peer_entry(rep, x))
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
-        Arc::new(list)
+        Arc::new(list.into_iter().collect())
     }
 
     /// Groups nodes by class and computes one peer list per class.
@@ -258,7 +258,7 @@ impl Plan {
             members[id].insert(v);
             class_of[v] = id;
         }
-        let lists: Vec<Arc<Vec<Arc<Peer>>>> = reps
+        let lists: Vec<SharedPeers> = reps
             .par_iter()
             .map(|&rep| self.class_peer_list(rep))
             .collect();
@@ -465,7 +465,7 @@ impl Plan {
         for t in &mut self.attr_targets {
             self.r.refresh(t, x);
         }
-        let ssh_changed = self.ssh.refresh_node(&self.r, x, addrs_changed);
+        let ssh_changed = self.ssh.refresh_node(&self.r, x, ident_changed);
         let (new_src, new_dst) = self.bits_of(x);
         self.src_bits[x] = new_src.clone();
         self.dst_bits[x] = new_dst.clone();
@@ -551,10 +551,12 @@ impl Plan {
             }
             let entry = now.then(|| self.peer_entry(rep, x));
             if let Some(class) = self.classes[c].as_mut() {
-                let mut list: Vec<Arc<Peer>> = class.peers.as_ref().clone();
+                let mut list = class.peers.as_ref().clone();
                 let pos = list.binary_search_by(|p| p.name.as_str().cmp(name));
                 match (pos, entry) {
-                    (Ok(i), Some(e)) => list[i] = e,
+                    (Ok(i), Some(e)) => {
+                        list.set(i, e);
+                    }
                     (Ok(i), None) => {
                         list.remove(i);
                     }

@@ -178,12 +178,8 @@ fn companion_cap(cap: &str) -> Option<&'static str> {
     }
 }
 
-/// The destination entries of `dst` that cover node `i` (narrowed to what it serves).
-pub(crate) fn covered_entries(r: &Resolver, dst: &Resolved, i: usize) -> Vec<String> {
-    entries_covering(r, dst, i, true)
-}
-
-/// Like [`covered_entries`]; `by_route` says whether a prefix covers a router through the
+/// The destination entries of `dst` that cover node `i` (narrowed to what it serves);
+/// `by_route` says whether a prefix covers a router through the
 /// subnet routes it serves (not only through its own addresses).
 fn entries_covering(r: &Resolver, dst: &Resolved, i: usize, by_route: bool) -> Vec<String> {
     let n = &r.nodes[i];

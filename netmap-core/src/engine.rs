@@ -262,16 +262,65 @@ fn merge_diff<'a>(
     (added, removed, changed)
 }
 
-/// Diffs views, computing the difference of shared peer lists once per pair of lists.
+/// Diffs views, comparing shared parts (peer lists, source lists) once per pair.
 struct Differ {
-    memo: HashMap<(usize, usize), Arc<PeerDelta>>,
+    peers: HashMap<(usize, usize), Arc<PeerDelta>>,
+    lists: HashMap<(usize, usize), bool>,
+}
+
+/// Looks a peer up in a node's list (shared part minus the node itself, plus extras).
+fn lookup<'a>(list: &'a crate::wire::PeerList, own: &str, name: &str) -> Option<&'a Arc<Peer>> {
+    if name == own {
+        return None;
+    }
+    if let Ok(i) = list.extra().binary_search_by(|p| p.name.as_str().cmp(name)) {
+        return list.extra().get(i);
+    }
+    let shared = list.shared();
+    shared
+        .binary_search_by(|p| p.name.as_str().cmp(name))
+        .ok()
+        .and_then(|i| shared.get(i))
 }
 
 impl Differ {
     fn new() -> Differ {
         Differ {
-            memo: HashMap::new(),
+            peers: HashMap::new(),
+            lists: HashMap::new(),
         }
+    }
+
+    fn same_list<T: PartialEq>(&mut self, a: &Arc<Vec<T>>, b: &Arc<Vec<T>>) -> bool {
+        if Arc::ptr_eq(a, b) {
+            return true;
+        }
+        let key = (Arc::as_ptr(a) as usize, Arc::as_ptr(b) as usize);
+        *self.lists.entry(key).or_insert_with(|| a == b)
+    }
+
+    fn same_filter(
+        &mut self,
+        a: &[crate::wire::FilterRule],
+        b: &[crate::wire::FilterRule],
+    ) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                x.dst_ports == y.dst_ports
+                    && x.ip_proto == y.ip_proto
+                    && x.cap_grant == y.cap_grant
+                    && self.same_list(&x.src_ips, &y.src_ips)
+            })
+    }
+
+    fn same_ssh(&mut self, a: &[crate::wire::SshRuleWire], b: &[crate::wire::SshRuleWire]) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                x.ssh_users == y.ssh_users
+                    && x.action == y.action
+                    && x.accept_env == y.accept_env
+                    && self.same_list(&x.principals, &y.principals)
+            })
     }
 
     fn diff(&mut self, name: &str, old: Option<&NodeView>, new: Option<&NodeView>) -> NodeDelta {
@@ -279,31 +328,41 @@ impl Differ {
             return diff_views(old, new);
         };
         let mut d = NodeDelta {
-            filter_changed: o.packet_filter != n.packet_filter,
-            ssh_changed: o.ssh_rules != n.ssh_rules,
+            filter_changed: !self.same_filter(&o.packet_filter, &n.packet_filter),
+            ssh_changed: !self.same_ssh(&o.ssh_rules, &n.ssh_rules),
             self_changed: o.cap_map != n.cap_map,
             ..NodeDelta::default()
         };
-        if o.peers.extra().is_empty() && n.peers.extra().is_empty() {
-            let (os, ns) = (o.peers.shared(), n.peers.shared());
-            if Arc::ptr_eq(os, ns) {
-                return d;
-            }
+        let (os, ns) = (o.peers.shared(), n.peers.shared());
+        let shared_delta = if Arc::ptr_eq(os, ns) {
+            None
+        } else {
             let key = (Arc::as_ptr(os) as usize, Arc::as_ptr(ns) as usize);
-            let delta = self
-                .memo
-                .entry(key)
-                .or_insert_with(|| Arc::new(merge_diff(os.iter(), ns.iter())))
-                .clone();
-            let keep = |v: &Vec<String>| v.iter().filter(|p| *p != name).cloned().collect();
-            d.peers_added = keep(&delta.0);
-            d.peers_removed = keep(&delta.1);
-            d.peers_changed = keep(&delta.2);
-        } else if o.peers != n.peers {
-            let (a, r, c) = merge_diff(o.peers.iter(), n.peers.iter());
-            d.peers_added = a;
-            d.peers_removed = r;
-            d.peers_changed = c;
+            Some(
+                self.peers
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(merge_diff(os.iter(), ns.iter())))
+                    .clone(),
+            )
+        };
+        // Names that may differ: the shared delta and every extra on either side.
+        let mut candidates: Vec<&str> = Vec::new();
+        if let Some(sd) = &shared_delta {
+            candidates.extend(sd.0.iter().chain(&sd.1).chain(&sd.2).map(String::as_str));
+        }
+        candidates.extend(o.peers.extra().iter().map(|p| p.name.as_str()));
+        candidates.extend(n.peers.extra().iter().map(|p| p.name.as_str()));
+        candidates.sort_unstable();
+        candidates.dedup();
+        for c in candidates {
+            match (lookup(&o.peers, name, c), lookup(&n.peers, name, c)) {
+                (None, Some(_)) => d.peers_added.push(c.to_string()),
+                (Some(_), None) => d.peers_removed.push(c.to_string()),
+                (Some(a), Some(b)) if !Arc::ptr_eq(a, b) && a != b => {
+                    d.peers_changed.push(c.to_string())
+                }
+                _ => {}
+            }
         }
         d
     }

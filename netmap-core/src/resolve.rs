@@ -119,14 +119,6 @@ impl Resolved {
             }
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        !self.wildcard
-            && !self.self_devices
-            && !self.internet
-            && self.nodes.is_empty()
-            && self.nets.is_empty()
-    }
 }
 
 /// Resolution context: the policy, the tailnet and prepared nodes.

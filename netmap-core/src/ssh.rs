@@ -189,14 +189,14 @@ impl SshPlan {
 }
 
 impl SshPlan {
-    /// Brings the plan up to date after node `x` changed (it has no routes). Returns the
-    /// indexes of rules whose principals changed (their destinations must be recomputed) and
-    /// whether `x`'s own destination membership changed.
+    /// Brings the plan up to date after node `x` changed (it has no routes); `ident_changed`
+    /// says its addresses, tags or owner changed. Returns the indexes of rules whose
+    /// principals may have changed (their destinations must be recomputed).
     pub(crate) fn refresh_node(
         &mut self,
         r: &Resolver,
         x: usize,
-        addrs_changed: bool,
+        ident_changed: bool,
     ) -> Vec<usize> {
         let mut changed = Vec::new();
         for (k, rule) in self.rules.iter_mut().enumerate() {
@@ -215,7 +215,7 @@ impl SshPlan {
                 sort_principal_order(r, &mut rule.srcs);
             }
             rule.all_principals = principals(r, &with_tag_repeats(r, &rule.srcs, rule.tagged_src));
-            if was != now || addrs_changed || before != rule.all_principals {
+            if was != now || ident_changed || before != rule.all_principals {
                 changed.push(k);
             }
         }

@@ -157,12 +157,16 @@ pub struct NodeView {
     pub cap_map: Arc<CapMap>,
 }
 
+/// A peer list shared by the nodes of a class: persistent, so inserting or removing one peer
+/// is O(log n) and leaves older snapshots intact.
+pub type SharedPeers = Arc<imbl::Vector<Arc<Peer>>>;
+
 /// A node's peers, sorted by name. Nodes with the same reachability share one list (`shared`);
 /// a node's own entry is skipped and peers only it has (its own devices) are kept aside, so
 /// large tailnets do not hold one copy of every peer per node.
 #[derive(Debug, Clone, Default)]
 pub struct PeerList {
-    shared: Arc<Vec<Arc<Peer>>>,
+    shared: SharedPeers,
     skip: Option<usize>,
     extra: Vec<Arc<Peer>>,
 }
@@ -170,7 +174,7 @@ pub struct PeerList {
 impl PeerList {
     /// A list from a shared sorted list, skipping the viewer's own entry, plus extra peers
     /// (sorted; entries already in the shared list are dropped).
-    pub fn new(shared: Arc<Vec<Arc<Peer>>>, own_name: &str, extra: Vec<Arc<Peer>>) -> PeerList {
+    pub fn new(shared: SharedPeers, own_name: &str, extra: Vec<Arc<Peer>>) -> PeerList {
         let skip = shared
             .binary_search_by(|p| p.name.as_str().cmp(own_name))
             .ok();
@@ -189,14 +193,14 @@ impl PeerList {
     pub fn from_vec(mut peers: Vec<Arc<Peer>>) -> PeerList {
         peers.sort_by(|a, b| a.name.cmp(&b.name));
         PeerList {
-            shared: Arc::new(peers),
+            shared: Arc::new(peers.into_iter().collect()),
             skip: None,
             extra: Vec::new(),
         }
     }
 
     /// The shared part (for cheap comparisons between snapshots).
-    pub fn shared(&self) -> &Arc<Vec<Arc<Peer>>> {
+    pub fn shared(&self) -> &SharedPeers {
         &self.shared
     }
 

@@ -89,6 +89,11 @@ pub(crate) struct Affected {
     pub slots: BTreeSet<usize>,
     /// Views whose only possible change is their class's peer list.
     pub peers_only: BTreeSet<usize>,
+    /// Views whose filter changes only by the source-list swaps in `patches` (and whose peers
+    /// may change as for `peers_only`).
+    pub patch_slots: BTreeSet<usize>,
+    /// Source lists replaced: (old, new).
+    pub patches: Vec<(Arc<Vec<String>>, Arc<Vec<String>>)>,
 }
 
 impl Plan {
@@ -399,6 +404,33 @@ impl Plan {
         }
     }
 
+    /// Node `v`'s view after swapping the source lists in `patches` in its filter, and taking
+    /// its class's current peer list.
+    pub(crate) fn patched(
+        &self,
+        v: usize,
+        old: &NodeView,
+        patches: &[(Arc<Vec<String>>, Arc<Vec<String>>)],
+    ) -> NodeView {
+        let filter: Vec<crate::wire::FilterRule> = old
+            .packet_filter
+            .iter()
+            .map(
+                |f| match patches.iter().find(|(o, _)| Arc::ptr_eq(o, &f.src_ips)) {
+                    Some((_, new)) => crate::wire::FilterRule {
+                        src_ips: new.clone(),
+                        ..f.clone()
+                    },
+                    None => f.clone(),
+                },
+            )
+            .collect();
+        NodeView {
+            packet_filter: Arc::new(filter),
+            ..self.with_new_peers(v, old)
+        }
+    }
+
     /// The complete view of node `v`.
     pub(crate) fn view(&self, v: usize) -> NodeView {
         let shared = self.classes[self.class_of[v]]
@@ -456,8 +488,13 @@ impl Plan {
         }) || !alive;
 
         // Identity sets of every selector.
-        for rule in &mut self.rules {
-            self.r.refresh(&mut rule.src, x);
+        let mut src_set_changed = vec![false; self.rules.len()];
+        for (ri, rule) in self.rules.iter_mut().enumerate() {
+            // A source list names x's addresses when x is in the identity set (even when a
+            // wildcard already makes x a source).
+            let was_named = rule.src.nodes.contains(&x);
+            src_set_changed[ri] = self.r.refresh(&mut rule.src, x)
+                || (was_named && rule.src.nodes.contains(&x) && addrs_changed);
             for (d, _) in &mut rule.dsts {
                 self.r.refresh(d, x);
             }
@@ -480,17 +517,27 @@ impl Plan {
         for ri in 0..self.rules.len() {
             let was = bit(&old_src, ri);
             let now = bit(&new_src, ri);
-            if was == now && !(now && addrs_changed) {
+            if was == now && !(now && addrs_changed) && !src_set_changed[ri] {
                 continue;
             }
             if self.rules[ri].self_rule {
                 continue;
             }
-            self.src_strings[ri] = Arc::new(self.r.src_strings(&self.rules[ri].src));
-            for v in self.live().collect::<Vec<_>>() {
-                if bit(&self.dst_bits[v], ri) {
-                    affected.slots.insert(v);
-                }
+            let old = self.src_strings[ri].clone();
+            let new = Arc::new(self.r.src_strings(&self.rules[ri].src));
+            self.src_strings[ri] = new.clone();
+            // The filters that carry this rule can swap its source list in place when the
+            // rule cannot have merged (or newly merge) with another one and stays non-empty.
+            let patchable = !old.is_empty() && !new.is_empty() && self.merge_free(ri, &old, &new);
+            let covered: Vec<usize> = self
+                .live()
+                .filter(|&v| bit(&self.dst_bits[v], ri))
+                .collect();
+            if patchable {
+                affected.patch_slots.extend(covered);
+                affected.patches.push((old, new));
+            } else {
+                affected.slots.extend(covered);
             }
         }
         // Self rules, self peers: the owner's devices.
@@ -592,8 +639,28 @@ impl Plan {
         affected.slots.retain(|&s| self.r.nodes[s].alive);
         let full = &affected.slots;
         affected
-            .peers_only
+            .patch_slots
             .retain(|s| !full.contains(s) && self.r.nodes[*s].alive);
+        let patched = &affected.patch_slots;
+        affected
+            .peers_only
+            .retain(|s| !full.contains(s) && !patched.contains(s) && self.r.nodes[*s].alive);
         Some(affected)
+    }
+
+    /// Whether rule `ri`'s filter entries stand alone before (`old` sources) and after
+    /// (`new`): no other network rule with the same protocols has the same sources.
+    fn merge_free(&self, ri: usize, old: &Arc<Vec<String>>, new: &Arc<Vec<String>>) -> bool {
+        let rule = &self.rules[ri];
+        if rule.caps.is_some() {
+            return true;
+        }
+        self.rules.iter().enumerate().all(|(rj, other)| {
+            rj == ri
+                || other.caps.is_some()
+                || other.self_rule
+                || other.protos != rule.protos
+                || (self.src_strings[rj] != *old && self.src_strings[rj] != *new)
+        })
     }
 }

@@ -506,6 +506,14 @@ impl Engine {
                         fresh.push((n.to_string(), self.plan.with_new_peers(s, old)));
                     }
                 }
+                for s in affected.patch_slots {
+                    let n = self.plan.name(s);
+                    match old_views.get(n) {
+                        Some(old) => fresh
+                            .push((n.to_string(), self.plan.patched(s, old, &affected.patches))),
+                        None => fresh.push((n.to_string(), self.plan.view(s))),
+                    }
+                }
                 let mut views = old_views.clone();
                 if node.is_none() {
                     views.remove(name);

@@ -133,7 +133,13 @@ proptest! {
             let reference = compute_all(snap.policy(), snap.tailnet());
             prop_assert_eq!(reference.views.len(), snap.views().len());
             for (n, want) in &reference.views {
-                prop_assert!(snap.view(n) == Some(want), "{}: step {}: view of {} differs", top.id, step, n);
+                prop_assert!(
+                    snap.view(n) == Some(want),
+                    "{}: step {}: view of {} differs:\n engine {}\n scratch {}",
+                    top.id, step, n,
+                    serde_json::to_string(&snap.view(n)).unwrap_or_default(),
+                    serde_json::to_string(want).unwrap_or_default()
+                );
             }
         }
     }

@@ -82,6 +82,9 @@ pub(crate) struct Plan {
     attr_targets: Vec<Resolved>,
 }
 
+/// A rule's source list replaced: (old, new).
+pub(crate) type SourceSwap = (Arc<Vec<String>>, Arc<Vec<String>>);
+
 /// The slots whose views an update may have changed.
 #[derive(Debug, Default)]
 pub(crate) struct Affected {
@@ -93,7 +96,7 @@ pub(crate) struct Affected {
     /// may change as for `peers_only`).
     pub patch_slots: BTreeSet<usize>,
     /// Source lists replaced: (old, new).
-    pub patches: Vec<(Arc<Vec<String>>, Arc<Vec<String>>)>,
+    pub patches: Vec<SourceSwap>,
 }
 
 impl Plan {
@@ -410,7 +413,7 @@ impl Plan {
         &self,
         v: usize,
         old: &NodeView,
-        patches: &[(Arc<Vec<String>>, Arc<Vec<String>>)],
+        patches: &[SourceSwap],
     ) -> NodeView {
         let filter: Vec<crate::wire::FilterRule> = old
             .packet_filter

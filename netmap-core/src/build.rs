@@ -409,12 +409,7 @@ impl Plan {
 
     /// Node `v`'s view after swapping the source lists in `patches` in its filter, and taking
     /// its class's current peer list.
-    pub(crate) fn patched(
-        &self,
-        v: usize,
-        old: &NodeView,
-        patches: &[SourceSwap],
-    ) -> NodeView {
+    pub(crate) fn patched(&self, v: usize, old: &NodeView, patches: &[SourceSwap]) -> NodeView {
         let filter: Vec<crate::wire::FilterRule> = old
             .packet_filter
             .iter()
@@ -517,10 +512,10 @@ impl Plan {
             .filter_map(|o| o.email.clone())
             .chain(self.r.nodes[x].email.clone())
             .collect();
-        for ri in 0..self.rules.len() {
+        for (ri, set_changed) in src_set_changed.into_iter().enumerate() {
             let was = bit(&old_src, ri);
             let now = bit(&new_src, ri);
-            if was == now && !(now && addrs_changed) && !src_set_changed[ri] {
+            if was == now && !(now && addrs_changed) && !set_changed {
                 continue;
             }
             if self.rules[ri].self_rule {

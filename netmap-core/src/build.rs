@@ -653,12 +653,14 @@ impl Plan {
         if rule.caps.is_some() {
             return true;
         }
+        // Self rules have per-owner sources that may equal any list: they count as conflicts.
         self.rules.iter().enumerate().all(|(rj, other)| {
             rj == ri
                 || other.caps.is_some()
-                || other.self_rule
                 || other.protos != rule.protos
-                || (self.src_strings[rj] != *old && self.src_strings[rj] != *new)
+                || (!other.self_rule
+                    && self.src_strings[rj] != *old
+                    && self.src_strings[rj] != *new)
         })
     }
 }

@@ -281,7 +281,7 @@ pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<FilterRule>
             }
             out.push(FilterRule {
                 src_ips,
-                dst_ports: Vec::new(),
+                dst_ports: Arc::default(),
                 ip_proto: Vec::new(),
                 cap_grant: vec![CapGrant {
                     dsts: cap_dsts,
@@ -299,11 +299,11 @@ pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<FilterRule>
                 && f.ip_proto == rule.protos
                 && (Arc::ptr_eq(&f.src_ips, &src_ips) || f.src_ips == src_ips)
         }) {
-            existing.dst_ports.extend(dst_ports);
+            Arc::make_mut(&mut existing.dst_ports).extend(dst_ports);
         } else {
             out.push(FilterRule {
                 src_ips,
-                dst_ports,
+                dst_ports: Arc::new(dst_ports),
                 ip_proto: rule.protos.clone(),
                 cap_grant: Vec::new(),
             });

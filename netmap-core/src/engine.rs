@@ -306,7 +306,7 @@ impl Differ {
     ) -> bool {
         a.len() == b.len()
             && a.iter().zip(b).all(|(x, y)| {
-                x.dst_ports == y.dst_ports
+                (Arc::ptr_eq(&x.dst_ports, &y.dst_ports) || x.dst_ports == y.dst_ports)
                     && x.ip_proto == y.ip_proto
                     && x.cap_grant == y.cap_grant
                     && self.same_list(&x.src_ips, &y.src_ips)
@@ -328,9 +328,11 @@ impl Differ {
             return diff_views(old, new);
         };
         let mut d = NodeDelta {
-            filter_changed: !self.same_filter(&o.packet_filter, &n.packet_filter),
-            ssh_changed: !self.same_ssh(&o.ssh_rules, &n.ssh_rules),
-            self_changed: o.cap_map != n.cap_map,
+            filter_changed: !Arc::ptr_eq(&o.packet_filter, &n.packet_filter)
+                && !self.same_filter(&o.packet_filter, &n.packet_filter),
+            ssh_changed: !Arc::ptr_eq(&o.ssh_rules, &n.ssh_rules)
+                && !self.same_ssh(&o.ssh_rules, &n.ssh_rules),
+            self_changed: !Arc::ptr_eq(&o.cap_map, &n.cap_map) && o.cap_map != n.cap_map,
             ..NodeDelta::default()
         };
         let (os, ns) = (o.peers.shared(), n.peers.shared());

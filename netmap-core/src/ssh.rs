@@ -136,14 +136,23 @@ impl SshPlan {
             let srcs: Vec<usize> = if by_identity {
                 rule.srcs.clone()
             } else {
-                rule.srcs
-                    .iter()
-                    .copied()
-                    .filter(|&j| {
-                        (by_self && r.nodes[j].is_member() && r.nodes[j].email == dn.email)
-                            || j == d
-                    })
-                    .collect()
+                // The destination's owner's devices (and the destination itself) among the
+                // sources, in principal order.
+                let mut own: Vec<usize> = if by_self {
+                    dn.email
+                        .as_ref()
+                        .and_then(|e| r.by_email.get(e))
+                        .cloned()
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                if !own.contains(&d) {
+                    own.push(d);
+                }
+                own.retain(|&j| (j == d || r.nodes[j].is_member()) && r.src_contains(&rule.src, j));
+                sort_principal_order(r, &mut own);
+                own
             };
             if srcs.is_empty() {
                 continue;

@@ -38,6 +38,10 @@ pub struct CapGrant {
     pub cap_map: BTreeMap<String, serde_json::Value>,
 }
 
+fn is_empty_list<T>(v: &Arc<Vec<T>>) -> bool {
+    v.is_empty()
+}
+
 /// A packet filter rule (tailcfg.FilterRule).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilterRule {
@@ -45,8 +49,8 @@ pub struct FilterRule {
     #[serde(rename = "SrcIPs")]
     pub src_ips: Arc<Vec<String>>,
     /// Destinations (network rules).
-    #[serde(rename = "DstPorts", default, skip_serializing_if = "Vec::is_empty")]
-    pub dst_ports: Vec<DstPort>,
+    #[serde(rename = "DstPorts", default, skip_serializing_if = "is_empty_list")]
+    pub dst_ports: Arc<Vec<DstPort>>,
     /// IP protocols; empty = TCP, UDP, ICMP, ICMPv6.
     #[serde(rename = "IPProto", default, skip_serializing_if = "Vec::is_empty")]
     pub ip_proto: Vec<u8>,

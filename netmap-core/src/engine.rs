@@ -387,7 +387,20 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Builds an engine from a policy text and a tailnet; a rejected policy is an error.
     pub fn new(policy_text: &str, tailnet: Tailnet) -> Result<Engine, CoreError> {
-        let policy = Arc::new(load_policy(policy_text, &tailnet)?);
+        let policy = load_policy(policy_text, &tailnet)?;
+        Ok(Engine::with_policy(policy_text, policy, tailnet))
+    }
+
+    /// Rebuilds an engine from state that was accepted before (a server restarting): the
+    /// policy must still parse, but its `tests` and the tailnet checks gated the change that
+    /// set it, not this restart.
+    pub fn restore(policy_text: &str, tailnet: Tailnet) -> Result<Engine, CoreError> {
+        let policy = netmap_policy::parse_policy(policy_text)?;
+        Ok(Engine::with_policy(policy_text, policy, tailnet))
+    }
+
+    fn with_policy(policy_text: &str, policy: Policy, tailnet: Tailnet) -> Engine {
+        let policy = Arc::new(policy);
         let mut tailnet = tailnet;
         // Nodes loaded without a recorded name get one now, oldest first.
         let mut unnamed: Vec<(String, String, (i64, u32))> = tailnet
@@ -403,7 +416,7 @@ impl Engine {
         let plan = Plan::build(policy.clone(), &tailnet);
         tailnet.primaries = plan.primaries.clone();
         let views: OrdMap<String, NodeView> = plan.all_views().into_iter().collect();
-        Ok(Engine {
+        Engine {
             current: Snapshot {
                 policy_text: Arc::from(policy_text),
                 policy,
@@ -411,7 +424,7 @@ impl Engine {
                 views,
             },
             plan,
-        })
+        }
     }
 
     /// An O(1) snapshot of the current state.

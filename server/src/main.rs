@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod serve;
 
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {

@@ -5,9 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod apikey;
 mod compute;
 mod conformance;
 mod policy;
+mod replay;
+mod serve;
 
 /// netmap: compute what every node of a Tailscale tailnet receives from a policy file.
 #[derive(Debug, Parser)]
@@ -28,6 +31,16 @@ enum Command {
     Compute(compute::ComputeArgs),
     /// Judge every conformance case in DIR as judge.py does; print `N passed, M failed`.
     Conformance(conformance::ConformanceArgs),
+    /// Apply a change stream (NDJSON) through the engine, timing each change against a full
+    /// build; --verify checks every step. Exit 0 ok, 1 divergence, 2 bad input.
+    Replay(replay::ReplayArgs),
+    /// Run the HTTP server: many tailnets, durable store, netmap streams (see docs/serve.md).
+    Serve(serve::ServeArgs),
+    /// Manage API keys of `netmap serve`.
+    Apikey {
+        #[command(subcommand)]
+        command: apikey::ApikeyCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +79,9 @@ pub fn run(cli: Cli) -> ExitCode {
         },
         Command::Compute(args) => compute::run(&args),
         Command::Conformance(args) => conformance::run(&args),
+        Command::Replay(args) => replay::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::Apikey { command } => apikey::run(&command),
     }
 }
 

@@ -1,0 +1,149 @@
+//! `netmap serve`: a durable, multi-tailnet HTTP server over the engine.
+//!
+//! - [`store`]: SQLite (WAL) in the data directory: tailnets, policies, users, nodes, MagicDNS
+//!   names and primary routers, API keys (hashed).
+//! - [`tailnets`]: one engine per tailnet behind a writer thread; a write is answered only once it
+//!   is applied and committed; readers use snapshots and never wait for the writer.
+//! - [`api`]: routes, bearer auth with tenant scoping, per-key rate limit, concurrency limit.
+//! - [`stream`]: NDJSON netmap streams fed by a bounded broadcast of committed writes.
+//! - [`net`]: the accept loop (header-read and idle timeouts, connection cap, draining).
+//!
+//! The API is described in `docs/api.md`.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod metrics;
+pub mod net;
+pub mod store;
+pub mod stream;
+pub mod tailnets;
+
+use std::io::Write;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use config::{Config, LogFormat};
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// Stored tailnets could not be loaded.
+    #[error(transparent)]
+    Load(#[from] tailnets::LoadError),
+    /// Listening or the runtime failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The log filter is invalid.
+    #[error("invalid log level: {0}")]
+    Log(String),
+    /// A background task failed.
+    #[error("task failed: {0}")]
+    Task(String),
+}
+
+/// Sets up logging to stderr.
+pub fn init_logging(level: &str, format: LogFormat) -> Result<(), ServeError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| ServeError::Log(format!("{level:?}: {e}")))?;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let r = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
+    r.map_err(|e| ServeError::Log(e.to_string()))
+}
+
+/// Runs the server until SIGTERM/SIGINT.
+pub fn run(cfg: Config) -> Result<(), ServeError> {
+    init_logging(&cfg.log_level, cfg.log_format)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("netmap-serve")
+        .build()?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> Result<(), ServeError> {
+    let t0 = Instant::now();
+    let store = Arc::new(store::Store::open(&cfg.data)?);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let registry = {
+        let (store, metrics) = (store.clone(), metrics.clone());
+        let (buf, queue) = (cfg.limits.stream_buffer, cfg.limits.write_queue);
+        tokio::task::spawn_blocking(move || tailnets::Registry::load(store, metrics, buf, queue))
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))??
+    };
+    let registry = Arc::new(registry);
+    tracing::info!(
+        db = %store.path().display(),
+        tailnets = registry.list().len(),
+        elapsed_ms = t0.elapsed().as_millis() as u64,
+        "state loaded"
+    );
+    let listener = TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+    // A plain line on stdout for scripts and tests (the port may have been chosen by the OS).
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "netmap serve: listening on {addr}");
+        let _ = out.flush();
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        let _ = stop_tx.send(true);
+        // Keep the sender alive so receivers see `true`, not a closed channel.
+        std::future::pending::<()>().await;
+    });
+    let app = api::App::new(api::AppInner {
+        registry: registry.clone(),
+        auth: keys::Authenticator::new(store.clone()),
+        rate: keys::RateLimiter::new(cfg.limits.rate_per_sec, cfg.limits.rate_burst),
+        metrics: metrics.clone(),
+        limits: cfg.limits.clone(),
+        concurrency: Arc::new(Semaphore::new(cfg.limits.max_concurrency)),
+        streams: Arc::new(AtomicUsize::new(0)),
+        shutdown: stop_rx.clone(),
+    });
+    let router = api::router(app);
+    net::serve(listener, router, cfg.limits.clone(), metrics, stop_rx).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

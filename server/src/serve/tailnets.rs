@@ -1,0 +1,1062 @@
+//! Tailnets held by the server: one engine per tailnet owned by a writer thread that applies
+//! writes in order, commits them to the store, and only then publishes the new snapshot to
+//! readers and the change sets to streams. Readers never wait for the writer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use ipnet::IpNet;
+use netmap_core::{
+    Change, ChangeSet, CoreError, Engine, Node, Snapshot, Tailnet, TailnetSettings, User,
+};
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, oneshot};
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::store::{Store, StoredTailnet};
+
+/// The policy of a new tailnet: nothing is allowed until a policy is set.
+pub const DEFAULT_POLICY: &str =
+    "// Default policy of a new tailnet: deny everything until a policy is set.\n{}\n";
+
+/// What readers see: the last committed state.
+#[derive(Debug)]
+pub struct Published {
+    /// Writes applied and committed so far.
+    pub seq: u64,
+    /// The engine's snapshot at `seq`.
+    pub snapshot: Snapshot,
+    /// The policy text in force, as the client sent it.
+    pub policy_text: Arc<str>,
+}
+
+/// What a stream learns after a committed write.
+#[derive(Debug)]
+pub enum EventKind {
+    /// One change and what it did to each node.
+    Changes(ChangeSet),
+    /// The whole tailnet was replaced (bulk import): every stream resends a full view.
+    Reset,
+    /// The tailnet was deleted: streams end.
+    Deleted,
+}
+
+/// A committed write, broadcast to the tailnet's streams.
+#[derive(Debug)]
+pub struct Event {
+    /// The write counter after this write.
+    pub seq: u64,
+    /// The state right after this write.
+    pub snapshot: Snapshot,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// `Option<Option<T>>` that tells an absent field (outer `None`) from `null` (`Some(None)`).
+fn double_option<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Body of `PUT .../nodes/{id}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeBody {
+    /// Hostname (defaults to the node id).
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Owning user's name (omit for tagged nodes).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// ACL tags (`tag:...`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// IPv4 address: omitted = keep or allocate, `null` = none.
+    #[serde(default, deserialize_with = "double_option")]
+    pub ipv4: Option<Option<Ipv4Addr>>,
+    /// IPv6 address: omitted = keep or allocate, `null` = none.
+    #[serde(default, deserialize_with = "double_option")]
+    pub ipv6: Option<Option<Ipv6Addr>>,
+    /// Advertised routes.
+    #[serde(default)]
+    pub routable_ips: Vec<IpNet>,
+    /// Routes approved by hand (omitted = keep).
+    #[serde(default)]
+    pub approved_routes: Option<Vec<IpNet>>,
+    /// Connected (omitted = keep, new nodes are online).
+    #[serde(default)]
+    pub online: Option<bool>,
+    /// Join time, RFC 3339 (omitted = keep, new nodes get the current time).
+    #[serde(default)]
+    pub created: Option<String>,
+}
+
+/// Body of `PATCH .../nodes/{id}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodePatch {
+    /// Connected.
+    #[serde(default)]
+    pub online: Option<bool>,
+    /// Routes approved by hand.
+    #[serde(default)]
+    pub approved_routes: Option<Vec<IpNet>>,
+    /// Advertised routes.
+    #[serde(default)]
+    pub routable_ips: Option<Vec<IpNet>>,
+    /// ACL tags.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+}
+
+/// Body of `PUT .../users/{name}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserBody {
+    /// Email (what policies name).
+    pub email: String,
+    /// Role in the tailnet (`owner`, `admin`, `member`, ...).
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// A write to one tailnet.
+#[derive(Debug)]
+pub enum WriteOp {
+    /// Create or replace a node.
+    PutNode(String, NodeBody),
+    /// Change some fields of a node.
+    PatchNode(String, NodePatch),
+    /// Remove a node.
+    DeleteNode(String),
+    /// Create or replace a user.
+    PutUser(String, UserBody),
+    /// Remove a user.
+    DeleteUser(String),
+    /// Replace the policy.
+    SetPolicy(String),
+    /// Replace users, nodes and settings (and the policy when given) at once.
+    Import {
+        /// The new policy text, if any.
+        policy: Option<String>,
+        /// The new state.
+        tailnet: Box<Tailnet>,
+    },
+    /// Delete the tailnet.
+    DeleteTailnet,
+}
+
+/// The result of a committed write.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The write created something new (201).
+    pub created: bool,
+    /// The state after the write (possibly later writes of the same batch too).
+    pub published: Arc<Published>,
+}
+
+type Reply = oneshot::Sender<Result<Outcome, ApiError>>;
+
+struct Job {
+    op: WriteOp,
+    reply: Reply,
+}
+
+struct Shared {
+    state: RwLock<Arc<Published>>,
+    events: broadcast::Sender<Arc<Event>>,
+}
+
+/// A tailnet held by the server.
+pub struct TailnetHandle {
+    name: String,
+    shared: Arc<Shared>,
+    jobs: SyncSender<Job>,
+}
+
+impl std::fmt::Debug for TailnetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TailnetHandle")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl TailnetHandle {
+    /// The tailnet's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The last committed state (never waits for the writer).
+    pub fn current(&self) -> Arc<Published> {
+        match self.shared.state.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Subscribes to committed writes (call before [`current`](Self::current) so that nothing is
+    /// missed in between).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.shared.events.subscribe()
+    }
+
+    /// Queues a write and waits until it is applied and durable (or rejected).
+    pub async fn write(&self, op: WriteOp) -> Result<Outcome, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        match self.jobs.try_send(Job { op, reply: tx }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(ApiError::Unavailable(format!(
+                    "write queue of tailnet {:?} is full; retry later",
+                    self.name
+                )))
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ApiError::NotFound(format!(
+                    "tailnet {:?} not found",
+                    self.name
+                )))
+            }
+        }
+        rx.await
+            .map_err(|_| ApiError::NotFound(format!("tailnet {:?} not found", self.name)))?
+    }
+}
+
+/// Whether a tailnet's settings make it IPv6-only.
+pub fn ipv6_only(s: &TailnetSettings) -> bool {
+    s.extra.get("ipv6_only") == Some(&Value::Bool(true))
+}
+
+/// Builds an engine for state loaded from the store. The policy's `tests` and the tailnet
+/// checks gated the write that set the policy, not restarts: a node a test names may have gone
+/// since, and the stored tailnet must still come up.
+pub fn restore_engine(policy: &str, tailnet: Tailnet) -> Result<Engine, CoreError> {
+    Engine::restore(policy, tailnet)
+}
+
+/// RFC 3339 in UTC with nanoseconds, for `created`.
+pub fn now_rfc3339() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = i64::try_from(d.as_secs()).unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// Which addresses are taken, for allocation and conflict checks.
+#[derive(Debug, Default)]
+struct AddrIndex {
+    v4: HashMap<Ipv4Addr, String>,
+    v6: HashMap<Ipv6Addr, String>,
+    next_v4: u32,
+    next_v6: u128,
+}
+
+const V4_FIRST: u32 = 0x6440_0001; // 100.64.0.1
+const V4_LAST: u32 = 0x647f_fffe; // 100.127.255.254
+const V6_BASE: u128 = 0xfd7a_115c_a1e0_u128 << 80; // fd7a:115c:a1e0::/48
+const V6_LAST: u128 = (1u128 << 80) - 2;
+
+fn v4_reserved(a: u32) -> bool {
+    let last = a & 0xff;
+    // 100.100.100.100 (the Tailscale service address), 100.115.92.0/23 (not in the tailnet
+    // range), and .0 / .255 (look like network/broadcast addresses to some tools).
+    a == 0x6464_6464 || (a & 0xffff_fe00) == 0x6473_5c00 || last == 0 || last == 0xff
+}
+
+impl AddrIndex {
+    fn build(t: &Tailnet) -> AddrIndex {
+        let mut ix = AddrIndex::default();
+        for (k, n) in t.nodes.iter() {
+            ix.add(k, n);
+        }
+        ix
+    }
+
+    fn add(&mut self, key: &str, n: &Node) {
+        if let Some(a) = n.ipv4 {
+            self.v4.insert(a, key.to_string());
+        }
+        if let Some(a) = n.ipv6 {
+            self.v6.insert(a, key.to_string());
+        }
+    }
+
+    fn remove(&mut self, key: &str, n: &Node) {
+        if let Some(a) = n.ipv4 {
+            if self.v4.get(&a).is_some_and(|k| k == key) {
+                self.v4.remove(&a);
+            }
+        }
+        if let Some(a) = n.ipv6 {
+            if self.v6.get(&a).is_some_and(|k| k == key) {
+                self.v6.remove(&a);
+            }
+        }
+    }
+
+    fn alloc_v4(&mut self) -> Option<Ipv4Addr> {
+        let span = V4_LAST - V4_FIRST + 1;
+        for i in 0..span {
+            let a = V4_FIRST + (self.next_v4.wrapping_add(i) % span);
+            let addr = Ipv4Addr::from(a);
+            if !v4_reserved(a) && !self.v4.contains_key(&addr) {
+                self.next_v4 = a - V4_FIRST + 1;
+                return Some(addr);
+            }
+        }
+        None
+    }
+
+    fn alloc_v6(&mut self) -> Option<Ipv6Addr> {
+        // The space is 2^80 addresses: a linear probe from the cursor always ends quickly.
+        for i in 0..(self.v6.len() as u128 + 2) {
+            let off = (self.next_v6.wrapping_add(i) % V6_LAST) + 1;
+            let addr = Ipv6Addr::from(V6_BASE | off);
+            if !self.v6.contains_key(&addr) {
+                self.next_v6 = off;
+                return Some(addr);
+            }
+        }
+        None
+    }
+}
+
+struct Writer {
+    name: String,
+    /// At most this many writes per commit (half the stream buffer, so that one batch cannot
+    /// push a reading stream out of the buffer).
+    max_batch: usize,
+    engine: Engine,
+    policy_text: Arc<str>,
+    seq: u64,
+    addrs: AddrIndex,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+}
+
+/// What applying one op did (before commit).
+struct Applied {
+    created: bool,
+    kind: EventKind,
+    policy_changed: bool,
+}
+
+fn bad(m: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(m.into())
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            if self.process(batch) {
+                return;
+            }
+        }
+    }
+
+    /// Applies a batch, commits once, publishes, replies. Returns true when the tailnet is gone.
+    fn process(&mut self, batch: Vec<Job>) -> bool {
+        let before = self.engine.snapshot();
+        let before_seq = self.seq;
+        let mut policy_changed = false;
+        let mut events = Vec::new();
+        let mut replies: Vec<(Reply, Result<bool, ApiError>)> = Vec::new();
+        let mut delete = None;
+        let mut jobs = batch.into_iter();
+        for job in jobs.by_ref() {
+            if let WriteOp::DeleteTailnet = job.op {
+                delete = Some(job.reply);
+                break;
+            }
+            let t0 = Instant::now();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(job.op)))
+                .unwrap_or_else(|_| Err(ApiError::Internal("engine panicked".to_string())));
+            self.metrics.observe_apply(t0.elapsed());
+            match r {
+                Ok(a) => {
+                    self.seq += 1;
+                    policy_changed |= a.policy_changed;
+                    events.push(Event {
+                        seq: self.seq,
+                        snapshot: self.engine.snapshot(),
+                        kind: a.kind,
+                    });
+                    replies.push((job.reply, Ok(a.created)));
+                }
+                Err(ApiError::Internal(m)) => {
+                    // The engine may be inconsistent after a panic: rebuild from what is committed.
+                    replies.push((job.reply, Err(ApiError::Internal(m))));
+                    self.rebuild_from(&before, before_seq);
+                    events.clear();
+                    for (_, r) in replies.iter_mut() {
+                        if r.is_ok() {
+                            *r = Err(ApiError::Unavailable(
+                                "write aborted by a failing write in the same batch; retry".into(),
+                            ));
+                        }
+                    }
+                    policy_changed = false;
+                }
+                Err(e) => replies.push((job.reply, Err(e))),
+            }
+        }
+        if self.seq > before_seq {
+            let after = self.engine.snapshot();
+            let t0 = Instant::now();
+            let res = self.store.commit(
+                &self.name,
+                before.tailnet(),
+                after.tailnet(),
+                policy_changed.then_some(&*self.policy_text),
+                self.seq,
+            );
+            self.metrics.observe_commit(t0.elapsed());
+            match res {
+                Ok(()) => {
+                    let published = Arc::new(Published {
+                        seq: self.seq,
+                        snapshot: after,
+                        policy_text: self.policy_text.clone(),
+                    });
+                    self.publish(published.clone());
+                    for ev in events {
+                        let _ = self.shared.events.send(Arc::new(ev));
+                    }
+                    for (reply, r) in replies {
+                        let _ = reply.send(r.map(|created| Outcome {
+                            created,
+                            published: published.clone(),
+                        }));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(tailnet = %self.name, error = %e, "commit failed; writes rejected");
+                    self.rebuild_from(&before, before_seq);
+                    for (reply, r) in replies {
+                        let _ = reply.send(r.and(Err(ApiError::Internal(format!("commit: {e}")))));
+                    }
+                }
+            }
+        } else {
+            let published = self.current();
+            for (reply, r) in replies {
+                let _ = reply.send(r.map(|created| Outcome {
+                    created,
+                    published: published.clone(),
+                }));
+            }
+        }
+        if let Some(reply) = delete {
+            match self.store.delete_tailnet(&self.name) {
+                Ok(_) => {
+                    let _ = self.shared.events.send(Arc::new(Event {
+                        seq: self.seq,
+                        snapshot: self.engine.snapshot(),
+                        kind: EventKind::Deleted,
+                    }));
+                    let _ = reply.send(Ok(Outcome {
+                        created: false,
+                        published: self.current(),
+                    }));
+                    // Writes queued behind the delete see their reply channel dropped: 404.
+                    drop(jobs);
+                    return true;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(ApiError::Internal(format!("delete: {e}"))));
+                }
+            }
+            // Jobs after a failed delete are retried by their clients.
+            for job in jobs {
+                let _ = job.reply.send(Err(ApiError::Unavailable(
+                    "tailnet delete failed; retry".into(),
+                )));
+            }
+        }
+        false
+    }
+
+    fn current(&self) -> Arc<Published> {
+        match self.shared.state.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn publish(&self, p: Arc<Published>) {
+        match self.shared.state.write() {
+            Ok(mut g) => *g = p,
+            Err(poisoned) => *poisoned.into_inner() = p,
+        }
+    }
+
+    /// Goes back to the last committed state after a failed commit or a panic.
+    fn rebuild_from(&mut self, before: &Snapshot, seq: u64) {
+        let published = self.current();
+        self.policy_text = published.policy_text.clone();
+        self.seq = seq;
+        match restore_engine(&published.policy_text, before.tailnet().clone()) {
+            Ok(e) => self.engine = e,
+            Err(e) => tracing::error!(tailnet = %self.name, error = %e, "could not rebuild engine"),
+        }
+        self.addrs = AddrIndex::build(self.engine.snapshot().tailnet());
+    }
+
+    fn apply(&mut self, op: WriteOp) -> Result<Applied, ApiError> {
+        let changes = |cs: ChangeSet| EventKind::Changes(cs);
+        match op {
+            WriteOp::PutNode(name, body) => {
+                let snap = self.engine.snapshot();
+                let existing = snap.tailnet().nodes.get(&name).cloned();
+                let node = self.node_from_body(&name, body, existing.as_ref(), snap.tailnet())?;
+                let cs = self.engine.apply(Change::UpsertNode {
+                    node: name.clone(),
+                    value: node.clone(),
+                })?;
+                if let Some(old) = &existing {
+                    self.addrs.remove(&name, old);
+                }
+                self.addrs.add(&name, &node);
+                Ok(Applied {
+                    created: existing.is_none(),
+                    kind: changes(cs),
+                    policy_changed: false,
+                })
+            }
+            WriteOp::PatchNode(name, p) => {
+                let snap = self.engine.snapshot();
+                let Some(old) = snap.tailnet().nodes.get(&name).cloned() else {
+                    return Err(ApiError::NotFound(format!("node {name:?} not found")));
+                };
+                let fields = usize::from(p.online.is_some())
+                    + usize::from(p.approved_routes.is_some())
+                    + usize::from(p.routable_ips.is_some())
+                    + usize::from(p.tags.is_some());
+                if fields == 0 {
+                    return Err(bad(
+                        "empty patch: give online, approved_routes, routable_ips or tags",
+                    ));
+                }
+                if let Some(tags) = &p.tags {
+                    check_tags(tags)?;
+                }
+                let change = match (&p, fields) {
+                    (
+                        NodePatch {
+                            online: Some(o), ..
+                        },
+                        1,
+                    ) => Change::SetOnline {
+                        node: name,
+                        online: *o,
+                    },
+                    (
+                        NodePatch {
+                            approved_routes: Some(r),
+                            ..
+                        },
+                        1,
+                    ) => Change::ApproveRoutes {
+                        node: name,
+                        routes: r.clone(),
+                    },
+                    _ => {
+                        let mut n = old;
+                        if let Some(o) = p.online {
+                            n.online = o;
+                        }
+                        if let Some(r) = p.approved_routes {
+                            n.approved_routes = r;
+                        }
+                        if let Some(r) = p.routable_ips {
+                            n.routable_ips = r;
+                        }
+                        if let Some(t) = p.tags {
+                            n.tags = t;
+                        }
+                        Change::UpsertNode {
+                            node: name,
+                            value: n,
+                        }
+                    }
+                };
+                let cs = self.engine.apply(change)?;
+                Ok(Applied {
+                    created: false,
+                    kind: changes(cs),
+                    policy_changed: false,
+                })
+            }
+            WriteOp::DeleteNode(name) => {
+                let old = self.engine.snapshot().tailnet().nodes.get(&name).cloned();
+                let Some(old) = old else {
+                    return Err(ApiError::NotFound(format!("node {name:?} not found")));
+                };
+                let cs = self
+                    .engine
+                    .apply(Change::RemoveNode { node: name.clone() })?;
+                self.addrs.remove(&name, &old);
+                Ok(Applied {
+                    created: false,
+                    kind: changes(cs),
+                    policy_changed: false,
+                })
+            }
+            WriteOp::PutUser(name, body) => {
+                check_user(&name, &body)?;
+                let snap = self.engine.snapshot();
+                let users = &snap.tailnet().users;
+                let existing = users.get(&name);
+                let id = match existing {
+                    Some(u) => u.id,
+                    None => users.values().map(|u| u.id).max().unwrap_or(0) + 1,
+                };
+                let created = existing.is_none();
+                let cs = self.engine.apply(Change::UpsertUser {
+                    user: User {
+                        id,
+                        name,
+                        email: body.email,
+                        role: body.role,
+                    },
+                })?;
+                Ok(Applied {
+                    created,
+                    kind: changes(cs),
+                    policy_changed: false,
+                })
+            }
+            WriteOp::DeleteUser(name) => {
+                let cs = self.engine.apply(Change::RemoveUser { name })?;
+                Ok(Applied {
+                    created: false,
+                    kind: changes(cs),
+                    policy_changed: false,
+                })
+            }
+            WriteOp::SetPolicy(text) => {
+                let cs = self.engine.apply(Change::SetPolicy {
+                    policy: text.clone(),
+                })?;
+                self.policy_text = Arc::from(text);
+                Ok(Applied {
+                    created: false,
+                    kind: changes(cs),
+                    policy_changed: true,
+                })
+            }
+            WriteOp::Import { policy, tailnet } => {
+                let text: Arc<str> = match &policy {
+                    Some(p) => Arc::from(p.as_str()),
+                    None => self.policy_text.clone(),
+                };
+                let engine = Engine::new(&text, *tailnet)?;
+                self.engine = engine;
+                self.policy_text = text;
+                self.addrs = AddrIndex::build(self.engine.snapshot().tailnet());
+                Ok(Applied {
+                    created: false,
+                    kind: EventKind::Reset,
+                    policy_changed: policy.is_some(),
+                })
+            }
+            WriteOp::DeleteTailnet => Err(ApiError::Internal("delete handled by the batch".into())),
+        }
+    }
+
+    fn node_from_body(
+        &mut self,
+        name: &str,
+        b: NodeBody,
+        existing: Option<&Node>,
+        t: &Tailnet,
+    ) -> Result<Node, ApiError> {
+        if let Some(u) = &b.user {
+            if !t.users.contains_key(u) {
+                return Err(bad(format!("unknown user {u:?}; create it first")));
+            }
+        }
+        if b.user.is_none() && b.tags.is_empty() {
+            return Err(bad("a node needs a user or at least one tag"));
+        }
+        check_tags(&b.tags)?;
+        if let Some(c) = &b.created {
+            if netmap_core::parse_rfc3339(c).is_none() {
+                return Err(bad(format!("created: {c:?} is not an RFC 3339 time")));
+            }
+        }
+        let v6_only = ipv6_only(&t.settings);
+        let ipv4 = match b.ipv4 {
+            Some(Some(a)) if v6_only => {
+                return Err(bad(format!(
+                    "ipv4: this tailnet is IPv6-only, cannot use {a}"
+                )))
+            }
+            Some(Some(a)) => Some(a),
+            Some(None) => None,
+            None => match existing {
+                Some(e) => e.ipv4,
+                None if v6_only => None,
+                None => Some(
+                    self.addrs
+                        .alloc_v4()
+                        .ok_or_else(|| ApiError::Conflict("no free IPv4 address".into()))?,
+                ),
+            },
+        };
+        let ipv6 = match b.ipv6 {
+            Some(a) => a,
+            None => match existing {
+                Some(e) => e.ipv6,
+                None => Some(
+                    self.addrs
+                        .alloc_v6()
+                        .ok_or_else(|| ApiError::Conflict("no free IPv6 address".into()))?,
+                ),
+            },
+        };
+        if ipv4.is_none() && ipv6.is_none() {
+            return Err(bad("a node needs at least one address"));
+        }
+        if let Some(a) = ipv4 {
+            if !"100.64.0.0/10"
+                .parse::<ipnet::Ipv4Net>()
+                .is_ok_and(|n| n.contains(&a))
+            {
+                return Err(bad(format!("ipv4: {a} is not in 100.64.0.0/10")));
+            }
+            if let Some(other) = self.addrs.v4.get(&a).filter(|k| k.as_str() != name) {
+                return Err(ApiError::Conflict(format!(
+                    "ipv4 {a} is used by node {other:?}"
+                )));
+            }
+        }
+        if let Some(a) = ipv6 {
+            if let Some(other) = self.addrs.v6.get(&a).filter(|k| k.as_str() != name) {
+                return Err(ApiError::Conflict(format!(
+                    "ipv6 {a} is used by node {other:?}"
+                )));
+            }
+        }
+        Ok(Node {
+            hostname: b.hostname.unwrap_or_else(|| name.to_string()),
+            user: b.user,
+            tags: b.tags,
+            ipv4,
+            ipv6,
+            routable_ips: b.routable_ips,
+            approved_routes: b
+                .approved_routes
+                .or_else(|| existing.map(|e| e.approved_routes.clone()))
+                .unwrap_or_default(),
+            created: b
+                .created
+                .or_else(|| existing.map(|e| e.created.clone()))
+                .unwrap_or_else(now_rfc3339),
+            online: b.online.or(existing.map(|e| e.online)).unwrap_or(true),
+        })
+    }
+}
+
+fn check_tags(tags: &[String]) -> Result<(), ApiError> {
+    for t in tags {
+        if !t.starts_with("tag:") || t.len() <= 4 {
+            return Err(bad(format!("tags: {t:?} must look like \"tag:NAME\"")));
+        }
+    }
+    Ok(())
+}
+
+fn check_user(name: &str, b: &UserBody) -> Result<(), ApiError> {
+    if !b.email.contains('@') {
+        return Err(bad(format!("email: {:?} is not an email address", b.email)));
+    }
+    if name.is_empty() {
+        return Err(bad("empty user name"));
+    }
+    Ok(())
+}
+
+/// Whether a tailnet, node or user name is acceptable in a URL path and the store.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '+'))
+}
+
+/// A node as the API shows it.
+pub fn node_json(snap: &Snapshot, name: &str) -> Option<Value> {
+    let n = snap.tailnet().nodes.get(name)?;
+    let addresses: Vec<String> = n.addrs().map(|a| a.to_string()).collect();
+    let primary: Vec<String> = snap
+        .tailnet()
+        .primaries
+        .iter()
+        .filter(|(_, k)| k.as_str() == name)
+        .map(|(p, _)| p.to_string())
+        .collect();
+    Some(json!({
+        "id": name,
+        "hostname": n.hostname,
+        "dns_name": snap.dns_name(name),
+        "user": n.user,
+        "tags": n.tags,
+        "ipv4": n.ipv4,
+        "ipv6": n.ipv6,
+        "addresses": addresses,
+        "routable_ips": n.routable_ips,
+        "approved_routes": n.approved_routes,
+        "primary_routes": primary,
+        "online": n.online,
+        "created": n.created,
+    }))
+}
+
+/// Every tailnet the server holds.
+pub struct Registry {
+    tailnets: RwLock<BTreeMap<String, Arc<TailnetHandle>>>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    stream_buffer: usize,
+    write_queue: usize,
+    /// Serialises creation and deletion.
+    pub lifecycle: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+/// Why loading the stored tailnets failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] super::store::StoreError),
+    /// A stored tailnet could not be rebuilt.
+    #[error("tailnet {name:?}: {source}")]
+    Engine {
+        /// The tailnet.
+        name: String,
+        /// Why.
+        source: CoreError,
+    },
+}
+
+impl Registry {
+    /// Loads every stored tailnet and starts its writer (blocking; seconds for large tailnets).
+    pub fn load(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        stream_buffer: usize,
+        write_queue: usize,
+    ) -> Result<Registry, LoadError> {
+        let reg = Registry {
+            tailnets: RwLock::new(BTreeMap::new()),
+            store: store.clone(),
+            metrics,
+            stream_buffer,
+            write_queue,
+            lifecycle: tokio::sync::Mutex::new(()),
+        };
+        for st in store.load_all()? {
+            let StoredTailnet {
+                name,
+                policy,
+                seq,
+                tailnet,
+            } = st;
+            let t0 = Instant::now();
+            // One tenant's unloadable state must not keep the others offline: log and skip it
+            // (its rows stay in the store; requests for it answer 404 until it is repaired).
+            let engine = match restore_engine(&policy, tailnet) {
+                Ok(e) => e,
+                Err(source) => {
+                    let e = LoadError::Engine {
+                        name: name.clone(),
+                        source,
+                    };
+                    tracing::error!(error = %e, "tailnet not loaded");
+                    continue;
+                }
+            };
+            tracing::info!(tailnet = %name, nodes = engine.snapshot().tailnet().nodes.len(), seq, elapsed_ms = t0.elapsed().as_millis() as u64, "tailnet loaded");
+            reg.start(name, engine, Arc::from(policy), seq);
+        }
+        Ok(reg)
+    }
+
+    fn start(
+        &self,
+        name: String,
+        engine: Engine,
+        policy_text: Arc<str>,
+        seq: u64,
+    ) -> Arc<TailnetHandle> {
+        let (events, _) = broadcast::channel(self.stream_buffer);
+        let shared = Arc::new(Shared {
+            state: RwLock::new(Arc::new(Published {
+                seq,
+                snapshot: engine.snapshot(),
+                policy_text: policy_text.clone(),
+            })),
+            events,
+        });
+        let (tx, rx) = mpsc::sync_channel(self.write_queue);
+        let writer = Writer {
+            name: name.clone(),
+            max_batch: (self.stream_buffer / 2).clamp(1, 256),
+            addrs: AddrIndex::build(engine.snapshot().tailnet()),
+            engine,
+            policy_text,
+            seq,
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            shared: shared.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("tailnet-{name}"))
+            .spawn(move || writer.run(rx));
+        if let Err(e) = spawned {
+            tracing::error!(tailnet = %name, error = %e, "cannot start writer thread");
+        }
+        let h = Arc::new(TailnetHandle {
+            name: name.clone(),
+            shared,
+            jobs: tx,
+        });
+        if let Ok(mut m) = self.tailnets.write() {
+            m.insert(name, h.clone());
+        }
+        h
+    }
+
+    /// A tailnet by name.
+    pub fn get(&self, name: &str) -> Option<Arc<TailnetHandle>> {
+        self.tailnets.read().ok()?.get(name).cloned()
+    }
+
+    /// Every tailnet, by name.
+    pub fn list(&self) -> Vec<Arc<TailnetHandle>> {
+        self.tailnets
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Creates a tailnet (blocking: writes the store). `Ok(false)` when it exists with the same
+    /// settings; `Conflict` when it exists with others.
+    pub fn create(&self, name: &str, settings: TailnetSettings) -> Result<bool, ApiError> {
+        if let Some(h) = self.get(name) {
+            return if h.current().snapshot.tailnet().settings == settings {
+                Ok(false)
+            } else {
+                Err(ApiError::Conflict(format!(
+                    "tailnet {name:?} exists with other settings"
+                )))
+            };
+        }
+        let tailnet = Tailnet {
+            settings: settings.clone(),
+            ..Tailnet::default()
+        };
+        let engine = Engine::new(DEFAULT_POLICY, tailnet)?;
+        let created = self
+            .store
+            .create_tailnet(name, &settings, DEFAULT_POLICY, super::keys::now_secs())
+            .map_err(|e| ApiError::Internal(format!("create tailnet: {e}")))?;
+        if !created {
+            return Err(ApiError::Conflict(format!("tailnet {name:?} exists")));
+        }
+        self.start(name.to_string(), engine, Arc::from(DEFAULT_POLICY), 0);
+        Ok(true)
+    }
+
+    /// Forgets a deleted tailnet.
+    pub fn remove(&self, name: &str) {
+        if let Ok(mut m) = self.tailnets.write() {
+            m.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn restart_does_not_rerun_policy_tests() {
+        // The tests passed when the policy was set; the node they name went away since.
+        let policy = r#"{
+          "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+          "tests": [{"src": "a@x.example", "accept": ["100.64.0.1:22"]}],
+        }"#;
+        let t = Tailnet::default();
+        assert!(matches!(
+            Engine::new(policy, t.clone()),
+            Err(CoreError::TestsFailed(_))
+        ));
+        let e = restore_engine(policy, t).unwrap();
+        assert!(e.snapshot().views().is_empty());
+        // Invalid policies still fail.
+        assert!(restore_engine("{\"acls\": 3}", Tailnet::default()).is_err());
+    }
+
+    #[test]
+    fn allocation_skips_used_and_reserved_addresses() {
+        let mut ix = AddrIndex::default();
+        let a = ix.alloc_v4().unwrap();
+        assert_eq!(a, Ipv4Addr::new(100, 64, 0, 1));
+        ix.v4.insert(Ipv4Addr::new(100, 64, 0, 2), "x".into());
+        assert_eq!(ix.alloc_v4().unwrap(), Ipv4Addr::new(100, 64, 0, 3));
+        assert!(v4_reserved(u32::from(Ipv4Addr::new(100, 100, 100, 100))));
+        assert!(v4_reserved(u32::from(Ipv4Addr::new(100, 115, 93, 7))));
+        assert!(!v4_reserved(u32::from(Ipv4Addr::new(100, 115, 94, 7))));
+        let six = ix.alloc_v6().unwrap();
+        assert_eq!(six, "fd7a:115c:a1e0::1".parse::<Ipv6Addr>().unwrap());
+        assert!(now_rfc3339().ends_with('Z'));
+        assert!(netmap_core::parse_rfc3339(&now_rfc3339()).is_some());
+    }
+}

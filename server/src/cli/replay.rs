@@ -1,0 +1,618 @@
+//! `netmap replay`: loads a tailnet, applies a stream of changes through the engine and times
+//! each one against a full build of the same tailnet. With `--verify`, every step is checked
+//! against the from-scratch computation and against the change set the engine returned.
+//!
+//! Exit codes: 0 done (no divergence), 1 divergence found, 2 input could not be loaded
+//! (unreadable file, bad change line, initial policy rejected).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netmap_core::wire::{FilterRule, NodeView, PeerList, SshRuleWire};
+use netmap_core::{compute_all, diff_views, Change, ChangeSet, Engine, NodeDelta, Snapshot};
+use serde_json::json;
+
+use super::read_file;
+
+/// Arguments of `netmap replay`.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The policy file (HuJSON).
+    #[arg(long)]
+    policy: PathBuf,
+    /// The tailnet state file.
+    #[arg(long)]
+    state: PathBuf,
+    /// The changes, one JSON object per line (`{"op": "set_online", ...}`).
+    #[arg(long)]
+    changes: PathBuf,
+    /// Check every step against the from-scratch computation and the returned change set;
+    /// exit 1 on the first divergence.
+    #[arg(long)]
+    verify: bool,
+    /// Output format: `text` prints a line per change and a summary table; `json` prints only
+    /// the summary.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+/// Output format of `replay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A line per change, then a summary table.
+    Text,
+    /// The summary as one JSON object.
+    Json,
+}
+
+/// One change of the input, with where it came from.
+struct Step {
+    line: usize,
+    change: Change,
+}
+
+/// Timings of one op type.
+#[derive(Default)]
+struct OpStats {
+    /// Applied changes: time of `apply`, number of affected nodes.
+    applied: Vec<(Duration, usize)>,
+    /// Changes the engine rejected.
+    rejected: usize,
+}
+
+/// The first place where the engine disagrees with the reference.
+struct Divergence {
+    index: usize,
+    line: usize,
+    op: &'static str,
+    node: String,
+    what: String,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.index == 0 {
+            write!(f, "divergence after the full build: ")?;
+        } else {
+            write!(
+                f,
+                "divergence at change #{} (line {}, {}): ",
+                self.index, self.line, self.op
+            )?;
+        }
+        write!(f, "node {:?}: {}", self.node, self.what)
+    }
+}
+
+pub fn run(a: &ReplayArgs) -> ExitCode {
+    let (policy_text, tailnet, steps) = match load(a) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let nodes = tailnet.nodes.len();
+    let t = Instant::now();
+    let built = Engine::new(&policy_text, tailnet);
+    let full_build = t.elapsed();
+    let mut engine = match built {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("{}: {e}", a.policy.display());
+            return ExitCode::from(2);
+        }
+    };
+    let text = a.format == Format::Text;
+    if text {
+        println!("full build: {nodes} nodes in {}", fmt_dur(full_build));
+    }
+
+    let mut stats: BTreeMap<&'static str, OpStats> = BTreeMap::new();
+    let mut divergence = None;
+    let mut prev = engine.snapshot();
+    if a.verify {
+        divergence = check_reference(&prev).map(|(node, what)| Divergence {
+            index: 0,
+            line: 0,
+            op: "build",
+            node,
+            what,
+        });
+    }
+    for (i, step) in steps.into_iter().enumerate() {
+        if divergence.is_some() {
+            break;
+        }
+        let index = i + 1;
+        let op = step.change.op();
+        let subject = subject(&step.change);
+        let t = Instant::now();
+        let result = engine.apply(step.change);
+        let dt = t.elapsed();
+        let entry = stats.entry(op).or_default();
+        let found = match result {
+            Err(e) => {
+                entry.rejected += 1;
+                if text {
+                    println!("#{index} {op} {subject}: rejected in {}: {e}", fmt_dur(dt));
+                }
+                if a.verify {
+                    let now = engine.snapshot();
+                    check_unchanged(&prev, &now)
+                } else {
+                    None
+                }
+            }
+            Ok(cs) => {
+                entry.applied.push((dt, cs.nodes.len()));
+                if text {
+                    println!(
+                        "#{index} {op} {subject}: {} affected in {}",
+                        cs.nodes.len(),
+                        fmt_dur(dt)
+                    );
+                }
+                if a.verify {
+                    let now = engine.snapshot();
+                    let found =
+                        check_change_set(&prev, &now, &cs).or_else(|| check_reference(&now));
+                    prev = now;
+                    found
+                } else {
+                    None
+                }
+            }
+        };
+        divergence = found.map(|(node, what)| Divergence {
+            index,
+            line: step.line,
+            op,
+            node,
+            what,
+        });
+    }
+
+    let divergences = usize::from(divergence.is_some());
+    if text {
+        print_table(nodes, full_build, &stats, a.verify, divergences);
+    } else {
+        print_json(nodes, full_build, &stats, divergences);
+    }
+    match divergence {
+        Some(d) => {
+            eprintln!("{d}");
+            ExitCode::from(1)
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+/// Reads the policy text, the tailnet and every change line (errors name the file and line).
+fn load(a: &ReplayArgs) -> Result<(String, netmap_core::Tailnet, Vec<Step>), String> {
+    let policy_text = read_file(&a.policy)?;
+    let tailnet = netmap_core::Tailnet::from_state_json(&read_file(&a.state)?)
+        .map_err(|e| format!("{}: {e}", a.state.display()))?;
+    let steps = parse_changes(&a.changes, &read_file(&a.changes)?)?;
+    Ok((policy_text, tailnet, steps))
+}
+
+/// Parses NDJSON change lines; blank lines are skipped.
+fn parse_changes(path: &Path, text: &str) -> Result<Vec<Step>, String> {
+    let mut steps = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let change: Change = serde_json::from_str(line)
+            .map_err(|e| format!("{}:{}: invalid change: {e}", path.display(), i + 1))?;
+        steps.push(Step {
+            line: i + 1,
+            change,
+        });
+    }
+    Ok(steps)
+}
+
+/// The node or user a change is about, for the per-change line.
+fn subject(c: &Change) -> String {
+    match c {
+        Change::UpsertNode { node, .. }
+        | Change::RemoveNode { node }
+        | Change::ApproveRoutes { node, .. } => node.clone(),
+        Change::SetOnline { node, online } => format!("{node}={online}"),
+        Change::UpsertUser { user } => user.name.clone(),
+        Change::RemoveUser { name } => name.clone(),
+        Change::SetPolicy { policy } => format!("({} bytes)", policy.len()),
+    }
+}
+
+/// Describes what differs between two views of a node ("packet filter, peers (added: a)").
+fn describe(d: &NodeDelta) -> String {
+    fn names(label: &str, v: &[String]) -> Option<String> {
+        const SHOWN: usize = 5;
+        if v.is_empty() {
+            return None;
+        }
+        let mut s = format!("{label}: {}", v[..v.len().min(SHOWN)].join(", "));
+        if v.len() > SHOWN {
+            s.push_str(&format!(" and {} more", v.len() - SHOWN));
+        }
+        Some(s)
+    }
+    if d.added {
+        return "present only in the second view".into();
+    }
+    if d.removed {
+        return "present only in the first view".into();
+    }
+    let mut parts = Vec::new();
+    if d.filter_changed {
+        parts.push("packet filter".to_string());
+    }
+    let peers: Vec<String> = [
+        names("added", &d.peers_added),
+        names("removed", &d.peers_removed),
+        names("changed", &d.peers_changed),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !peers.is_empty() {
+        parts.push(format!("peers ({})", peers.join("; ")));
+    }
+    if d.ssh_changed {
+        parts.push("SSH rules".to_string());
+    }
+    if d.self_changed {
+        parts.push("self view (capabilities)".to_string());
+    }
+    if parts.is_empty() {
+        "views differ".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Compares every view of a snapshot with the from-scratch computation over the snapshot's
+/// policy and tailnet; returns the first node that differs and how.
+fn check_reference(snap: &Snapshot) -> Option<(String, String)> {
+    let reference = compute_all(snap.policy(), snap.tailnet());
+    let engine = snap.views();
+    let mut same = Comparer::default();
+    for (name, want) in &reference.views {
+        match engine.get(name) {
+            None => return Some((name.clone(), "missing from the engine's views".into())),
+            Some(got) if !same.view(got, want) => {
+                let d = diff_views(Some(want), Some(got));
+                return Some((
+                    name.clone(),
+                    format!(
+                        "engine view differs from the from-scratch computation in {} \
+                         (peer names: added/removed relative to the reference)",
+                        describe(&d)
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(name) = engine.keys().find(|k| !reference.views.contains_key(*k)) {
+        return Some((
+            name.clone(),
+            "in the engine's views but not in the from-scratch computation".into(),
+        ));
+    }
+    if reference.primaries != snap.tailnet().primaries {
+        let routes: BTreeSet<String> = reference
+            .primaries
+            .iter()
+            .chain(snap.tailnet().primaries.iter())
+            .filter(|(r, n)| {
+                reference.primaries.get(*r) != Some(*n)
+                    || snap.tailnet().primaries.get(*r) != Some(*n)
+            })
+            .map(|(r, _)| r.to_string())
+            .collect();
+        return Some((
+            String::new(),
+            format!(
+                "primary routers recorded in the snapshot differ from the from-scratch \
+                 election for routes {}",
+                routes.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    None
+}
+
+/// Compares views, comparing each pair of shared parts (filters, source lists, SSH rules,
+/// capabilities, shared peer lists) once: views of a tailnet share most of their parts, and a
+/// plain `==` would compare N peer lists of N peers. Only a `true` answer takes a shortcut;
+/// when the shortcut does not apply the full `==` decides.
+#[derive(Default)]
+struct Comparer {
+    memo: HashMap<(usize, usize), bool>,
+}
+
+impl Comparer {
+    /// `a == b`, remembered per pair of allocations (both stay alive while the comparer does).
+    fn arc<T: PartialEq>(&mut self, a: &Arc<T>, b: &Arc<T>) -> bool {
+        if Arc::ptr_eq(a, b) {
+            return true;
+        }
+        let key = (Arc::as_ptr(a) as usize, Arc::as_ptr(b) as usize);
+        *self.memo.entry(key).or_insert_with(|| **a == **b)
+    }
+
+    fn filters(&mut self, a: &Arc<Vec<FilterRule>>, b: &Arc<Vec<FilterRule>>) -> bool {
+        if Arc::ptr_eq(a, b) {
+            return true;
+        }
+        let key = (Arc::as_ptr(a) as usize, Arc::as_ptr(b) as usize);
+        if let Some(v) = self.memo.get(&key) {
+            return *v;
+        }
+        let v = a.len() == b.len()
+            && a.iter().zip(b.iter()).all(|(x, y)| {
+                self.arc(&x.src_ips, &y.src_ips)
+                    && self.arc(&x.dst_ports, &y.dst_ports)
+                    && x.ip_proto == y.ip_proto
+                    && x.cap_grant == y.cap_grant
+            });
+        self.memo.insert(key, v);
+        v
+    }
+
+    fn ssh(&mut self, a: &Arc<Vec<SshRuleWire>>, b: &Arc<Vec<SshRuleWire>>) -> bool {
+        if Arc::ptr_eq(a, b) {
+            return true;
+        }
+        let key = (Arc::as_ptr(a) as usize, Arc::as_ptr(b) as usize);
+        if let Some(v) = self.memo.get(&key) {
+            return *v;
+        }
+        let v = a.len() == b.len()
+            && a.iter().zip(b.iter()).all(|(x, y)| {
+                self.arc(&x.principals, &y.principals)
+                    && x.ssh_users == y.ssh_users
+                    && x.action == y.action
+                    && x.accept_env == y.accept_env
+            });
+        self.memo.insert(key, v);
+        v
+    }
+
+    /// A node's peers are its class's shared list minus itself plus its extras: equal shared
+    /// lists and equal extras mean equal peers.
+    fn peers(&mut self, a: &PeerList, b: &PeerList) -> bool {
+        (a.extra() == b.extra() && self.arc(a.shared(), b.shared())) || a == b
+    }
+
+    fn view(&mut self, a: &NodeView, b: &NodeView) -> bool {
+        self.filters(&a.packet_filter, &b.packet_filter)
+            && self.ssh(&a.ssh_rules, &b.ssh_rules)
+            && self.arc(&a.cap_map, &b.cap_map)
+            && self.peers(&a.peers, &b.peers)
+    }
+}
+
+/// Checks that the change set names exactly the nodes whose view differs between the two
+/// snapshots, each with the delta the views show.
+fn check_change_set(prev: &Snapshot, now: &Snapshot, cs: &ChangeSet) -> Option<(String, String)> {
+    let names: BTreeSet<&String> = prev.views().keys().chain(now.views().keys()).collect();
+    for name in names {
+        let want = diff_views(prev.view(name), now.view(name));
+        match cs.nodes.get(name.as_str()) {
+            None if want.is_empty() => {}
+            None => {
+                return Some((
+                    name.clone(),
+                    format!(
+                        "view changed ({}) but the change set does not name it",
+                        describe(&want)
+                    ),
+                ))
+            }
+            Some(_) if want.is_empty() => {
+                return Some((
+                    name.clone(),
+                    "named in the change set but its view did not change".into(),
+                ))
+            }
+            Some(got) if *got != want => {
+                return Some((
+                    name.clone(),
+                    format!(
+                        "change set delta {} differs from the views' delta {}",
+                        delta_json(got),
+                        delta_json(&want)
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(name) = cs
+        .nodes
+        .keys()
+        .find(|k| !prev.views().contains_key(k.as_str()) && !now.views().contains_key(k.as_str()))
+    {
+        return Some((
+            name.clone(),
+            "named in the change set but in neither snapshot".into(),
+        ));
+    }
+    None
+}
+
+/// After a rejected change, the engine must be as it was.
+fn check_unchanged(prev: &Snapshot, now: &Snapshot) -> Option<(String, String)> {
+    if prev.policy_text() != now.policy_text() {
+        return Some((String::new(), "rejected change replaced the policy".into()));
+    }
+    if prev.views().len() != now.views().len() {
+        return Some((
+            String::new(),
+            "rejected change added or removed views".into(),
+        ));
+    }
+    for ((name, a), (other, b)) in prev.views().iter().zip(now.views().iter()) {
+        if name != other {
+            return Some((name.clone(), "rejected change removed the view".into()));
+        }
+        if a != b {
+            return Some((
+                name.clone(),
+                format!(
+                    "rejected change modified the view: {}",
+                    describe(&diff_views(Some(a), Some(b)))
+                ),
+            ));
+        }
+    }
+    None
+}
+
+fn delta_json(d: &NodeDelta) -> String {
+    serde_json::to_string(d).unwrap_or_else(|e| e.to_string())
+}
+
+/// The nearest-rank percentile `p` (0..=1) of sorted values.
+fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
+}
+
+/// Median, p99 and median affected of one op's applied changes.
+fn summarize(s: &OpStats) -> (Option<Duration>, Option<Duration>, Option<usize>) {
+    let mut times: Vec<Duration> = s.applied.iter().map(|(t, _)| *t).collect();
+    times.sort_unstable();
+    let mut affected: Vec<usize> = s.applied.iter().map(|(_, n)| *n).collect();
+    affected.sort_unstable();
+    (
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        percentile(&affected, 0.5),
+    )
+}
+
+fn micros(d: Duration) -> f64 {
+    // Three decimals: sub-microsecond changes must not round to zero.
+    (d.as_secs_f64() * 1e9).round() / 1e3
+}
+
+fn fmt_dur(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1_000.0 {
+        format!("{us:.1} µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
+
+fn print_json(
+    nodes: usize,
+    full_build: Duration,
+    stats: &BTreeMap<&'static str, OpStats>,
+    divergences: usize,
+) {
+    let mut ops = serde_json::Map::new();
+    for (op, s) in stats {
+        let (median, p99, affected) = summarize(s);
+        ops.insert(
+            (*op).to_string(),
+            json!({
+                "count": s.applied.len() + s.rejected,
+                "median_us": median.map(micros),
+                "p99_us": p99.map(micros),
+                "median_affected": affected,
+                "rejected": s.rejected,
+            }),
+        );
+    }
+    let doc = json!({
+        "nodes": nodes,
+        "full_build_us": micros(full_build),
+        "ops": ops,
+        "divergences": divergences,
+    });
+    println!("{doc}");
+}
+
+fn print_table(
+    nodes: usize,
+    full_build: Duration,
+    stats: &BTreeMap<&'static str, OpStats>,
+    verified: bool,
+    divergences: usize,
+) {
+    println!();
+    println!("nodes: {nodes}, full build: {}", fmt_dur(full_build));
+    println!(
+        "{:<14} {:>6} {:>8} {:>11} {:>11} {:>9} {:>14}",
+        "op", "count", "rejected", "median", "p99", "affected", "build/median"
+    );
+    for (op, s) in stats {
+        let (median, p99, affected) = summarize(s);
+        let dash = || "-".to_string();
+        let ratio = median
+            .filter(|m| !m.is_zero())
+            .map(|m| format!("{:.0}x", full_build.as_secs_f64() / m.as_secs_f64()));
+        println!(
+            "{:<14} {:>6} {:>8} {:>11} {:>11} {:>9} {:>14}",
+            op,
+            s.applied.len() + s.rejected,
+            s.rejected,
+            median.map(fmt_dur).unwrap_or_else(dash),
+            p99.map(fmt_dur).unwrap_or_else(dash),
+            affected.map(|n| n.to_string()).unwrap_or_else(dash),
+            ratio.unwrap_or_else(dash),
+        );
+    }
+    if verified {
+        println!("verified: {divergences} divergence(s)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), Some(50));
+        assert_eq!(percentile(&v, 0.99), Some(99));
+        assert_eq!(percentile(&[7u32], 0.99), Some(7));
+        assert_eq!(percentile::<u32>(&[], 0.5), None);
+    }
+
+    #[test]
+    fn bad_change_lines_name_the_line() {
+        let text = "{\"op\":\"set_online\",\"node\":\"a\",\"online\":true}\n\n{\"op\":\"nope\"}\n";
+        let err = parse_changes(Path::new("c.ndjson"), text).err();
+        assert!(err.is_some_and(|e| e.starts_with("c.ndjson:3: invalid change")));
+    }
+
+    #[test]
+    fn generator_change_shapes_parse() {
+        let lines = [
+            r#"{"op": "set_online", "node": "node1", "online": false}"#,
+            r#"{"op": "remove_node", "node": "node2"}"#,
+            r#"{"op": "upsert_user", "user": {"id": 7, "name": "user6", "email": "user6@example.com"}}"#,
+            r#"{"op": "set_policy", "policy": "{\"acls\": []}"}"#,
+            r#"{"op": "upsert_node", "node": "node9", "value": {"hostname": "node9", "tags": ["tag:dev", "tag:web"], "ipv4": "100.64.0.12", "ipv6": "fd7a:115c:a1e0::c", "routable_ips": ["10.0.3.0/24"], "approved_routes": [], "created": "2026-01-01T00:00:12Z"}}"#,
+        ];
+        let steps = parse_changes(Path::new("c"), &lines.join("\n"));
+        assert_eq!(steps.map(|s| s.len()).ok(), Some(5));
+    }
+}

@@ -97,6 +97,17 @@ pub(crate) struct Affected {
     pub patch_slots: BTreeSet<usize>,
     /// Source lists replaced: (old, new).
     pub patches: Vec<SourceSwap>,
+    /// How the changed node appears in each class's peer list now (classes not listed: no
+    /// change).
+    pub class_change: HashMap<usize, PeerChange>,
+}
+
+/// How a node's entry in a peer list changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerChange {
+    Added,
+    Removed,
+    Changed,
 }
 
 impl Plan {
@@ -390,6 +401,11 @@ impl Plan {
             .filter(|&i| self.r.nodes[i].alive)
     }
 
+    /// The class of a live slot.
+    pub(crate) fn class_id(&self, slot: usize) -> usize {
+        self.class_of[slot]
+    }
+
     /// The name of a slot's node.
     pub(crate) fn name(&self, slot: usize) -> &str {
         &self.r.nodes[slot].name
@@ -408,25 +424,35 @@ impl Plan {
     }
 
     /// Node `v`'s view after swapping the source lists in `patches` in its filter, and taking
-    /// its class's current peer list.
-    pub(crate) fn patched(&self, v: usize, old: &NodeView, patches: &[SourceSwap]) -> NodeView {
+    /// its class's current peer list; also whether a swapped list differs in content.
+    pub(crate) fn patched(
+        &self,
+        v: usize,
+        old: &NodeView,
+        patches: &[SourceSwap],
+    ) -> (NodeView, bool) {
+        let mut changed = false;
         let filter: Vec<crate::wire::FilterRule> = old
             .packet_filter
             .iter()
             .map(
                 |f| match patches.iter().find(|(o, _)| Arc::ptr_eq(o, &f.src_ips)) {
-                    Some((_, new)) => crate::wire::FilterRule {
-                        src_ips: new.clone(),
-                        ..f.clone()
-                    },
+                    Some((o, new)) => {
+                        changed |= o != new;
+                        crate::wire::FilterRule {
+                            src_ips: new.clone(),
+                            ..f.clone()
+                        }
+                    }
                     None => f.clone(),
                 },
             )
             .collect();
-        NodeView {
+        let view = NodeView {
             packet_filter: Arc::new(filter),
             ..self.with_new_peers(v, old)
-        }
+        };
+        (view, changed)
     }
 
     /// The complete view of node `v`.
@@ -526,16 +552,23 @@ impl Plan {
             self.src_strings[ri] = new.clone();
             // The filters that carry this rule can swap its source list in place when the
             // rule cannot have merged (or newly merge) with another one and stays non-empty.
-            let patchable = !old.is_empty() && !new.is_empty() && self.merge_free(ri, &old, &new);
-            let covered: Vec<usize> = self
+            let non_empty = !old.is_empty() && !new.is_empty();
+            let (free_plain, free_self) = self.merge_free(ri, &old, &new);
+            for v in self
                 .live()
                 .filter(|&v| bit(&self.dst_bits[v], ri))
-                .collect();
-            if patchable {
-                affected.patch_slots.extend(covered);
+                .collect::<Vec<_>>()
+            {
+                // autogroup:self rules only reach members' filters.
+                let free = free_plain && (free_self || !self.r.nodes[v].is_member());
+                if non_empty && free {
+                    affected.patch_slots.insert(v);
+                } else {
+                    affected.slots.insert(v);
+                }
+            }
+            if non_empty && free_plain {
                 affected.patches.push((old, new));
-            } else {
-                affected.slots.extend(covered);
             }
         }
         // Self rules, self peers: the owner's devices.
@@ -598,17 +631,26 @@ impl Plan {
             if let Some(class) = self.classes[c].as_mut() {
                 let mut list = class.peers.as_ref().clone();
                 let pos = list.binary_search_by(|p| p.name.as_str().cmp(name));
-                match (pos, entry) {
+                let kind = match (pos, entry) {
                     (Ok(i), Some(e)) => {
+                        let same = list.get(i).is_some_and(|old| **old == *e);
                         list.set(i, e);
+                        (!same).then_some(PeerChange::Changed)
                     }
                     (Ok(i), None) => {
                         list.remove(i);
+                        Some(PeerChange::Removed)
                     }
-                    (Err(i), Some(e)) => list.insert(i, e),
-                    (Err(_), None) => {}
-                }
+                    (Err(i), Some(e)) => {
+                        list.insert(i, e);
+                        Some(PeerChange::Added)
+                    }
+                    (Err(_), None) => None,
+                };
                 class.peers = Arc::new(list);
+                if let Some(kind) = kind {
+                    affected.class_change.insert(c, kind);
+                }
                 affected.peers_only.extend(class.members.iter().copied());
             }
         }
@@ -648,19 +690,28 @@ impl Plan {
 
     /// Whether rule `ri`'s filter entries stand alone before (`old` sources) and after
     /// (`new`): no other network rule with the same protocols has the same sources.
-    fn merge_free(&self, ri: usize, old: &Arc<Vec<String>>, new: &Arc<Vec<String>>) -> bool {
+    /// Returns (free of other plain rules, free of `autogroup:self` rules); self rules have
+    /// per-owner sources that may equal any list, so any with the same protocols conflicts.
+    fn merge_free(
+        &self,
+        ri: usize,
+        old: &Arc<Vec<String>>,
+        new: &Arc<Vec<String>>,
+    ) -> (bool, bool) {
         let rule = &self.rules[ri];
         if rule.caps.is_some() {
-            return true;
+            return (true, true);
         }
-        // Self rules have per-owner sources that may equal any list: they count as conflicts.
-        self.rules.iter().enumerate().all(|(rj, other)| {
-            rj == ri
-                || other.caps.is_some()
-                || other.protos != rule.protos
-                || (!other.self_rule
-                    && self.src_strings[rj] != *old
-                    && self.src_strings[rj] != *new)
-        })
+        let others = || {
+            self.rules
+                .iter()
+                .enumerate()
+                .filter(move |(rj, o)| *rj != ri && o.caps.is_none() && o.protos == rule.protos)
+        };
+        let plain = others()
+            .filter(|(_, o)| !o.self_rule)
+            .all(|(rj, _)| self.src_strings[rj] != *old && self.src_strings[rj] != *new);
+        let selfs = others().all(|(_, o)| !o.self_rule);
+        (plain, selfs)
     }
 }

@@ -13,7 +13,7 @@ use crate::error::CoreError;
 use crate::tailnet::{Node, Tailnet, User};
 use rayon::prelude::*;
 
-use crate::build::Plan;
+use crate::build::{PeerChange, Plan};
 use crate::wire::{NodeView, Peer};
 
 /// A change to the tailnet or its policy.
@@ -515,17 +515,39 @@ impl Engine {
                     .par_iter()
                     .map(|&s| (self.plan.name(s).to_string(), self.plan.view(s)))
                     .collect();
-                for s in affected.peers_only {
+                // Views whose peers (and, when patched, filter source lists) are the only
+                // possible change: their delta is known without comparing views.
+                let peer_delta = |s: usize| -> NodeDelta {
+                    let mut d = NodeDelta::default();
+                    let changed = vec![name.clone()];
+                    match affected.class_change.get(&self.plan.class_id(s)) {
+                        Some(PeerChange::Added) => d.peers_added = changed,
+                        Some(PeerChange::Removed) => d.peers_removed = changed,
+                        Some(PeerChange::Changed) => d.peers_changed = changed,
+                        None => {}
+                    }
+                    d
+                };
+                let mut known: Vec<(String, NodeView, NodeDelta)> = Vec::new();
+                for &s in &affected.peers_only {
                     let n = self.plan.name(s);
                     if let Some(old) = old_views.get(n) {
-                        fresh.push((n.to_string(), self.plan.with_new_peers(s, old)));
+                        known.push((
+                            n.to_string(),
+                            self.plan.with_new_peers(s, old),
+                            peer_delta(s),
+                        ));
                     }
                 }
-                for s in affected.patch_slots {
+                for &s in &affected.patch_slots {
                     let n = self.plan.name(s);
                     match old_views.get(n) {
-                        Some(old) => fresh
-                            .push((n.to_string(), self.plan.patched(s, old, &affected.patches))),
+                        Some(old) => {
+                            let (view, swapped) = self.plan.patched(s, old, &affected.patches);
+                            let mut d = peer_delta(s);
+                            d.filter_changed = swapped;
+                            known.push((n.to_string(), view, d));
+                        }
                         None => fresh.push((n.to_string(), self.plan.view(s))),
                     }
                 }
@@ -537,6 +559,12 @@ impl Engine {
                 }
                 for (n, v) in fresh {
                     let d = differ.diff(&n, old_views.get(&n), Some(&v));
+                    if !d.is_empty() {
+                        cs.nodes.insert(n.clone(), d);
+                    }
+                    views.insert(n, v);
+                }
+                for (n, v, d) in known {
                     if !d.is_empty() {
                         cs.nodes.insert(n.clone(), d);
                     }

@@ -83,7 +83,11 @@ impl std::fmt::Display for Divergence {
                 self.index, self.line, self.op
             )?;
         }
-        write!(f, "node {:?}: {}", self.node, self.what)
+        if self.node.is_empty() {
+            write!(f, "{}", self.what)
+        } else {
+            write!(f, "node {:?}: {}", self.node, self.what)
+        }
     }
 }
 
@@ -113,9 +117,11 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
 
     let mut stats: BTreeMap<&'static str, OpStats> = BTreeMap::new();
     let mut divergence = None;
-    let mut prev = engine.snapshot();
-    if a.verify {
-        divergence = check_reference(&prev).map(|(node, what)| Divergence {
+    // Only with --verify: a snapshot held across `apply` makes the engine copy what it
+    // shares with it instead of updating in place, which is not what is being timed.
+    let mut prev = a.verify.then(|| engine.snapshot());
+    if let Some(p) = &prev {
+        divergence = check_reference(p).map(|(node, what)| Divergence {
             index: 0,
             line: 0,
             op: "build",
@@ -140,12 +146,8 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
                 if text {
                     println!("#{index} {op} {subject}: rejected in {}: {e}", fmt_dur(dt));
                 }
-                if a.verify {
-                    let now = engine.snapshot();
-                    check_unchanged(&prev, &now)
-                } else {
-                    None
-                }
+                prev.as_ref()
+                    .and_then(|p| check_unchanged(p, &engine.snapshot()))
             }
             Ok(cs) => {
                 entry.applied.push((dt, cs.nodes.len()));
@@ -156,14 +158,15 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
                         fmt_dur(dt)
                     );
                 }
-                if a.verify {
-                    let now = engine.snapshot();
-                    let found =
-                        check_change_set(&prev, &now, &cs).or_else(|| check_reference(&now));
-                    prev = now;
-                    found
-                } else {
-                    None
+                match prev.as_mut() {
+                    Some(p) => {
+                        let now = engine.snapshot();
+                        let found =
+                            check_change_set(p, &now, &cs).or_else(|| check_reference(&now));
+                        *p = now;
+                        found
+                    }
+                    None => None,
                 }
             }
         };
@@ -358,10 +361,17 @@ impl Comparer {
         }
         let v = a.len() == b.len()
             && a.iter().zip(b.iter()).all(|(x, y)| {
-                self.arc(&x.src_ips, &y.src_ips)
-                    && self.arc(&x.dst_ports, &y.dst_ports)
-                    && x.ip_proto == y.ip_proto
-                    && x.cap_grant == y.cap_grant
+                // Destructured so that a new field is a compile error here, not a blind spot.
+                let FilterRule {
+                    src_ips,
+                    dst_ports,
+                    ip_proto,
+                    cap_grant,
+                } = x;
+                self.arc(src_ips, &y.src_ips)
+                    && self.arc(dst_ports, &y.dst_ports)
+                    && *ip_proto == y.ip_proto
+                    && *cap_grant == y.cap_grant
             });
         self.memo.insert(key, v);
         v
@@ -377,10 +387,16 @@ impl Comparer {
         }
         let v = a.len() == b.len()
             && a.iter().zip(b.iter()).all(|(x, y)| {
-                self.arc(&x.principals, &y.principals)
-                    && x.ssh_users == y.ssh_users
-                    && x.action == y.action
-                    && x.accept_env == y.accept_env
+                let SshRuleWire {
+                    principals,
+                    ssh_users,
+                    action,
+                    accept_env,
+                } = x;
+                self.arc(principals, &y.principals)
+                    && *ssh_users == y.ssh_users
+                    && *action == y.action
+                    && *accept_env == y.accept_env
             });
         self.memo.insert(key, v);
         v
@@ -393,10 +409,16 @@ impl Comparer {
     }
 
     fn view(&mut self, a: &NodeView, b: &NodeView) -> bool {
-        self.filters(&a.packet_filter, &b.packet_filter)
-            && self.ssh(&a.ssh_rules, &b.ssh_rules)
-            && self.arc(&a.cap_map, &b.cap_map)
-            && self.peers(&a.peers, &b.peers)
+        let NodeView {
+            packet_filter,
+            peers,
+            ssh_rules,
+            cap_map,
+        } = a;
+        self.filters(packet_filter, &b.packet_filter)
+            && self.ssh(ssh_rules, &b.ssh_rules)
+            && self.arc(cap_map, &b.cap_map)
+            && self.peers(peers, &b.peers)
     }
 }
 
@@ -404,8 +426,12 @@ impl Comparer {
 /// snapshots, each with the delta the views show.
 fn check_change_set(prev: &Snapshot, now: &Snapshot, cs: &ChangeSet) -> Option<(String, String)> {
     let names: BTreeSet<&String> = prev.views().keys().chain(now.views().keys()).collect();
+    let mut same = Comparer::default();
     for name in names {
-        let want = diff_views(prev.view(name), now.view(name));
+        let want = match (prev.view(name), now.view(name)) {
+            (Some(a), Some(b)) if same.view(a, b) => NodeDelta::default(),
+            (a, b) => diff_views(a, b),
+        };
         match cs.nodes.get(name.as_str()) {
             None if want.is_empty() => {}
             None => {
@@ -564,9 +590,14 @@ fn print_table(
     for (op, s) in stats {
         let (median, p99, affected) = summarize(s);
         let dash = || "-".to_string();
-        let ratio = median
-            .filter(|m| !m.is_zero())
-            .map(|m| format!("{:.0}x", full_build.as_secs_f64() / m.as_secs_f64()));
+        let ratio = median.filter(|m| !m.is_zero()).map(|m| {
+            let r = full_build.as_secs_f64() / m.as_secs_f64();
+            if r < 10.0 {
+                format!("{r:.1}x")
+            } else {
+                format!("{r:.0}x")
+            }
+        });
         println!(
             "{:<14} {:>6} {:>8} {:>11} {:>11} {:>9} {:>14}",
             op,

@@ -41,9 +41,20 @@ pub fn run(a: &ComputeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    let computed = netmap_core::compute_all(&policy, &tailnet);
+    drop(policy);
+    // The views come from the engine (the policy was checked above, tests included).
+    let engine = match super::read_file(&a.policy)
+        .and_then(|text| netmap_core::Engine::restore(&text, tailnet).map_err(|e| e.to_string()))
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("{}: {e}", a.policy.display());
+            return ExitCode::from(1);
+        }
+    };
+    let snapshot = engine.snapshot();
     let mut out = serde_json::Map::new();
-    for (name, view) in &computed.views {
+    for (name, view) in snapshot.views().iter() {
         if !a.nodes.is_empty() && !a.nodes.contains(name) {
             continue;
         }

@@ -217,9 +217,14 @@ fn run_case(policy_text: &str, state_text: &str) -> CaseRun {
     if !report.passed() {
         return fail(format!("{POLICY_NAME}: {}", CoreError::TestsFailed(report)));
     }
-    let computed = netmap_core::compute_all(&policy, &tailnet);
+    // The views come from the engine, as `netmap compute` gets them.
+    let engine = match netmap_core::Engine::restore(policy_text, tailnet) {
+        Ok(e) => e,
+        Err(e) => return fail(format!("{POLICY_NAME}: {e}")),
+    };
+    let snapshot = engine.snapshot();
     let mut nodes = Map::new();
-    for (name, view) in &computed.views {
+    for (name, view) in snapshot.views().iter() {
         match serde_json::to_value(view) {
             Ok(v) => {
                 nodes.insert(name.clone(), v);

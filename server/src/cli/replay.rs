@@ -634,6 +634,50 @@ mod tests {
         assert!(err.is_some_and(|e| e.starts_with("c.ndjson:3: invalid change")));
     }
 
+    fn small_engine() -> Engine {
+        let state = r#"{"users": [{"id": 1, "name": "u", "email": "u@x"}], "nodes": {
+            "a": {"hostname": "a", "user": "u", "ipv4": "100.64.0.1", "created": "2026-01-01T00:00:00Z"},
+            "b": {"hostname": "b", "tags": ["tag:x"], "ipv4": "100.64.0.2", "created": "2026-01-01T00:00:01Z"}
+        }, "tailnet": {}}"#;
+        let policy = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#;
+        Engine::new(
+            policy,
+            netmap_core::Tailnet::from_state_json(state).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_change_set_missing_or_naming_extra_nodes_is_a_divergence() {
+        let mut engine = small_engine();
+        let prev = engine.snapshot();
+        assert!(check_reference(&prev).is_none());
+        let cs = engine
+            .apply(Change::RemoveNode { node: "a".into() })
+            .unwrap();
+        let now = engine.snapshot();
+        assert!(check_change_set(&prev, &now, &cs).is_none());
+        assert!(check_reference(&now).is_none());
+
+        let mut missing = cs.clone();
+        missing.nodes.remove("b");
+        let d = check_change_set(&prev, &now, &missing).unwrap();
+        assert_eq!(d.0, "b");
+        assert!(d.1.contains("does not name it"), "{}", d.1);
+
+        let mut extra = ChangeSet::default();
+        extra.nodes.insert("b".into(), NodeDelta::default());
+        let d = check_change_set(&now, &now, &extra).unwrap();
+        assert!(d.1.contains("did not change"), "{}", d.1);
+
+        let mut wrong = cs;
+        if let Some(delta) = wrong.nodes.get_mut("b") {
+            delta.ssh_changed = !delta.ssh_changed;
+        }
+        let d = check_change_set(&prev, &now, &wrong).unwrap();
+        assert!(d.1.contains("differs from the views' delta"), "{}", d.1);
+    }
+
     #[test]
     fn generator_change_shapes_parse() {
         let lines = [

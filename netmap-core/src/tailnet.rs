@@ -222,6 +222,28 @@ pub fn dns_label(hostname: &str) -> String {
     }
 }
 
+/// Formats seconds (and nanoseconds) since the Unix epoch as RFC 3339 in UTC; the inverse of
+/// [`parse_rfc3339`]. Nanoseconds are written only when non-zero.
+pub fn format_rfc3339(secs: i64, nanos: u32) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s) = (rem / 3_600, rem / 60 % 60, rem % 60);
+    if nanos == 0 {
+        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
+    } else {
+        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{nanos:09}Z")
+    }
+}
+
 /// Parses an RFC 3339 timestamp into (seconds since epoch, nanoseconds).
 pub fn parse_rfc3339(s: &str) -> Option<(i64, u32)> {
     let b = s.as_bytes();
@@ -290,5 +312,12 @@ mod tests {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some((0, 0)));
         assert_eq!(parse_rfc3339("1970-01-01T01:00:00+01:00"), Some((0, 0)));
         assert!(parse_rfc3339("nope").is_none());
+        for (secs, nanos) in [(0, 0), (1_776_000_000, 464_877_073), (951_782_400, 0)] {
+            assert_eq!(
+                parse_rfc3339(&format_rfc3339(secs, nanos)),
+                Some((secs, nanos))
+            );
+        }
+        assert_eq!(format_rfc3339(951_782_400, 0), "2000-02-29T00:00:00Z");
     }
 }

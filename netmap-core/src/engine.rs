@@ -141,32 +141,8 @@ pub fn diff_views(old: Option<&NodeView>, new: Option<&NodeView>) -> NodeDelta {
                 ..NodeDelta::default()
             };
             if o.peers != n.peers {
-                let mut a = o.peers.iter().peekable();
-                let mut b = n.peers.iter().peekable();
-                loop {
-                    match (a.peek(), b.peek()) {
-                        (Some(x), Some(y)) if x.name == y.name => {
-                            if x != y {
-                                d.peers_changed.push(y.name.clone());
-                            }
-                            a.next();
-                            b.next();
-                        }
-                        (Some(x), Some(y)) if x.name < y.name => {
-                            d.peers_removed.push(x.name.clone());
-                            a.next();
-                        }
-                        (Some(x), None) => {
-                            d.peers_removed.push(x.name.clone());
-                            a.next();
-                        }
-                        (_, Some(y)) => {
-                            d.peers_added.push(y.name.clone());
-                            b.next();
-                        }
-                        (None, None) => break,
-                    }
-                }
+                (d.peers_added, d.peers_removed, d.peers_changed) =
+                    merge_diff(o.peers.iter(), n.peers.iter());
             }
             d
         }

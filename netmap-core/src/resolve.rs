@@ -202,7 +202,11 @@ impl Resolver {
     /// Whether alias `a` names node `i` by identity (user, group, tag, autogroup), evaluated
     /// for that node alone.
     pub fn alias_names(&self, a: &Alias, i: usize) -> bool {
-        let n = &self.nodes[i];
+        self.alias_names_info(a, &self.nodes[i])
+    }
+
+    /// [`Resolver::alias_names`] for a node record that need not be in a slot yet.
+    fn alias_names_info(&self, a: &Alias, n: &NodeInfo) -> bool {
         if !n.alive {
             return false;
         }
@@ -233,10 +237,10 @@ impl Resolver {
                     .unwrap_or(&[]);
                 items
                     .iter()
-                    .any(|it| matches!(it, IpSetItem::Add(a) if self.alias_names(a, i)))
+                    .any(|it| matches!(it, IpSetItem::Add(a) if self.alias_names_info(a, n)))
                     && !items
                         .iter()
-                        .any(|it| matches!(it, IpSetItem::Remove(a) if self.alias_names(a, i)))
+                        .any(|it| matches!(it, IpSetItem::Remove(a) if self.alias_names_info(a, n)))
             }
             Alias::AutoGroup(g) => match g {
                 AutoGroup::Member => n.is_member(),
@@ -310,19 +314,6 @@ impl Resolver {
             }
         }
         slot
-    }
-
-    fn alias_names_info(&self, a: &Alias, info: &NodeInfo) -> bool {
-        // Evaluate against a node not yet in its slot.
-        let probe = Resolver {
-            policy: self.policy.clone(),
-            tailnet: Tailnet::default(),
-            nodes: vec![info.clone()],
-            by_email: HashMap::new(),
-            by_name: HashMap::new(),
-            v4_off: Vec::new(),
-        };
-        probe.alias_names(a, 0)
     }
 
     fn resolve_inner(&self, a: &Alias) -> Resolved {

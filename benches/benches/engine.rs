@@ -268,10 +268,9 @@ fn snapshot(c: &mut Criterion) {
         });
         let name = engine
             .snapshot()
-            .views()
-            .keys()
+            .node_names()
             .next()
-            .cloned()
+            .map(str::to_string)
             .unwrap_or_default();
         group.bench_with_input(BenchmarkId::new("ops/view", nodes), &engine, |b, e| {
             b.iter(|| e.snapshot().view(&name).map(|v| v.peers.len()))

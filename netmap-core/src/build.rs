@@ -16,9 +16,9 @@ use rayon::prelude::*;
 use crate::addr::host_prefix;
 use crate::compute::{exit_usable, filter_for, net_rules, routed_through, NetRule};
 use crate::resolve::{Resolved, Resolver};
-use crate::ssh::SshPlan;
+use crate::ssh::{BoundSshRule, SshPlan};
 use crate::tailnet::{Node, Tailnet};
-use crate::wire::{CapMap, NodeView, Peer, PeerList, SharedPeers};
+use crate::wire::{CapMap, FilterRule, NodeView, Peer, PeerList, SharedPeers, SshPrincipal};
 
 /// All views of a tailnet under a policy, computed from scratch.
 pub struct Computed {
@@ -55,7 +55,72 @@ type ClassKey = (Bits, Bits, Vec<IpNet>, bool);
 struct Class {
     rep: usize,
     members: BTreeSet<usize>,
-    peers: SharedPeers,
+}
+
+/// The parts of a plan that many stored views read instead of holding copies: each class's
+/// peer list, each rule's source list, each SSH rule's identity principals. Persistent, so a
+/// snapshot takes them in O(1).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tables {
+    class_peers: imbl::Vector<SharedPeers>,
+    rule_src: imbl::Vector<Arc<Vec<String>>>,
+    ssh_principals: imbl::Vector<Arc<Vec<SshPrincipal>>>,
+}
+
+/// A node's view as the engine keeps it: its own parts, and references into [`Tables`] for
+/// the parts it shares with other nodes. A change to a shared part is made once, in the
+/// tables, and every view that reads it follows without being touched.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredView {
+    class: usize,
+    filter: Arc<Vec<(FilterRule, Option<usize>)>>,
+    /// Peers only this node has (its owner's other devices through `autogroup:self`).
+    extra: Arc<Vec<Arc<Peer>>>,
+    ssh: Arc<Vec<BoundSshRule>>,
+    cap_map: Arc<CapMap>,
+}
+
+impl StoredView {
+    /// The full view of node `name`, reading shared parts from `tables`.
+    pub(crate) fn materialize(&self, tables: &Tables, name: &str) -> NodeView {
+        let shared = tables
+            .class_peers
+            .get(self.class)
+            .cloned()
+            .unwrap_or_default();
+        let packet_filter = self
+            .filter
+            .iter()
+            .map(
+                |(f, bound)| match bound.and_then(|ri| tables.rule_src.get(ri)) {
+                    Some(src) => FilterRule {
+                        src_ips: src.clone(),
+                        ..f.clone()
+                    },
+                    None => f.clone(),
+                },
+            )
+            .collect();
+        let ssh_rules = self
+            .ssh
+            .iter()
+            .map(
+                |(rule, bound)| match bound.and_then(|k| tables.ssh_principals.get(k)) {
+                    Some(p) => crate::wire::SshRuleWire {
+                        principals: p.clone(),
+                        ..rule.clone()
+                    },
+                    None => rule.clone(),
+                },
+            )
+            .collect();
+        NodeView {
+            packet_filter: Arc::new(packet_filter),
+            peers: PeerList::new(shared, name, self.extra.as_ref().clone()),
+            ssh_rules: Arc::new(ssh_rules),
+            cap_map: self.cap_map.clone(),
+        }
+    }
 }
 
 /// Resolved rules and shared structures for one tailnet state.
@@ -70,33 +135,41 @@ pub(crate) struct Plan {
     dst_bits: Vec<Bits>,
     /// Rules that are not `autogroup:self` rules.
     plain_mask: Bits,
-    pub src_strings: Vec<Arc<Vec<String>>>,
+    pub src_strings: imbl::Vector<Arc<Vec<String>>>,
     /// Sources of `autogroup:self` rules, per (rule, owner email).
     pub self_src: HashMap<(usize, String), Arc<Vec<String>>>,
     classes: Vec<Option<Class>>,
+    /// Per class id, its peer list (stale for classes that emptied).
+    class_peers: imbl::Vector<SharedPeers>,
     class_ids: HashMap<ClassKey, usize>,
     class_of: Vec<usize>,
     /// Per slot, the peer entry of a node without routes: [viewer uses IPv4, viewer does not].
     base_peer: Vec<[Arc<Peer>; 2]>,
     ssh: SshPlan,
     attr_targets: Vec<Resolved>,
+    /// What bound entries carry in place of the lists they read from the tables.
+    unbound_src: Arc<Vec<String>>,
+    unbound_principals: Arc<Vec<SshPrincipal>>,
 }
 
-/// A rule's source list replaced: (old, new).
-pub(crate) type SourceSwap = (Arc<Vec<String>>, Arc<Vec<String>>);
+/// What an update did to one slot's view (bit flags).
+pub(crate) mod touch {
+    /// The stored view must be recomputed.
+    pub const RECOMPUTE: u8 = 1;
+    /// Its class's peer list changed (see `Affected::class_change`).
+    pub const PEERS: u8 = 2;
+    /// A source list its filter reads from the tables changed.
+    pub const FILTER: u8 = 4;
+    /// Principals its SSH rules read from the tables changed.
+    pub const SSH: u8 = 8;
+}
 
 /// The slots whose views an update may have changed.
 #[derive(Debug, Default)]
 pub(crate) struct Affected {
-    /// Views to recompute.
-    pub slots: BTreeSet<usize>,
-    /// Views whose only possible change is their class's peer list.
-    pub peers_only: BTreeSet<usize>,
-    /// Views whose filter changes only by the source-list swaps in `patches` (and whose peers
-    /// may change as for `peers_only`).
-    pub patch_slots: BTreeSet<usize>,
-    /// Source lists replaced: (old, new).
-    pub patches: Vec<SourceSwap>,
+    /// Live slots touched, with [`touch`] flags. Slots without `RECOMPUTE` keep their
+    /// stored view: what changed for them is known from the flags.
+    pub slots: Vec<(usize, u8)>,
     /// How the changed node appears in each class's peer list now (classes not listed: no
     /// change).
     pub class_change: HashMap<usize, PeerChange>,
@@ -138,14 +211,17 @@ impl Plan {
             src_bits: Vec::new(),
             dst_bits: Vec::new(),
             plain_mask,
-            src_strings: Vec::new(),
+            src_strings: imbl::Vector::new(),
             self_src: HashMap::new(),
             classes: Vec::new(),
+            class_peers: imbl::Vector::new(),
             class_ids: HashMap::new(),
             class_of: Vec::new(),
             base_peer: Vec::new(),
             ssh,
             attr_targets,
+            unbound_src: Arc::default(),
+            unbound_principals: Arc::default(),
         };
         let n = plan.r.nodes.len();
         let (src_bits, dst_bits): (Vec<Bits>, Vec<Bits>) =
@@ -166,13 +242,37 @@ impl Plan {
 
     /// Every live node's view, in name order.
     pub(crate) fn all_views(&self) -> Vec<(String, NodeView)> {
-        let live: Vec<usize> = self.live().collect();
-        let mut out: Vec<(String, NodeView)> = live
-            .par_iter()
-            .map(|&v| (self.r.nodes[v].name.clone(), self.view(v)))
+        let tables = self.tables();
+        let mut out: Vec<(String, NodeView)> = self
+            .all_stored_views()
+            .into_par_iter()
+            .map(|(name, sv)| {
+                let view = sv.materialize(&tables, &name);
+                (name, view)
+            })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// Every live node's stored view, in name order.
+    pub(crate) fn all_stored_views(&self) -> Vec<(String, StoredView)> {
+        let live: Vec<usize> = self.live().collect();
+        let mut out: Vec<(String, StoredView)> = live
+            .par_iter()
+            .map(|&v| (self.r.nodes[v].name.clone(), self.stored_view(v)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The shared parts views read (O(1): persistent vectors).
+    pub(crate) fn tables(&self) -> Tables {
+        Tables {
+            class_peers: self.class_peers.clone(),
+            rule_src: self.src_strings.clone(),
+            ssh_principals: self.ssh.principals.clone(),
+        }
     }
 
     fn live(&self) -> impl Iterator<Item = usize> + '_ {
@@ -281,17 +381,11 @@ impl Plan {
             .par_iter()
             .map(|&rep| self.class_peer_list(rep))
             .collect();
+        self.class_peers = lists.into_iter().collect();
         self.classes = reps
             .into_iter()
             .zip(members)
-            .zip(lists)
-            .map(|((rep, members), peers)| {
-                Some(Class {
-                    rep,
-                    members,
-                    peers,
-                })
-            })
+            .map(|(rep, members)| Some(Class { rep, members }))
             .collect();
         self.class_ids = ids;
         self.class_of = class_of;
@@ -411,60 +505,33 @@ impl Plan {
         &self.r.nodes[slot].name
     }
 
-    /// Node `v`'s view when only its class's peer list may have changed since `old`.
-    pub(crate) fn with_new_peers(&self, v: usize, old: &NodeView) -> NodeView {
-        let shared = self.classes[self.class_of[v]]
-            .as_ref()
-            .map(|c| c.peers.clone())
-            .unwrap_or_default();
-        NodeView {
-            peers: PeerList::new(shared, &self.r.nodes[v].name, old.peers.extra().to_vec()),
-            ..old.clone()
-        }
-    }
-
-    /// Node `v`'s view after swapping the source lists in `patches` in its filter, and taking
-    /// its class's current peer list; also whether a swapped list differs in content.
-    pub(crate) fn patched(
-        &self,
-        v: usize,
-        old: &NodeView,
-        patches: &[SourceSwap],
-    ) -> (NodeView, bool) {
-        let mut changed = false;
-        let filter: Vec<crate::wire::FilterRule> = old
-            .packet_filter
-            .iter()
-            .map(
-                |f| match patches.iter().find(|(o, _)| Arc::ptr_eq(o, &f.src_ips)) {
-                    Some((o, new)) => {
-                        changed |= o != new;
-                        crate::wire::FilterRule {
-                            src_ips: new.clone(),
-                            ..f.clone()
-                        }
-                    }
-                    None => f.clone(),
-                },
-            )
-            .collect();
-        let view = NodeView {
-            packet_filter: Arc::new(filter),
-            ..self.with_new_peers(v, old)
-        };
-        (view, changed)
-    }
-
     /// The complete view of node `v`.
+    #[allow(dead_code)]
     pub(crate) fn view(&self, v: usize) -> NodeView {
-        let shared = self.classes[self.class_of[v]]
-            .as_ref()
-            .map(|c| c.peers.clone())
-            .unwrap_or_default();
-        NodeView {
-            packet_filter: Arc::new(filter_for(self, v)),
-            peers: PeerList::new(shared, &self.r.nodes[v].name, self.self_peers(v)),
-            ssh_rules: Arc::new(self.ssh.rules_for(&self.r, v)),
+        self.stored_view(v)
+            .materialize(&self.tables(), &self.r.nodes[v].name)
+    }
+
+    /// Node `v`'s view as the engine stores it.
+    pub(crate) fn stored_view(&self, v: usize) -> StoredView {
+        let filter = filter_for(self, v)
+            .into_iter()
+            .map(|(f, bound)| match bound {
+                Some(_) => (
+                    FilterRule {
+                        src_ips: self.unbound_src.clone(),
+                        ..f
+                    },
+                    bound,
+                ),
+                None => (f, None),
+            })
+            .collect();
+        StoredView {
+            class: self.class_of[v],
+            filter: Arc::new(filter),
+            extra: Arc::new(self.self_peers(v)),
+            ssh: Arc::new(self.ssh.rules_for(&self.r, v, &self.unbound_principals)),
             cap_map: Arc::new(self.caps_for(v)),
         }
     }
@@ -478,6 +545,7 @@ impl Plan {
         name: &str,
         node: Option<&Node>,
     ) -> Option<Affected> {
+        use touch::{FILTER, PEERS, RECOMPUTE, SSH};
         let old_slot = self.slot(name);
         if let Some(s) = old_slot {
             if !self.r.nodes[s].node.routable_ips.is_empty() {
@@ -502,6 +570,7 @@ impl Plan {
             let bp = self.base_peers_of(x);
             self.base_peer.push(bp);
         }
+        let mut flags = vec![0u8; self.r.nodes.len()];
         let alive = self.r.nodes[x].alive;
         let addrs_changed = old_info.as_ref().map(|o| &o.addrs) != Some(&self.r.nodes[x].addrs);
         let ident_changed = old_info.as_ref().is_none_or(|o| {
@@ -549,50 +618,60 @@ impl Plan {
             }
             let old = self.src_strings[ri].clone();
             let new = Arc::new(self.r.src_strings(&self.rules[ri].src));
-            self.src_strings[ri] = new.clone();
-            // The filters that carry this rule can swap its source list in place when the
-            // rule cannot have merged (or newly merge) with another one and stays non-empty.
+            self.src_strings.set(ri, new.clone());
+            // Filters whose entry for this rule is bound to it follow the new list without
+            // being recomputed, when the rule cannot have merged (or newly merge) with
+            // another one and stays non-empty.
             let non_empty = !old.is_empty() && !new.is_empty();
             let (free_plain, free_self) = self.merge_free(ri, &old, &new);
-            for v in self
-                .live()
-                .filter(|&v| bit(&self.dst_bits[v], ri))
-                .collect::<Vec<_>>()
-            {
+            let content = if old != new { FILTER } else { 0 };
+            for v in self.live().filter(|&v| bit(&self.dst_bits[v], ri)) {
                 // autogroup:self rules only reach members' filters.
                 let free = free_plain && (free_self || !self.r.nodes[v].is_member());
-                if non_empty && free {
-                    affected.patch_slots.insert(v);
+                flags[v] |= if non_empty && free {
+                    content
                 } else {
-                    affected.slots.insert(v);
-                }
-            }
-            if non_empty && free_plain {
-                affected.patches.push((old, new));
+                    RECOMPUTE
+                };
             }
         }
         // Self rules, self peers: the owner's devices.
         for email in &owners {
             self.refresh_self_src(email);
             for &y in self.r.by_email.get(email).map(Vec::as_slice).unwrap_or(&[]) {
-                affected.slots.insert(y);
+                flags[y] |= RECOMPUTE;
             }
         }
         if let Some(o) = &old_info {
             // The old owner's devices (by_email no longer lists x under a changed owner).
             if let Some(e) = &o.email {
                 for &y in self.r.by_email.get(e).map(Vec::as_slice).unwrap_or(&[]) {
-                    affected.slots.insert(y);
+                    flags[y] |= RECOMPUTE;
                 }
             }
         }
-        // SSH rules whose principals changed: the nodes they apply to.
-        for k in ssh_changed {
+        // SSH rules whose principals changed: the nodes they apply to. Entries bound to the
+        // rule's principals follow them while the rule keeps some (it stays in their list).
+        for (k, before, after) in ssh_changed {
             let (all, dsts) = self.ssh.identity_dsts(k);
-            if all {
-                affected.slots.extend(self.live());
+            let flag = if !self.ssh.binds(k) || before.is_empty() || after.is_empty() {
+                RECOMPUTE
+            } else if before != after {
+                SSH
             } else {
-                affected.slots.extend(dsts);
+                0
+            };
+            if flag == 0 {
+                continue;
+            }
+            if all {
+                for v in self.live().collect::<Vec<_>>() {
+                    flags[v] |= flag;
+                }
+            } else {
+                for v in dsts {
+                    flags[v] |= flag;
+                }
             }
         }
 
@@ -628,30 +707,33 @@ impl Plan {
                 continue;
             }
             let entry = now.then(|| self.peer_entry(rep, x));
-            if let Some(class) = self.classes[c].as_mut() {
-                let mut list = class.peers.as_ref().clone();
-                let pos = list.binary_search_by(|p| p.name.as_str().cmp(name));
-                let kind = match (pos, entry) {
-                    (Ok(i), Some(e)) => {
-                        let same = list.get(i).is_some_and(|old| **old == *e);
-                        list.set(i, e);
-                        (!same).then_some(PeerChange::Changed)
-                    }
-                    (Ok(i), None) => {
-                        list.remove(i);
-                        Some(PeerChange::Removed)
-                    }
-                    (Err(i), Some(e)) => {
-                        list.insert(i, e);
-                        Some(PeerChange::Added)
-                    }
-                    (Err(_), None) => None,
-                };
-                class.peers = Arc::new(list);
-                if let Some(kind) = kind {
-                    affected.class_change.insert(c, kind);
+            let Some(current) = self.class_peers.get(c) else {
+                continue;
+            };
+            let mut list = current.as_ref().clone();
+            let pos = list.binary_search_by(|p| p.name.as_str().cmp(name));
+            let kind = match (pos, entry) {
+                (Ok(i), Some(e)) => {
+                    let same = list.get(i).is_some_and(|old| **old == *e);
+                    list.set(i, e);
+                    (!same).then_some(PeerChange::Changed)
                 }
-                affected.peers_only.extend(class.members.iter().copied());
+                (Ok(i), None) => {
+                    list.remove(i);
+                    Some(PeerChange::Removed)
+                }
+                (Err(i), Some(e)) => {
+                    list.insert(i, e);
+                    Some(PeerChange::Added)
+                }
+                (Err(_), None) => None,
+            };
+            self.class_peers.set(c, Arc::new(list));
+            if let Some(kind) = kind {
+                affected.class_change.insert(c, kind);
+                for &m in &class.members {
+                    flags[m] |= PEERS;
+                }
             }
         }
         if alive {
@@ -663,8 +745,8 @@ impl Plan {
                     self.classes.push(Some(Class {
                         rep: x,
                         members: BTreeSet::new(),
-                        peers,
                     }));
+                    self.class_peers.push_back(peers);
                     let id = self.classes.len() - 1;
                     self.class_ids.insert(key, id);
                     id
@@ -674,17 +756,13 @@ impl Plan {
                 class.members.insert(x);
             }
             self.class_of[x] = id;
-            affected.slots.insert(x);
+            flags[x] |= RECOMPUTE;
         }
-        affected.slots.retain(|&s| self.r.nodes[s].alive);
-        let full = &affected.slots;
-        affected
-            .patch_slots
-            .retain(|s| !full.contains(s) && self.r.nodes[*s].alive);
-        let patched = &affected.patch_slots;
-        affected
-            .peers_only
-            .retain(|s| !full.contains(s) && !patched.contains(s) && self.r.nodes[*s].alive);
+        affected.slots = flags
+            .into_iter()
+            .enumerate()
+            .filter(|&(s, f)| f != 0 && self.r.nodes[s].alive)
+            .collect();
         Some(affected)
     }
 

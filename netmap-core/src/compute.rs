@@ -228,9 +228,11 @@ impl NetRule {
 
 /// The packet filter of node `d`: every rule whose destinations cover it, narrowed to what
 /// it serves; rules with the same sources and protocols merge.
-pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<FilterRule> {
+/// Node `d`'s packet filter. An entry made of one non-self rule alone is bound to it
+/// (`Some(rule index)`): its sources are that rule's current source list.
+pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule, Option<usize>)> {
     let r = &plan.r;
-    let mut out: Vec<FilterRule> = Vec::new();
+    let mut out: Vec<(FilterRule, Option<usize>)> = Vec::new();
     for (ri, rule) in plan.rules.iter().enumerate() {
         if rule.self_rule && !r.nodes[d].is_member() {
             continue;
@@ -279,34 +281,42 @@ pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<FilterRule>
             if cap_dsts.is_empty() {
                 continue;
             }
-            out.push(FilterRule {
-                src_ips,
-                dst_ports: Arc::default(),
-                ip_proto: Vec::new(),
-                cap_grant: vec![CapGrant {
-                    dsts: cap_dsts,
-                    cap_map: caps.clone(),
-                }],
-            });
+            out.push((
+                FilterRule {
+                    src_ips,
+                    dst_ports: Arc::default(),
+                    ip_proto: Vec::new(),
+                    cap_grant: vec![CapGrant {
+                        dsts: cap_dsts,
+                        cap_map: caps.clone(),
+                    }],
+                },
+                (!rule.self_rule).then_some(ri),
+            ));
             continue;
         }
         if dst_ports.is_empty() || src_ips.is_empty() {
             continue;
         }
         // Rules with the same sources and protocols merge.
-        if let Some(existing) = out.iter_mut().find(|f| {
+        if let Some((existing, bound)) = out.iter_mut().find(|(f, _)| {
             f.cap_grant.is_empty()
                 && f.ip_proto == rule.protos
                 && (Arc::ptr_eq(&f.src_ips, &src_ips) || f.src_ips == src_ips)
         }) {
             Arc::make_mut(&mut existing.dst_ports).extend(dst_ports);
+            // Two rules in one entry: it follows neither alone.
+            *bound = None;
         } else {
-            out.push(FilterRule {
-                src_ips,
-                dst_ports: Arc::new(dst_ports),
-                ip_proto: rule.protos.clone(),
-                cap_grant: Vec::new(),
-            });
+            out.push((
+                FilterRule {
+                    src_ips,
+                    dst_ports: Arc::new(dst_ports),
+                    ip_proto: rule.protos.clone(),
+                    cap_grant: Vec::new(),
+                },
+                (!rule.self_rule).then_some(ri),
+            ));
         }
     }
     out

@@ -13,7 +13,7 @@ use crate::error::CoreError;
 use crate::tailnet::{Node, Tailnet, User};
 use rayon::prelude::*;
 
-use crate::build::{PeerChange, Plan};
+use crate::build::{touch, PeerChange, Plan, StoredView, Tables};
 use crate::wire::{NodeView, Peer};
 
 /// A change to the tailnet or its policy.
@@ -150,23 +150,46 @@ pub fn diff_views(old: Option<&NodeView>, new: Option<&NodeView>) -> NodeDelta {
 }
 
 /// An immutable, cheaply cloned state: policy, tailnet and every node's view.
+///
+/// Views are kept in a compact form that shares peer lists, source lists and SSH principals
+/// between nodes; [`Snapshot::view`] assembles one node's full view on demand.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     policy_text: Arc<str>,
     policy: Arc<Policy>,
     tailnet: Tailnet,
-    views: OrdMap<String, NodeView>,
+    views: OrdMap<String, StoredView>,
+    tables: Tables,
 }
 
 impl Snapshot {
     /// A node's view.
-    pub fn view(&self, node: &str) -> Option<&NodeView> {
-        self.views.get(node)
+    pub fn view(&self, node: &str) -> Option<NodeView> {
+        self.views
+            .get(node)
+            .map(|v| v.materialize(&self.tables, node))
     }
 
-    /// Every view, by node name.
-    pub fn views(&self) -> &OrdMap<String, NodeView> {
-        &self.views
+    /// Whether the node has a view (it exists).
+    pub fn contains(&self, node: &str) -> bool {
+        self.views.contains_key(node)
+    }
+
+    /// The number of nodes (views).
+    pub fn node_count(&self) -> usize {
+        self.views.len()
+    }
+
+    /// The nodes' names, in order.
+    pub fn node_names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.views.keys().map(String::as_str)
+    }
+
+    /// Every node's view, in name order (each assembled as it is reached).
+    pub fn views(&self) -> impl Iterator<Item = (&str, NodeView)> + '_ {
+        self.views
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.materialize(&self.tables, n)))
     }
 
     /// The tailnet state (including recorded primary routers).
@@ -355,7 +378,7 @@ pub struct Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("nodes", &self.current.views.len())
+            .field("nodes", &self.current.node_count())
             .finish()
     }
 }
@@ -391,13 +414,14 @@ impl Engine {
         }
         let plan = Plan::build(policy.clone(), &tailnet);
         tailnet.primaries = plan.primaries.clone();
-        let views: OrdMap<String, NodeView> = plan.all_views().into_iter().collect();
+        let views: OrdMap<String, StoredView> = plan.all_stored_views().into_iter().collect();
         Engine {
             current: Snapshot {
                 policy_text: Arc::from(policy_text),
                 policy,
                 tailnet,
                 views,
+                tables: plan.tables(),
             },
             plan,
         }
@@ -479,6 +503,7 @@ impl Engine {
             return Ok(ChangeSet::default());
         }
         let old_views = self.current.views.clone();
+        let old_tables = self.current.tables.clone();
         let mut differ = Differ::new();
         let mut cs = ChangeSet::default();
         let affected = incremental
@@ -486,80 +511,82 @@ impl Engine {
             .and_then(|(name, node)| self.plan.update_node(&tailnet, name, node.as_ref()));
         let views = match (affected, &incremental) {
             (Some(affected), Some((name, node))) => {
-                let slots: Vec<usize> = affected.slots.into_iter().collect();
-                let mut fresh: Vec<(String, NodeView)> = slots
+                let new_tables = self.plan.tables();
+                let fresh: Vec<(usize, StoredView)> = affected
+                    .slots
                     .par_iter()
-                    .map(|&s| (self.plan.name(s).to_string(), self.plan.view(s)))
+                    .filter(|(_, f)| f & touch::RECOMPUTE != 0)
+                    .map(|&(s, _)| (s, self.plan.stored_view(s)))
                     .collect();
-                // Views whose peers (and, when patched, filter source lists) are the only
-                // possible change: their delta is known without comparing views.
-                let peer_delta = |s: usize| -> NodeDelta {
-                    let mut d = NodeDelta::default();
-                    let changed = vec![name.clone()];
-                    match affected.class_change.get(&self.plan.class_id(s)) {
-                        Some(PeerChange::Added) => d.peers_added = changed,
-                        Some(PeerChange::Removed) => d.peers_removed = changed,
-                        Some(PeerChange::Changed) => d.peers_changed = changed,
-                        None => {}
-                    }
-                    d
-                };
-                let mut known: Vec<(String, NodeView, NodeDelta)> = Vec::new();
-                for &s in &affected.peers_only {
-                    let n = self.plan.name(s);
-                    if let Some(old) = old_views.get(n) {
-                        known.push((
-                            n.to_string(),
-                            self.plan.with_new_peers(s, old),
-                            peer_delta(s),
-                        ));
-                    }
-                }
-                for &s in &affected.patch_slots {
-                    let n = self.plan.name(s);
-                    match old_views.get(n) {
-                        Some(old) => {
-                            let (view, swapped) = self.plan.patched(s, old, &affected.patches);
-                            let mut d = peer_delta(s);
-                            d.filter_changed = swapped;
-                            known.push((n.to_string(), view, d));
-                        }
-                        None => fresh.push((n.to_string(), self.plan.view(s))),
-                    }
-                }
                 let mut views = old_views.clone();
                 if node.is_none() {
                     views.remove(name);
-                    cs.nodes
-                        .insert(name.clone(), diff_views(old_views.get(name), None));
+                    cs.nodes.insert(
+                        name.clone(),
+                        NodeDelta {
+                            removed: true,
+                            ..NodeDelta::default()
+                        },
+                    );
                 }
-                for (n, v) in fresh {
-                    let d = differ.diff(&n, old_views.get(&n), Some(&v));
+                for (s, sv) in fresh {
+                    let n = self.plan.name(s);
+                    let old = old_views.get(n).map(|o| o.materialize(&old_tables, n));
+                    let new = sv.materialize(&new_tables, n);
+                    let d = differ.diff(n, old.as_ref(), Some(&new));
                     if !d.is_empty() {
-                        cs.nodes.insert(n.clone(), d);
+                        cs.nodes.insert(n.to_string(), d);
                     }
-                    views.insert(n, v);
+                    views.insert(n.to_string(), sv);
                 }
-                for (n, v, d) in known {
-                    if !d.is_empty() {
-                        cs.nodes.insert(n.clone(), d);
+                // The other touched views keep their stored form: they read what changed from
+                // the tables, and their delta is known from how they were touched.
+                for &(s, f) in &affected.slots {
+                    if f & touch::RECOMPUTE != 0 {
+                        continue;
                     }
-                    views.insert(n, v);
+                    let mut d = NodeDelta {
+                        filter_changed: f & touch::FILTER != 0,
+                        ssh_changed: f & touch::SSH != 0,
+                        ..NodeDelta::default()
+                    };
+                    if f & touch::PEERS != 0 {
+                        let changed = vec![name.clone()];
+                        match affected.class_change.get(&self.plan.class_id(s)) {
+                            Some(PeerChange::Added) => d.peers_added = changed,
+                            Some(PeerChange::Removed) => d.peers_removed = changed,
+                            Some(PeerChange::Changed) => d.peers_changed = changed,
+                            None => {}
+                        }
+                    }
+                    if !d.is_empty() {
+                        cs.nodes.insert(self.plan.name(s).to_string(), d);
+                    }
                 }
                 views
             }
             _ => {
                 self.plan = Plan::build(policy.clone(), &tailnet);
-                let views: OrdMap<String, NodeView> = self.plan.all_views().into_iter().collect();
-                for (name, old) in old_views.iter() {
-                    let d = differ.diff(name, Some(old), views.get(name));
+                let new_tables = self.plan.tables();
+                let views: OrdMap<String, StoredView> =
+                    self.plan.all_stored_views().into_iter().collect();
+                let mut names: Vec<&String> = old_views.keys().chain(views.keys()).collect();
+                names.sort_unstable();
+                names.dedup();
+                let pairs: Vec<(&String, Option<NodeView>, Option<NodeView>)> = names
+                    .into_par_iter()
+                    .map(|n| {
+                        (
+                            n,
+                            old_views.get(n).map(|v| v.materialize(&old_tables, n)),
+                            views.get(n).map(|v| v.materialize(&new_tables, n)),
+                        )
+                    })
+                    .collect();
+                for (name, old, new) in pairs {
+                    let d = differ.diff(name, old.as_ref(), new.as_ref());
                     if !d.is_empty() {
                         cs.nodes.insert(name.clone(), d);
-                    }
-                }
-                for (name, new) in views.iter() {
-                    if !old_views.contains_key(name) {
-                        cs.nodes.insert(name.clone(), diff_views(None, Some(new)));
                     }
                 }
                 views
@@ -571,6 +598,7 @@ impl Engine {
             policy,
             tailnet,
             views,
+            tables: self.plan.tables(),
         };
         Ok(cs)
     }

@@ -52,14 +52,22 @@ struct PlannedRule {
     users: BTreeMap<String, String>,
     action: SshActionWire,
     accept_env: Vec<String>,
-    /// Principals when the destination is named by identity (all sources).
-    all_principals: Arc<Vec<SshPrincipal>>,
 }
 
 /// The SSH policy compiled once per tailnet state; `rules_for` builds a node's rules.
 pub(crate) struct SshPlan {
     rules: Vec<PlannedRule>,
+    /// Per rule, the principals of destinations named by identity (all sources); views
+    /// bind their entries to this table instead of holding a copy.
+    pub(crate) principals: imbl::Vector<Arc<Vec<SshPrincipal>>>,
 }
+
+/// An SSH rule of a node's view; `Some(k)` = its principals are rule `k`'s current
+/// identity principals (in [`SshPlan::principals`]), not the stored ones.
+pub(crate) type BoundSshRule = (SshRuleWire, Option<usize>);
+
+/// How one SSH rule's identity principals changed: (rule, before, after).
+pub(crate) type PrincipalsSwap = (usize, Arc<Vec<SshPrincipal>>, Arc<Vec<SshPrincipal>>);
 
 impl SshPlan {
     pub(crate) fn new(r: &Resolver) -> SshPlan {
@@ -76,6 +84,7 @@ impl SshPlan {
                     .filter(|x| x.action == SshAction::Accept),
             );
         let mut rules = Vec::new();
+        let mut all = imbl::Vector::new();
         for rule in ordered {
             let dst = r.resolve_all(rule.dst.iter().map(|x| &x.value));
             let src = r.resolve_all(rule.src.iter().map(|x| &x.value));
@@ -104,7 +113,7 @@ impl SshPlan {
                 .src
                 .iter()
                 .any(|s| s.value == Alias::AutoGroup(AutoGroup::Tagged));
-            let all_principals = principals(r, &with_tag_repeats(r, &srcs, tagged_src));
+            all.push_back(principals(r, &with_tag_repeats(r, &srcs, tagged_src)));
             rules.push(PlannedRule {
                 has_localpart: !localparts.is_empty(),
                 localparts,
@@ -115,17 +124,25 @@ impl SshPlan {
                 users,
                 action: action_wire(rule.action, rule.check_period_secs),
                 accept_env: rule.accept_env.clone(),
-                all_principals,
             });
         }
-        SshPlan { rules }
+        SshPlan {
+            rules,
+            principals: all,
+        }
     }
 
-    /// The SSH rules node `d` receives, in match order.
-    pub(crate) fn rules_for(&self, r: &Resolver, d: usize) -> Vec<SshRuleWire> {
+    /// The SSH rules node `d` receives, in match order. Entries whose principals are a
+    /// rule's identity principals are bound to it and carry `unbound` principals instead.
+    pub(crate) fn rules_for(
+        &self,
+        r: &Resolver,
+        d: usize,
+        unbound: &Arc<Vec<SshPrincipal>>,
+    ) -> Vec<BoundSshRule> {
         let mut out = Vec::new();
         let dn = &r.nodes[d];
-        for rule in &self.rules {
+        for (k, rule) in self.rules.iter().enumerate() {
             let by_identity = rule.dst.nodes.contains(&d) || rule.dst.wildcard;
             let by_self = rule.dst.self_devices && dn.is_member();
             // With localpart users, every source node may also log in to itself.
@@ -158,37 +175,49 @@ impl SshPlan {
                 continue;
             }
             if !rule.has_localpart {
-                let principals = if by_identity {
-                    rule.all_principals.clone()
+                let (principals, bound) = if by_identity {
+                    (unbound.clone(), Some(k))
                 } else {
-                    principals(r, &with_tag_repeats(r, &srcs, rule.tagged_src))
+                    (
+                        principals(r, &with_tag_repeats(r, &srcs, rule.tagged_src)),
+                        None,
+                    )
                 };
-                out.push(SshRuleWire {
-                    principals,
-                    ssh_users: rule.users.clone(),
-                    action: rule.action.clone(),
-                    accept_env: rule.accept_env.clone(),
-                });
+                out.push((
+                    SshRuleWire {
+                        principals,
+                        ssh_users: rule.users.clone(),
+                        action: rule.action.clone(),
+                        accept_env: rule.accept_env.clone(),
+                    },
+                    bound,
+                ));
                 continue;
             }
             for &j in &srcs {
                 let own = principals(r, &[j]);
-                out.push(SshRuleWire {
-                    principals: own.clone(),
-                    ssh_users: rule.users.clone(),
-                    action: rule.action.clone(),
-                    accept_env: rule.accept_env.clone(),
-                });
+                out.push((
+                    SshRuleWire {
+                        principals: own.clone(),
+                        ssh_users: rule.users.clone(),
+                        action: rule.action.clone(),
+                        accept_env: rule.accept_env.clone(),
+                    },
+                    None,
+                ));
                 if let Some((local, dom)) =
                     r.nodes[j].email.as_deref().and_then(|e| e.rsplit_once('@'))
                 {
                     if rule.localparts.iter().any(|d| d == dom) {
-                        out.push(SshRuleWire {
-                            principals: own,
-                            ssh_users: BTreeMap::from([(local.to_string(), local.to_string())]),
-                            action: rule.action.clone(),
-                            accept_env: rule.accept_env.clone(),
-                        });
+                        out.push((
+                            SshRuleWire {
+                                principals: own,
+                                ssh_users: BTreeMap::from([(local.to_string(), local.to_string())]),
+                                action: rule.action.clone(),
+                                accept_env: rule.accept_env.clone(),
+                            },
+                            None,
+                        ));
                     }
                 }
             }
@@ -199,14 +228,14 @@ impl SshPlan {
 
 impl SshPlan {
     /// Brings the plan up to date after node `x` changed (it has no routes); `ident_changed`
-    /// says its addresses, tags or owner changed. Returns the indexes of rules whose
-    /// principals may have changed (their destinations must be recomputed).
+    /// says its addresses, tags or owner changed. Returns the rules whose principals may have
+    /// changed, with their identity principals before and after.
     pub(crate) fn refresh_node(
         &mut self,
         r: &Resolver,
         x: usize,
         ident_changed: bool,
-    ) -> Vec<usize> {
+    ) -> Vec<PrincipalsSwap> {
         let mut changed = Vec::new();
         for (k, rule) in self.rules.iter_mut().enumerate() {
             r.refresh(&mut rule.dst, x);
@@ -217,15 +246,16 @@ impl SshPlan {
                 continue;
             }
             // Owner, join time or addresses may have moved it in principal order.
-            let before = rule.all_principals.clone();
+            let before = self.principals[k].clone();
             rule.srcs.retain(|&j| j != x);
             if now {
                 rule.srcs.push(x);
                 sort_principal_order(r, &mut rule.srcs);
             }
-            rule.all_principals = principals(r, &with_tag_repeats(r, &rule.srcs, rule.tagged_src));
-            if was != now || ident_changed || before != rule.all_principals {
-                changed.push(k);
+            let after = principals(r, &with_tag_repeats(r, &rule.srcs, rule.tagged_src));
+            self.principals.set(k, after.clone());
+            if was != now || ident_changed || before != after {
+                changed.push((k, before, after));
             }
         }
         changed
@@ -235,6 +265,12 @@ impl SshPlan {
     pub(crate) fn identity_dsts(&self, k: usize) -> (bool, Vec<usize>) {
         let d = &self.rules[k].dst;
         (d.wildcard, d.nodes.iter().copied().collect())
+    }
+
+    /// Whether the entries rule `k` gives destinations named by identity are bound to its
+    /// identity principals (no per-source `localpart` entries).
+    pub(crate) fn binds(&self, k: usize) -> bool {
+        !self.rules[k].has_localpart
     }
 }
 
@@ -269,5 +305,14 @@ fn with_tag_repeats(r: &Resolver, srcs: &[usize], tagged_src: bool) -> Vec<usize
 /// nodes).
 #[allow(dead_code)]
 pub(crate) fn ssh_rules_for(r: &Resolver, d: usize) -> Vec<SshRuleWire> {
-    SshPlan::new(r).rules_for(r, d)
+    let plan = SshPlan::new(r);
+    plan.rules_for(r, d, &Arc::default())
+        .into_iter()
+        .map(|(mut rule, bound)| {
+            if let Some(k) = bound {
+                rule.principals = plan.principals[k].clone();
+            }
+            rule
+        })
+        .collect()
 }

@@ -140,8 +140,8 @@ impl ControlPlane {
     /// On connect, a node gets its whole view; afterwards only deltas.
     fn send_full_netmaps(&self) {
         let snap = self.engine.snapshot();
-        println!("\n== initial netmaps ({} nodes)", snap.views().len());
-        for name in snap.views().keys() {
+        println!("\n== initial netmaps ({} nodes)", snap.node_count());
+        for name in snap.node_names() {
             println!("  -> {name}: full netmap, {}", view_size(&snap, name));
         }
     }

@@ -54,8 +54,8 @@ pub fn run(a: &ComputeArgs) -> ExitCode {
     };
     let snapshot = engine.snapshot();
     let mut out = serde_json::Map::new();
-    for (name, view) in snapshot.views().iter() {
-        if !a.nodes.is_empty() && !a.nodes.contains(name) {
+    for (name, view) in snapshot.views() {
+        if !a.nodes.is_empty() && !a.nodes.iter().any(|n| n == name) {
             continue;
         }
         let v = if a.summary {
@@ -74,7 +74,7 @@ pub fn run(a: &ComputeArgs) -> ExitCode {
                 }
             }
         };
-        out.insert(name.clone(), v);
+        out.insert(name.to_string(), v);
     }
     let doc = serde_json::json!({ "nodes": out });
     println!("{doc}");

@@ -224,10 +224,10 @@ fn run_case(policy_text: &str, state_text: &str) -> CaseRun {
     };
     let snapshot = engine.snapshot();
     let mut nodes = Map::new();
-    for (name, view) in snapshot.views().iter() {
+    for (name, view) in snapshot.views() {
         match serde_json::to_value(view) {
             Ok(v) => {
-                nodes.insert(name.clone(), v);
+                nodes.insert(name.to_string(), v);
             }
             Err(e) => {
                 return CaseRun {

@@ -284,13 +284,12 @@ fn describe(d: &NodeDelta) -> String {
 /// policy and tailnet; returns the first node that differs and how.
 fn check_reference(snap: &Snapshot) -> Option<(String, String)> {
     let reference = compute_all(snap.policy(), snap.tailnet());
-    let engine = snap.views();
     let mut same = Comparer::default();
     for (name, want) in &reference.views {
-        match engine.get(name) {
+        match snap.view(name) {
             None => return Some((name.clone(), "missing from the engine's views".into())),
-            Some(got) if !same.view(got, want) => {
-                let d = diff_views(Some(want), Some(got));
+            Some(got) if !same.view(&got, want) => {
+                let d = diff_views(Some(want), Some(&got));
                 return Some((
                     name.clone(),
                     format!(
@@ -303,9 +302,12 @@ fn check_reference(snap: &Snapshot) -> Option<(String, String)> {
             Some(_) => {}
         }
     }
-    if let Some(name) = engine.keys().find(|k| !reference.views.contains_key(*k)) {
+    if let Some(name) = snap
+        .node_names()
+        .find(|k| !reference.views.contains_key(*k))
+    {
         return Some((
-            name.clone(),
+            name.to_string(),
             "in the engine's views but not in the from-scratch computation".into(),
         ));
     }
@@ -336,9 +338,13 @@ fn check_reference(snap: &Snapshot) -> Option<(String, String)> {
 /// capabilities, shared peer lists) once: views of a tailnet share most of their parts, and a
 /// plain `==` would compare N peer lists of N peers. Only a `true` answer takes a shortcut;
 /// when the shortcut does not apply the full `==` decides.
+///
+/// The memo is keyed by address, so the comparer keeps every view it compared alive: views
+/// are materialised on demand, and a freed allocation's address may be reused by the next.
 #[derive(Default)]
 struct Comparer {
     memo: HashMap<(usize, usize), bool>,
+    compared: Vec<NodeView>,
 }
 
 impl Comparer {
@@ -415,28 +421,31 @@ impl Comparer {
             ssh_rules,
             cap_map,
         } = a;
-        self.filters(packet_filter, &b.packet_filter)
+        let same = self.filters(packet_filter, &b.packet_filter)
             && self.ssh(ssh_rules, &b.ssh_rules)
             && self.arc(cap_map, &b.cap_map)
-            && self.peers(peers, &b.peers)
+            && self.peers(peers, &b.peers);
+        self.compared.push(a.clone());
+        self.compared.push(b.clone());
+        same
     }
 }
 
 /// Checks that the change set names exactly the nodes whose view differs between the two
 /// snapshots, each with the delta the views show.
 fn check_change_set(prev: &Snapshot, now: &Snapshot, cs: &ChangeSet) -> Option<(String, String)> {
-    let names: BTreeSet<&String> = prev.views().keys().chain(now.views().keys()).collect();
+    let names: BTreeSet<&str> = prev.node_names().chain(now.node_names()).collect();
     let mut same = Comparer::default();
     for name in names {
         let want = match (prev.view(name), now.view(name)) {
-            (Some(a), Some(b)) if same.view(a, b) => NodeDelta::default(),
-            (a, b) => diff_views(a, b),
+            (Some(a), Some(b)) if same.view(&a, &b) => NodeDelta::default(),
+            (a, b) => diff_views(a.as_ref(), b.as_ref()),
         };
-        match cs.nodes.get(name.as_str()) {
+        match cs.nodes.get(name) {
             None if want.is_empty() => {}
             None => {
                 return Some((
-                    name.clone(),
+                    name.to_string(),
                     format!(
                         "view changed ({}) but the change set does not name it",
                         describe(&want)
@@ -445,13 +454,13 @@ fn check_change_set(prev: &Snapshot, now: &Snapshot, cs: &ChangeSet) -> Option<(
             }
             Some(_) if want.is_empty() => {
                 return Some((
-                    name.clone(),
+                    name.to_string(),
                     "named in the change set but its view did not change".into(),
                 ))
             }
             Some(got) if *got != want => {
                 return Some((
-                    name.clone(),
+                    name.to_string(),
                     format!(
                         "change set delta {} differs from the views' delta {}",
                         delta_json(got),
@@ -465,7 +474,7 @@ fn check_change_set(prev: &Snapshot, now: &Snapshot, cs: &ChangeSet) -> Option<(
     if let Some(name) = cs
         .nodes
         .keys()
-        .find(|k| !prev.views().contains_key(k.as_str()) && !now.views().contains_key(k.as_str()))
+        .find(|k| !prev.contains(k) && !now.contains(k))
     {
         return Some((
             name.clone(),
@@ -480,22 +489,22 @@ fn check_unchanged(prev: &Snapshot, now: &Snapshot) -> Option<(String, String)> 
     if prev.policy_text() != now.policy_text() {
         return Some((String::new(), "rejected change replaced the policy".into()));
     }
-    if prev.views().len() != now.views().len() {
+    if prev.node_count() != now.node_count() {
         return Some((
             String::new(),
             "rejected change added or removed views".into(),
         ));
     }
-    for ((name, a), (other, b)) in prev.views().iter().zip(now.views().iter()) {
+    for ((name, a), (other, b)) in prev.views().zip(now.views()) {
         if name != other {
-            return Some((name.clone(), "rejected change removed the view".into()));
+            return Some((name.to_string(), "rejected change removed the view".into()));
         }
         if a != b {
             return Some((
-                name.clone(),
+                name.to_string(),
                 format!(
                     "rejected change modified the view: {}",
-                    describe(&diff_views(Some(a), Some(b)))
+                    describe(&diff_views(Some(&a), Some(&b)))
                 ),
             ));
         }

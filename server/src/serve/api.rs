@@ -665,7 +665,7 @@ async fn get_netmap(
         .snapshot
         .view(&id)
         .ok_or_else(|| ApiError::NotFound(format!("node {id:?} not found")))?;
-    let bytes = serde_json::to_vec(view).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let bytes = serde_json::to_vec(&view).map_err(|e| ApiError::Internal(e.to_string()))?;
     let resp = (
         [(
             header::CONTENT_TYPE,

@@ -152,12 +152,14 @@ impl State {
                     return Step::Skip;
                 };
                 match ev.snapshot.view(&self.node) {
-                    Some(view) if !d.removed => Step::Send(delta_line(ev.seq, &self.node, d, view)),
+                    Some(view) if !d.removed => {
+                        Step::Send(delta_line(ev.seq, &self.node, d, &view))
+                    }
                     _ => Step::End(Some(line(&json!({"type": "removed", "seq": ev.seq})))),
                 }
             }
             EventKind::Reset => match ev.snapshot.view(&self.node) {
-                Some(view) => Step::Send(full_line(ev.seq, view, false)),
+                Some(view) => Step::Send(full_line(ev.seq, &view, false)),
                 None => Step::End(Some(line(&json!({"type": "removed", "seq": ev.seq})))),
             },
             EventKind::Deleted => Step::End(Some(line(&json!({"type": "deleted"})))),
@@ -172,7 +174,7 @@ impl State {
         let cur = self.handle.current();
         self.seq = cur.seq;
         match cur.snapshot.view(&self.node) {
-            Some(view) => Step::Send(full_line(cur.seq, view, true)),
+            Some(view) => Step::Send(full_line(cur.seq, &view, true)),
             None => Step::End(Some(line(&json!({"type": "removed", "seq": cur.seq})))),
         }
     }
@@ -236,7 +238,7 @@ pub fn open(o: Open) -> Result<Response, ApiError> {
         .snapshot
         .view(&o.node)
         .ok_or_else(|| ApiError::NotFound(format!("node {:?} not found", o.node)))?;
-    let first = full_line(cur.seq, view, false);
+    let first = full_line(cur.seq, &view, false);
     let start = tokio::time::Instant::now() + o.keepalive;
     let mut keepalive = tokio::time::interval_at(start, o.keepalive);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

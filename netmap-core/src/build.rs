@@ -5,7 +5,7 @@
 //! [`compute_all`] builds a [`Plan`] from scratch and derives every view; the engine keeps a
 //! `Plan` and brings it up to date with [`Plan::update_node`] when one node changes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -350,13 +350,12 @@ impl Plan {
     }
 
     fn class_peer_list(&self, rep: usize) -> SharedPeers {
-        let mut list: Vec<Arc<Peer>> = self
-            .live()
-            .filter(|&x| self.sees(rep, x))
-            .map(|x| self.peer_entry(rep, x))
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        Arc::new(list.into_iter().collect())
+        Arc::new(
+            self.live()
+                .filter(|&x| self.sees(rep, x))
+                .map(|x| (self.r.nodes[x].key.clone(), self.peer_entry(rep, x)))
+                .collect(),
+        )
     }
 
     /// Groups nodes by class and computes one peer list per class.
@@ -607,6 +606,9 @@ impl Plan {
             .filter_map(|o| o.email.clone())
             .chain(self.r.nodes[x].email.clone())
             .collect();
+        // First every changed list, then the filters: whether an entry may follow its rule's
+        // list depends on the other rules' lists before and after.
+        let mut changed_rules: Vec<(usize, Arc<Vec<String>>)> = Vec::new();
         for (ri, set_changed) in src_set_changed.into_iter().enumerate() {
             let was = bit(&old_src, ri);
             let now = bit(&new_src, ri);
@@ -618,17 +620,26 @@ impl Plan {
             }
             let old = self.src_strings[ri].clone();
             let new = Arc::new(self.r.src_strings(&self.rules[ri].src));
-            self.src_strings.set(ri, new.clone());
+            self.src_strings.set(ri, new);
+            changed_rules.push((ri, old));
+        }
+        for (ri, old) in &changed_rules {
+            let ri = *ri;
+            let new = self.src_strings[ri].clone();
             // Filters whose entry for this rule is bound to it follow the new list without
-            // being recomputed, when the rule cannot have merged (or newly merge) with
-            // another one and stays non-empty.
+            // being recomputed, unless the entry is (or becomes) merged with another rule's
+            // or appears or disappears.
             let non_empty = !old.is_empty() && !new.is_empty();
-            let (free_plain, free_self) = self.merge_free(ri, &old, &new);
-            let content = if old != new { FILTER } else { 0 };
+            let (plain, emails) = self.merge_partners(ri, old, &new, &changed_rules);
+            let content = if **old != *new { FILTER } else { 0 };
             for v in self.live().filter(|&v| bit(&self.dst_bits[v], ri)) {
-                // autogroup:self rules only reach members' filters.
-                let free = free_plain && (free_self || !self.r.nodes[v].is_member());
-                flags[v] |= if non_empty && free {
+                let merged = plain.iter().any(|&rj| bit(&self.dst_bits[v], rj))
+                    || (self.r.nodes[v].is_member()
+                        && self.r.nodes[v]
+                            .email
+                            .as_ref()
+                            .is_some_and(|e| emails.contains(e)));
+                flags[v] |= if non_empty && !merged {
                     content
                 } else {
                     RECOMPUTE
@@ -710,26 +721,19 @@ impl Plan {
             let Some(current) = self.class_peers.get(c) else {
                 continue;
             };
-            let mut list = current.as_ref().clone();
-            let pos = list.binary_search_by(|p| p.name.as_str().cmp(name));
-            let kind = match (pos, entry) {
-                (Ok(i), Some(e)) => {
-                    let same = list.get(i).is_some_and(|old| **old == *e);
-                    list.set(i, e);
-                    (!same).then_some(PeerChange::Changed)
-                }
-                (Ok(i), None) => {
-                    list.remove(i);
-                    Some(PeerChange::Removed)
-                }
-                (Err(i), Some(e)) => {
-                    list.insert(i, e);
-                    Some(PeerChange::Added)
-                }
-                (Err(_), None) => None,
+            let kind = match (current.get(name), &entry) {
+                (Some(old), Some(e)) => (**old != **e).then_some(PeerChange::Changed),
+                (Some(_), None) => Some(PeerChange::Removed),
+                (None, Some(_)) => Some(PeerChange::Added),
+                (None, None) => None,
             };
-            self.class_peers.set(c, Arc::new(list));
             if let Some(kind) = kind {
+                let mut list = current.as_ref().clone();
+                match entry {
+                    Some(e) => list.insert(self.r.nodes[x].key.clone(), e),
+                    None => list.remove(name),
+                };
+                self.class_peers.set(c, Arc::new(list));
                 affected.class_change.insert(c, kind);
                 for &m in &class.members {
                     flags[m] |= PEERS;
@@ -766,30 +770,47 @@ impl Plan {
         Some(affected)
     }
 
-    /// Whether rule `ri`'s filter entries stand alone before (`old` sources) and after
-    /// (`new`): no other network rule with the same protocols has the same sources.
-    /// Returns (free of other plain rules, free of `autogroup:self` rules); self rules have
-    /// per-owner sources that may equal any list, so any with the same protocols conflicts.
-    fn merge_free(
+    /// The rules whose filter entries may merge with rule `ri`'s before (`old` sources) or
+    /// after (`new`): network rules with the same protocols and equal sources, then or now.
+    /// Plain rules are returned by index (a filter merges them where both cover it);
+    /// `autogroup:self` rules have per-owner sources, so for them the owners whose list
+    /// equals `old` or `new` are returned. `changed` holds the rules whose sources this
+    /// change replaced, with their previous lists.
+    fn merge_partners(
         &self,
         ri: usize,
         old: &Arc<Vec<String>>,
         new: &Arc<Vec<String>>,
-    ) -> (bool, bool) {
+        changed: &[(usize, Arc<Vec<String>>)],
+    ) -> (Vec<usize>, HashSet<String>) {
         let rule = &self.rules[ri];
+        let mut plain = Vec::new();
+        let mut emails = HashSet::new();
         if rule.caps.is_some() {
-            return (true, true);
+            return (plain, emails);
         }
-        let others = || {
-            self.rules
+        let same = |a: &Arc<Vec<String>>, b: &Arc<Vec<String>>| Arc::ptr_eq(a, b) || a == b;
+        for (rj, o) in self.rules.iter().enumerate() {
+            if rj == ri || o.caps.is_some() || o.protos != rule.protos {
+                continue;
+            }
+            if o.self_rule {
+                for ((rk, email), list) in &self.self_src {
+                    if *rk == rj && (same(list, old) || same(list, new)) {
+                        emails.insert(email.clone());
+                    }
+                }
+                continue;
+            }
+            let now = &self.src_strings[rj];
+            let before = changed
                 .iter()
-                .enumerate()
-                .filter(move |(rj, o)| *rj != ri && o.caps.is_none() && o.protos == rule.protos)
-        };
-        let plain = others()
-            .filter(|(_, o)| !o.self_rule)
-            .all(|(rj, _)| self.src_strings[rj] != *old && self.src_strings[rj] != *new);
-        let selfs = others().all(|(_, o)| !o.self_rule);
-        (plain, selfs)
+                .find(|(c, _)| *c == rj)
+                .map_or(now, |(_, b)| b);
+            if same(before, old) || same(now, new) {
+                plain.push(rj);
+            }
+        }
+        (plain, emails)
     }
 }

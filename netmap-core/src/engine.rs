@@ -267,21 +267,6 @@ struct Differ {
     lists: HashMap<(usize, usize), bool>,
 }
 
-/// Looks a peer up in a node's list (shared part minus the node itself, plus extras).
-fn lookup<'a>(list: &'a crate::wire::PeerList, own: &str, name: &str) -> Option<&'a Arc<Peer>> {
-    if name == own {
-        return None;
-    }
-    if let Ok(i) = list.extra().binary_search_by(|p| p.name.as_str().cmp(name)) {
-        return list.extra().get(i);
-    }
-    let shared = list.shared();
-    shared
-        .binary_search_by(|p| p.name.as_str().cmp(name))
-        .ok()
-        .and_then(|i| shared.get(i))
-}
-
 impl Differ {
     fn new() -> Differ {
         Differ {
@@ -322,7 +307,7 @@ impl Differ {
             })
     }
 
-    fn diff(&mut self, name: &str, old: Option<&NodeView>, new: Option<&NodeView>) -> NodeDelta {
+    fn diff(&mut self, own: &str, old: Option<&NodeView>, new: Option<&NodeView>) -> NodeDelta {
         let (Some(o), Some(n)) = (old, new) else {
             return diff_views(old, new);
         };
@@ -342,10 +327,20 @@ impl Differ {
             Some(
                 self.peers
                     .entry(key)
-                    .or_insert_with(|| Arc::new(merge_diff(os.iter(), ns.iter())))
+                    .or_insert_with(|| Arc::new(merge_diff(os.values(), ns.values())))
                     .clone(),
             )
         };
+        if o.peers.extra().is_empty() && n.peers.extra().is_empty() {
+            // Only the shared lists differ: their delta is the node's, less its own entry.
+            if let Some(sd) = &shared_delta {
+                let others = |v: &Vec<String>| v.iter().filter(|p| *p != own).cloned().collect();
+                d.peers_added = others(&sd.0);
+                d.peers_removed = others(&sd.1);
+                d.peers_changed = others(&sd.2);
+            }
+            return d;
+        }
         // Names that may differ: the shared delta and every extra on either side.
         let mut candidates: Vec<&str> = Vec::new();
         if let Some(sd) = &shared_delta {
@@ -356,7 +351,7 @@ impl Differ {
         candidates.sort_unstable();
         candidates.dedup();
         for c in candidates {
-            match (lookup(&o.peers, name, c), lookup(&n.peers, name, c)) {
+            match (o.peers.get(c), n.peers.get(c)) {
                 (None, Some(_)) => d.peers_added.push(c.to_string()),
                 (Some(_), None) => d.peers_removed.push(c.to_string()),
                 (Some(a), Some(b)) if !Arc::ptr_eq(a, b) && a != b => {
@@ -519,15 +514,18 @@ impl Engine {
                     .map(|&(s, _)| (s, self.plan.stored_view(s)))
                     .collect();
                 let mut views = old_views.clone();
+                // Collected in a vector and sorted once: cheaper than growing the map.
+                let mut deltas: Vec<(String, NodeDelta)> =
+                    Vec::with_capacity(affected.slots.len() + 1);
                 if node.is_none() {
                     views.remove(name);
-                    cs.nodes.insert(
+                    deltas.push((
                         name.clone(),
                         NodeDelta {
                             removed: true,
                             ..NodeDelta::default()
                         },
-                    );
+                    ));
                 }
                 for (s, sv) in fresh {
                     let n = self.plan.name(s);
@@ -535,7 +533,7 @@ impl Engine {
                     let new = sv.materialize(&new_tables, n);
                     let d = differ.diff(n, old.as_ref(), Some(&new));
                     if !d.is_empty() {
-                        cs.nodes.insert(n.to_string(), d);
+                        deltas.push((n.to_string(), d));
                     }
                     views.insert(n.to_string(), sv);
                 }
@@ -560,9 +558,11 @@ impl Engine {
                         }
                     }
                     if !d.is_empty() {
-                        cs.nodes.insert(self.plan.name(s).to_string(), d);
+                        deltas.push((self.plan.name(s).to_string(), d));
                     }
                 }
+                deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                cs.nodes = deltas.into_iter().collect();
                 views
             }
             _ => {

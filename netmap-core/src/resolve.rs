@@ -14,10 +14,14 @@ use crate::tailnet::{Node, Tailnet};
 #[derive(Debug, Clone)]
 pub(crate) struct NodeInfo {
     pub name: String,
+    /// The name again, shared: the key of the node's entry in shared peer lists.
+    pub key: Arc<str>,
     pub node: Node,
     /// Whether the slot holds a node (the engine keeps slots of removed nodes).
     pub alive: bool,
     pub addrs: Vec<IpAddr>,
+    /// `addrs` formatted (filter form), formatted once.
+    addr_text: Vec<String>,
     /// The owner's email, for untagged nodes.
     pub email: Option<String>,
     /// The owner's role, for untagged nodes.
@@ -39,7 +43,14 @@ impl NodeInfo {
 
     /// The node's addresses as bare strings (filter form).
     pub fn addr_strings(&self) -> impl Iterator<Item = String> + '_ {
-        self.addrs.iter().map(|a| a.to_string())
+        self.addr_text.iter().cloned()
+    }
+
+    /// Applies `disable-ipv4`: the node keeps its IPv6 address only.
+    pub fn drop_ipv4(&mut self) {
+        self.no_ipv4 = true;
+        self.addrs.retain(IpAddr::is_ipv6);
+        self.addr_text = self.addrs.iter().map(IpAddr::to_string).collect();
     }
 }
 
@@ -68,8 +79,10 @@ pub(crate) fn node_info(tailnet: &Tailnet, name: &str, node: &Node) -> NodeInfo 
     };
     NodeInfo {
         name: name.to_string(),
+        key: Arc::from(name),
         node: node.clone(),
         alive: true,
+        addr_text: node.addrs().map(|a| a.to_string()).collect(),
         addrs: node.addrs().collect(),
         email,
         role,
@@ -169,8 +182,7 @@ impl Resolver {
         r.v4_off = v4_off_targets;
         for (i, off) in no_v4.into_iter().enumerate() {
             if off {
-                r.nodes[i].no_ipv4 = true;
-                r.nodes[i].addrs.retain(IpAddr::is_ipv6);
+                r.nodes[i].drop_ipv4();
             }
         }
         let approvers = crate::routes::Approvers::new(&r);
@@ -298,8 +310,7 @@ impl Resolver {
                                 .any(|net| info.addrs.iter().any(|a| net.contains(a)))
                     });
                 if off {
-                    info.no_ipv4 = true;
-                    info.addrs.retain(IpAddr::is_ipv6);
+                    info.drop_ipv4();
                 }
                 if let (false, Some(e)) = (info.node.is_tagged(), &info.email) {
                     self.by_email.entry(e.clone()).or_default().push(slot);
@@ -449,16 +460,16 @@ impl Resolver {
 
     /// The `SrcIPs` strings of a resolved source set.
     pub fn src_strings(&self, r: &Resolved) -> Vec<String> {
-        let mut out: BTreeSet<String> = BTreeSet::new();
+        let mut out: Vec<String> = Vec::new();
         if r.danger_all {
-            out.insert("*".into());
+            out.push("*".into());
         } else if r.wildcard {
             for s in addr::TAILNET_V4_RANGES {
-                out.insert(s.to_string());
+                out.push(s.to_string());
             }
-            out.insert(addr::TAILNET_V6.to_string());
+            out.push(addr::TAILNET_V6.to_string());
             for rt in self.all_routes() {
-                out.insert(rt.to_string());
+                out.push(rt.to_string());
             }
         }
         if !r.danger_all {
@@ -466,9 +477,11 @@ impl Resolver {
                 out.extend(self.nodes[i].addr_strings());
             }
             for n in &r.nets {
-                out.insert(fmt_net(n));
+                out.push(fmt_net(n));
             }
         }
-        out.into_iter().collect()
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 }

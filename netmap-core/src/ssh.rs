@@ -249,8 +249,10 @@ impl SshPlan {
             let before = self.principals[k].clone();
             rule.srcs.retain(|&j| j != x);
             if now {
-                rule.srcs.push(x);
-                sort_principal_order(r, &mut rule.srcs);
+                // The others stay in order; x goes where its key puts it.
+                let key = principal_key(r, x);
+                let at = rule.srcs.partition_point(|&j| principal_key(r, j) < key);
+                rule.srcs.insert(at, x);
             }
             let after = principals(r, &with_tag_repeats(r, &rule.srcs, rule.tagged_src));
             self.principals.set(k, after.clone());
@@ -275,18 +277,20 @@ impl SshPlan {
 }
 
 /// Principal order: the owner's user id, then join time, then name.
+fn principal_key(r: &Resolver, j: usize) -> (u64, (i64, u32), &str) {
+    let n = &r.nodes[j];
+    let uid = n
+        .node
+        .user
+        .as_ref()
+        .and_then(|u| r.tailnet.users.get(u))
+        .map(|u| u.id)
+        .unwrap_or(u64::MAX);
+    (uid, n.node.created_key(), n.name.as_str())
+}
+
 fn sort_principal_order(r: &Resolver, srcs: &mut [usize]) {
-    srcs.sort_by_key(|&j| {
-        let n = &r.nodes[j];
-        let uid = n
-            .node
-            .user
-            .as_ref()
-            .and_then(|u| r.tailnet.users.get(u))
-            .map(|u| u.id)
-            .unwrap_or(u64::MAX);
-        (uid, n.node.created_key(), n.name.clone())
-    });
+    srcs.sort_by_cached_key(|&j| principal_key(r, j));
 }
 
 /// `autogroup:tagged` expands tag by tag: a node with two tags is listed twice.

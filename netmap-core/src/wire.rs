@@ -161,9 +161,9 @@ pub struct NodeView {
     pub cap_map: Arc<CapMap>,
 }
 
-/// A peer list shared by the nodes of a class: persistent, so inserting or removing one peer
-/// is O(log n) and leaves older snapshots intact.
-pub type SharedPeers = Arc<imbl::Vector<Arc<Peer>>>;
+/// A peer list shared by the nodes of a class, keyed by peer name: persistent, so inserting
+/// or removing one peer is O(log n) and leaves older snapshots intact.
+pub type SharedPeers = Arc<imbl::OrdMap<Arc<str>, Arc<Peer>>>;
 
 /// A node's peers, sorted by name. Nodes with the same reachability share one list (`shared`);
 /// a node's own entry is skipped and peers only it has (its own devices) are kept aside, so
@@ -171,7 +171,8 @@ pub type SharedPeers = Arc<imbl::Vector<Arc<Peer>>>;
 #[derive(Debug, Clone, Default)]
 pub struct PeerList {
     shared: SharedPeers,
-    skip: Option<usize>,
+    /// The viewer's own entry in `shared`, if it has one.
+    skip: Option<Arc<str>>,
     extra: Vec<Arc<Peer>>,
 }
 
@@ -179,12 +180,10 @@ impl PeerList {
     /// A list from a shared sorted list, skipping the viewer's own entry, plus extra peers
     /// (sorted; entries already in the shared list are dropped).
     pub fn new(shared: SharedPeers, own_name: &str, extra: Vec<Arc<Peer>>) -> PeerList {
-        let skip = shared
-            .binary_search_by(|p| p.name.as_str().cmp(own_name))
-            .ok();
+        let skip = shared.get_key_value(own_name).map(|(k, _)| k.clone());
         let extra = extra
             .into_iter()
-            .filter(|p| shared.binary_search_by(|q| q.name.cmp(&p.name)).is_err())
+            .filter(|p| !shared.contains_key(p.name.as_str()))
             .collect();
         PeerList {
             shared,
@@ -194,10 +193,14 @@ impl PeerList {
     }
 
     /// A list that owns its peers (sorted by name).
-    pub fn from_vec(mut peers: Vec<Arc<Peer>>) -> PeerList {
-        peers.sort_by(|a, b| a.name.cmp(&b.name));
+    pub fn from_vec(peers: Vec<Arc<Peer>>) -> PeerList {
         PeerList {
-            shared: Arc::new(peers.into_iter().collect()),
+            shared: Arc::new(
+                peers
+                    .into_iter()
+                    .map(|p| (Arc::from(p.name.as_str()), p))
+                    .collect(),
+            ),
             skip: None,
             extra: Vec::new(),
         }
@@ -213,13 +216,23 @@ impl PeerList {
         &self.extra
     }
 
+    /// The peer named `name`, if the list has it.
+    pub fn get(&self, name: &str) -> Option<&Arc<Peer>> {
+        if self.skip.as_deref() == Some(name) {
+            return None;
+        }
+        match self.extra.binary_search_by(|p| p.name.as_str().cmp(name)) {
+            Ok(i) => self.extra.get(i),
+            Err(_) => self.shared.get(name),
+        }
+    }
+
     /// The peers in name order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Peer>> + '_ {
         let mut a = self
             .shared
             .iter()
-            .enumerate()
-            .filter(move |(i, _)| Some(*i) != self.skip)
+            .filter(move |(k, _)| Some(*k) != self.skip.as_ref())
             .map(|(_, p)| p)
             .peekable();
         let mut b = self.extra.iter().peekable();

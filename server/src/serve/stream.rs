@@ -23,7 +23,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, StreamExt};
-use netmap_core::wire::{NodeView, Peer, PeerList};
+use netmap_core::wire::{NodeView, Peer};
 use netmap_core::NodeDelta;
 use serde_json::{json, Map, Value};
 use tokio::sync::broadcast::error::RecvError;
@@ -64,22 +64,6 @@ impl Drop for StreamSlot {
     }
 }
 
-/// Finds a peer by name in a node's peer list (both parts are sorted by name).
-fn find_peer<'a>(list: &'a PeerList, own: &str, name: &str) -> Option<&'a Arc<Peer>> {
-    if name == own {
-        return None;
-    }
-    let extra = list.extra();
-    if let Ok(i) = extra.binary_search_by(|p| p.name.as_str().cmp(name)) {
-        return extra.get(i);
-    }
-    let shared = list.shared();
-    shared
-        .binary_search_by(|p| p.name.as_str().cmp(name))
-        .ok()
-        .and_then(|i| shared.get(i))
-}
-
 fn line(v: &Value) -> Bytes {
     let mut b = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
     b.push(b'\n');
@@ -95,7 +79,7 @@ fn full_line(seq: u64, view: &NodeView, resync: bool) -> Bytes {
 }
 
 /// The delta line for one node after one write.
-pub fn delta_line(seq: u64, node: &str, d: &NodeDelta, view: &NodeView) -> Bytes {
+pub fn delta_line(seq: u64, d: &NodeDelta, view: &NodeView) -> Bytes {
     let mut m = Map::new();
     m.insert("type".into(), json!("delta"));
     m.insert("seq".into(), json!(seq));
@@ -104,7 +88,7 @@ pub fn delta_line(seq: u64, node: &str, d: &NodeDelta, view: &NodeView) -> Bytes
         .peers_added
         .iter()
         .chain(&d.peers_changed)
-        .filter_map(|n| find_peer(&view.peers, node, n))
+        .filter_map(|n| view.peers.get(n))
         .collect();
     if !peers.is_empty() {
         m.insert("peers".into(), json!(peers));
@@ -152,9 +136,7 @@ impl State {
                     return Step::Skip;
                 };
                 match ev.snapshot.view(&self.node) {
-                    Some(view) if !d.removed => {
-                        Step::Send(delta_line(ev.seq, &self.node, d, &view))
-                    }
+                    Some(view) if !d.removed => Step::Send(delta_line(ev.seq, d, &view)),
                     _ => Step::End(Some(line(&json!({"type": "removed", "seq": ev.seq})))),
                 }
             }

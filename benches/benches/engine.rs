@@ -72,7 +72,7 @@ fn nodes_where(engine: &Engine, f: impl Fn(&Node) -> bool) -> Vec<(String, Node)
         .nodes
         .iter()
         .filter(|(_, n)| f(n))
-        .map(|(k, n)| (k.clone(), n.clone()))
+        .map(|(k, n)| (k.clone(), (**n).clone()))
         .collect()
 }
 

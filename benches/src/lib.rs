@@ -397,7 +397,9 @@ pub fn generate(nodes: usize, kind: PolicyKind, changes: usize, seed: u64) -> Ge
         let name = format!("node{i}");
         let node = g.new_node(&name);
         tailnet.assign_dns_name(&name, &node.hostname);
-        tailnet.nodes.insert(name.clone(), node.clone());
+        tailnet
+            .nodes
+            .insert(name.clone(), std::sync::Arc::new(node.clone()));
         known.insert(name, node);
     }
     let with_devices: HashSet<&str> = known.values().filter_map(|n| n.user.as_deref()).collect();
@@ -511,7 +513,7 @@ mod tests {
     #[test]
     fn shapes_match_the_python_generator() {
         let g = generate(10_000, PolicyKind::Ops, 0, 1);
-        let nodes: Vec<&Node> = g.tailnet.nodes.values().collect();
+        let nodes: Vec<&Node> = g.tailnet.nodes.values().map(|n| &**n).collect();
         let owned = nodes.iter().filter(|n| n.user.is_some()).count();
         let routers = nodes.iter().filter(|n| n.tags == ["tag:router"]).count();
         assert!((2_200..2_800).contains(&owned), "{owned} user devices");

@@ -150,6 +150,8 @@ pub(crate) struct Plan {
     /// What bound entries carry in place of the lists they read from the tables.
     unbound_src: Arc<Vec<String>>,
     unbound_principals: Arc<Vec<SshPrincipal>>,
+    /// Every slot (dead ones too), in node name order.
+    name_order: Vec<usize>,
 }
 
 /// What an update did to one slot's view (bit flags).
@@ -167,7 +169,7 @@ pub(crate) mod touch {
 /// The slots whose views an update may have changed.
 #[derive(Debug, Default)]
 pub(crate) struct Affected {
-    /// Live slots touched, with [`touch`] flags. Slots without `RECOMPUTE` keep their
+    /// Live slots touched, in name order, with [`touch`] flags. Slots without `RECOMPUTE` keep their
     /// stored view: what changed for them is known from the flags.
     pub slots: Vec<(usize, u8)>,
     /// How the changed node appears in each class's peer list now (classes not listed: no
@@ -222,6 +224,7 @@ impl Plan {
             attr_targets,
             unbound_src: Arc::default(),
             unbound_principals: Arc::default(),
+            name_order: Vec::new(),
         };
         let n = plan.r.nodes.len();
         let (src_bits, dst_bits): (Vec<Bits>, Vec<Bits>) =
@@ -236,7 +239,19 @@ impl Plan {
             plan.refresh_self_src(&email);
         }
         plan.base_peer = (0..n).map(|i| plan.base_peers_of(i)).collect();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| plan.r.nodes[a].name.cmp(&plan.r.nodes[b].name));
+        plan.name_order = order;
         plan.build_classes();
+        // Room for the nodes that will join before the next rebuild: growing these vectors
+        // copies every slot, and a rebuild (a policy change) would leave none spare.
+        let spare = n / 8 + 16;
+        plan.r.nodes.reserve(spare);
+        plan.src_bits.reserve(spare);
+        plan.dst_bits.reserve(spare);
+        plan.class_of.reserve(spare);
+        plan.base_peer.reserve(spare);
+        plan.name_order.reserve(spare);
         plan
     }
 
@@ -568,6 +583,10 @@ impl Plan {
             self.class_of.push(usize::MAX);
             let bp = self.base_peers_of(x);
             self.base_peer.push(bp);
+            let at = self
+                .name_order
+                .partition_point(|&s| self.r.nodes[s].name.as_str() < name);
+            self.name_order.insert(at, x);
         }
         let mut flags = vec![0u8; self.r.nodes.len()];
         let alive = self.r.nodes[x].alive;
@@ -762,9 +781,10 @@ impl Plan {
             self.class_of[x] = id;
             flags[x] |= RECOMPUTE;
         }
-        affected.slots = flags
-            .into_iter()
-            .enumerate()
+        affected.slots = self
+            .name_order
+            .iter()
+            .map(|&s| (s, flags[s]))
             .filter(|&(s, f)| f != 0 && self.r.nodes[s].alive)
             .collect();
         Some(affected)

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use imbl::ordmap::DiffItem;
 use imbl::OrdMap;
 use ipnet::IpNet;
 use netmap_policy::Policy;
@@ -14,7 +15,7 @@ use crate::tailnet::{Node, Tailnet, User};
 use rayon::prelude::*;
 
 use crate::build::{touch, PeerChange, Plan, StoredView, Tables};
-use crate::wire::{NodeView, Peer};
+use crate::wire::{NodeView, Peer, SharedPeers};
 
 /// A change to the tailnet or its policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -261,6 +262,22 @@ fn merge_diff<'a>(
     (added, removed, changed)
 }
 
+/// The names that differ between two shared peer lists, skipping the subtrees they share
+/// (a change to one entry leaves all but one path of the tree shared).
+fn shared_diff(old: &SharedPeers, new: &SharedPeers) -> PeerDelta {
+    let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+    for item in old.diff(new) {
+        match item {
+            DiffItem::Add(name, _) => added.push(name.to_string()),
+            DiffItem::Remove(name, _) => removed.push(name.to_string()),
+            DiffItem::Update {
+                new: (name, _), ..
+            } => changed.push(name.to_string()),
+        }
+    }
+    (added, removed, changed)
+}
+
 /// Diffs views, comparing shared parts (peer lists, source lists) once per pair.
 struct Differ {
     peers: HashMap<(usize, usize), Arc<PeerDelta>>,
@@ -327,7 +344,7 @@ impl Differ {
             Some(
                 self.peers
                     .entry(key)
-                    .or_insert_with(|| Arc::new(merge_diff(os.values(), ns.values())))
+                    .or_insert_with(|| Arc::new(shared_diff(os, ns)))
                     .clone(),
             )
         };
@@ -438,9 +455,25 @@ impl Engine {
         let mut incremental: Option<(String, Option<Node>)> = None;
         let mut unchanged_views = false;
         match change {
+            Change::UpsertNode { node, value }
+                if tailnet.nodes.get(&node).is_some_and(|old| {
+                    // The same node again, its presence aside (which only routers' peers read).
+                    (old.online == value.online || value.routable_ips.is_empty())
+                        && Node {
+                            online: value.online,
+                            ..(**old).clone()
+                        } == value
+                }) =>
+            {
+                unchanged_views = true;
+                if let Some(s) = self.plan.slot(&node) {
+                    self.plan.r.nodes[s].node.online = value.online;
+                }
+                tailnet.nodes.insert(node, Arc::new(value));
+            }
             Change::UpsertNode { node, value } => {
                 tailnet.assign_dns_name(&node, &value.hostname);
-                tailnet.nodes.insert(node.clone(), value.clone());
+                tailnet.nodes.insert(node.clone(), Arc::new(value.clone()));
                 incremental = Some((node, Some(value)));
             }
             Change::RemoveNode { node } => {
@@ -454,7 +487,7 @@ impl Engine {
                 let Some(n) = tailnet.nodes.get_mut(&node) else {
                     return Err(not_found("node", &node));
                 };
-                n.online = online;
+                Arc::make_mut(n).online = online;
                 // Only routers' presence matters (primary election); nothing else reads it.
                 if n.routable_ips.is_empty() {
                     unchanged_views = true;
@@ -485,7 +518,7 @@ impl Engine {
                 policy_text = Arc::from(text.as_str());
             }
             Change::ApproveRoutes { node, routes } => match tailnet.nodes.get_mut(&node) {
-                Some(n) => n.approved_routes = routes,
+                Some(n) => Arc::make_mut(n).approved_routes = routes,
                 None => return Err(not_found("node", &node)),
             },
         }
@@ -507,12 +540,24 @@ impl Engine {
         let views = match (affected, &incremental) {
             (Some(affected), Some((name, node))) => {
                 let new_tables = self.plan.tables();
-                let fresh: Vec<(usize, StoredView)> = affected
+                let recompute: Vec<usize> = affected
                     .slots
-                    .par_iter()
+                    .iter()
                     .filter(|(_, f)| f & touch::RECOMPUTE != 0)
-                    .map(|&(s, _)| (s, self.plan.stored_view(s)))
+                    .map(|&(s, _)| s)
                     .collect();
+                // A handful of views is not worth handing to the thread pool.
+                let fresh: Vec<(usize, StoredView)> = if recompute.len() < 64 {
+                    recompute
+                        .into_iter()
+                        .map(|s| (s, self.plan.stored_view(s)))
+                        .collect()
+                } else {
+                    recompute
+                        .into_par_iter()
+                        .map(|s| (s, self.plan.stored_view(s)))
+                        .collect()
+                };
                 let mut views = old_views.clone();
                 // Collected in a vector and sorted once: cheaper than growing the map.
                 let mut deltas: Vec<(String, NodeDelta)> =
@@ -561,7 +606,8 @@ impl Engine {
                         deltas.push((self.plan.name(s).to_string(), d));
                     }
                 }
-                deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                // Sorted runs (the recomputed views', then the others', both in name order):
+                // the map's stable sort merges them in linear time.
                 cs.nodes = deltas.into_iter().collect();
                 views
             }

@@ -2,6 +2,7 @@
 //! (primary routers) carried with it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use imbl::OrdMap;
 use ipnet::IpNet;
@@ -118,7 +119,7 @@ pub struct Tailnet {
     /// Users by name.
     pub users: OrdMap<String, User>,
     /// Nodes by their (unique) name.
-    pub nodes: OrdMap<String, Node>,
+    pub nodes: OrdMap<String, Arc<Node>>,
     /// Settings.
     pub settings: TailnetSettings,
     /// Current primary router per subnet prefix (history: kept while healthy).
@@ -155,7 +156,7 @@ impl Tailnet {
         order.sort_by_key(|(name, n)| (n.created_key(), name.clone()));
         for (name, n) in order {
             t.assign_dns_name(&name, &n.hostname);
-            t.nodes.insert(name, n);
+            t.nodes.insert(name, Arc::new(n));
         }
         Ok(t)
     }

@@ -108,10 +108,10 @@ proptest! {
         for (step, op) in ops.iter().enumerate() {
             let snap = engine.snapshot();
             let name = |i: &usize| names[i % names.len()].clone();
-            let current = |i: &usize| snap.tailnet().nodes.get(&name(i)).cloned();
+            let current = |i: &usize| snap.tailnet().nodes.get(&name(i)).map(|n| (**n).clone());
             let change = match op {
                 Op::Remove(i) => current(i).map(|_| Change::RemoveNode { node: name(i) }),
-                Op::Restore(i) => original.nodes.get(&name(i)).map(|n| Change::UpsertNode { node: name(i), value: n.clone() }),
+                Op::Restore(i) => original.nodes.get(&name(i)).map(|n| Change::UpsertNode { node: name(i), value: (**n).clone() }),
                 Op::Online(i, o) => current(i).map(|_| Change::SetOnline { node: name(i), online: *o }),
                 Op::CopyTags(i, j) => current(i).zip(original.nodes.get(&name(j))).map(|(mut n, m)| {
                     n.tags = m.tags.clone();

@@ -164,7 +164,8 @@ fn initial(nodes: &[NodeSpec]) -> Tailnet {
     for (i, s) in nodes.iter().enumerate() {
         let name = format!("n{i}");
         t.assign_dns_name(&name, &format!("host{}", s.host));
-        t.nodes.insert(name, build_node(i as u32, s));
+        t.nodes
+            .insert(name, std::sync::Arc::new(build_node(i as u32, s)));
     }
     t
 }

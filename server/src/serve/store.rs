@@ -225,7 +225,7 @@ impl Store {
             }
             for (key, data) in pairs("SELECT name, data FROM nodes WHERE tailnet = ?1")? {
                 let n: Node = serde_json::from_str(&data).map_err(|e| corrupt("nodes", e))?;
-                t.nodes.insert(key, n);
+                t.nodes.insert(key, std::sync::Arc::new(n));
             }
             for (node, dns) in pairs("SELECT node, name FROM dns_names WHERE tailnet = ?1")? {
                 t.dns_holders.insert(dns.clone(), node.clone());
@@ -425,10 +425,10 @@ mod tests {
         );
         new.nodes.insert(
             "n1".into(),
-            Node {
+            std::sync::Arc::new(Node {
                 hostname: "n1".into(),
                 ..Node::default()
-            },
+            }),
         );
         new.assign_dns_name("n1", "n1");
         new.primaries

@@ -528,7 +528,7 @@ impl Writer {
             WriteOp::PutNode(name, body) => {
                 let snap = self.engine.snapshot();
                 let existing = snap.tailnet().nodes.get(&name).cloned();
-                let node = self.node_from_body(&name, body, existing.as_ref(), snap.tailnet())?;
+                let node = self.node_from_body(&name, body, existing.as_deref(), snap.tailnet())?;
                 let cs = self.engine.apply(Change::UpsertNode {
                     node: name.clone(),
                     value: node.clone(),
@@ -581,7 +581,7 @@ impl Writer {
                         routes: r.clone(),
                     },
                     _ => {
-                        let mut n = old;
+                        let mut n = (*old).clone();
                         if let Some(o) = p.online {
                             n.online = o;
                         }

@@ -7,6 +7,11 @@ use clap::Parser;
 mod cli;
 mod serve;
 
+/// mimalloc instead of the system allocator: the engine allocates and frees many small,
+/// short-lived values per change, and glibc's fastbin consolidation made their cost erratic.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,

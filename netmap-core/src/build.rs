@@ -174,7 +174,14 @@ pub(crate) struct Affected {
     pub slots: Vec<(usize, u8)>,
     /// How the changed node appears in each class's peer list now (classes not listed: no
     /// change).
-    pub class_change: HashMap<usize, PeerChange>,
+    class_change: Vec<Option<PeerChange>>,
+}
+
+impl Affected {
+    /// How the changed node's entry in class `class`'s peer list changed (`None`: no change).
+    pub(crate) fn class_change(&self, class: usize) -> Option<PeerChange> {
+        self.class_change.get(class).copied().flatten()
+    }
 }
 
 /// How a node's entry in a peer list changed.
@@ -514,6 +521,11 @@ impl Plan {
         self.class_of[slot]
     }
 
+    /// The name of a slot's node, shared.
+    pub(crate) fn key(&self, slot: usize) -> &Arc<str> {
+        &self.r.nodes[slot].key
+    }
+
     /// The name of a slot's node.
     pub(crate) fn name(&self, slot: usize) -> &str {
         &self.r.nodes[slot].name
@@ -569,7 +581,10 @@ impl Plan {
         if node.is_some_and(|n| !n.routable_ips.is_empty()) {
             return None;
         }
-        let mut affected = Affected::default();
+        let mut affected = Affected {
+            slots: Vec::new(),
+            class_change: vec![None; self.classes.len()],
+        };
         let (old_src, old_dst) = match old_slot {
             Some(s) => (self.src_bits[s].clone(), self.dst_bits[s].clone()),
             None => (vec![0; self.words], vec![0; self.words]),
@@ -753,7 +768,7 @@ impl Plan {
                     None => list.remove(name),
                 };
                 self.class_peers.set(c, Arc::new(list));
-                affected.class_change.insert(c, kind);
+                affected.class_change[c] = Some(kind);
                 for &m in &class.members {
                     flags[m] |= PEERS;
                 }

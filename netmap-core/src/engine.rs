@@ -89,14 +89,14 @@ pub struct NodeDelta {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
     /// Peers that appeared.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub peers_added: Vec<String>,
+    #[serde(default, skip_serializing_if = "no_names")]
+    pub peers_added: PeerNames,
     /// Peers that disappeared.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub peers_removed: Vec<String>,
+    #[serde(default, skip_serializing_if = "no_names")]
+    pub peers_removed: PeerNames,
     /// Peers whose addresses, routes or identity changed.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub peers_changed: Vec<String>,
+    #[serde(default, skip_serializing_if = "no_names")]
+    pub peers_changed: PeerNames,
     /// The packet filter changed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub filter_changed: bool,
@@ -106,6 +106,14 @@ pub struct NodeDelta {
     /// The node's own view (capabilities) changed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub self_changed: bool,
+}
+
+/// Peer names in a delta, in order. Shared: the many nodes one change affects alike hold
+/// the same list.
+pub type PeerNames = Arc<[Arc<str>]>;
+
+fn no_names(names: &PeerNames) -> bool {
+    names.is_empty()
 }
 
 impl NodeDelta {
@@ -119,7 +127,7 @@ impl NodeDelta {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ChangeSet {
     /// Per affected node.
-    pub nodes: BTreeMap<String, NodeDelta>,
+    pub nodes: BTreeMap<Arc<str>, NodeDelta>,
 }
 
 /// Computes the delta between two views of one node.
@@ -226,7 +234,7 @@ pub fn load_policy(text: &str, tailnet: &Tailnet) -> Result<Policy, CoreError> {
 }
 
 /// The names that differ between two peer lists: (added, removed, changed).
-type PeerDelta = (Vec<String>, Vec<String>, Vec<String>);
+type PeerDelta = (PeerNames, PeerNames, PeerNames);
 
 fn merge_diff<'a>(
     old: impl Iterator<Item = &'a Arc<Peer>>,
@@ -239,27 +247,27 @@ fn merge_diff<'a>(
         match (a.peek(), b.peek()) {
             (Some(x), Some(y)) if x.name == y.name => {
                 if !Arc::ptr_eq(x, y) && x != y {
-                    changed.push(y.name.clone());
+                    changed.push(Arc::from(y.name.as_str()));
                 }
                 a.next();
                 b.next();
             }
             (Some(x), Some(y)) if x.name < y.name => {
-                removed.push(x.name.clone());
+                removed.push(Arc::from(x.name.as_str()));
                 a.next();
             }
             (Some(x), None) => {
-                removed.push(x.name.clone());
+                removed.push(Arc::from(x.name.as_str()));
                 a.next();
             }
             (_, Some(y)) => {
-                added.push(y.name.clone());
+                added.push(Arc::from(y.name.as_str()));
                 b.next();
             }
             (None, None) => break,
         }
     }
-    (added, removed, changed)
+    (added.into(), removed.into(), changed.into())
 }
 
 /// The names that differ between two shared peer lists, skipping the subtrees they share
@@ -268,14 +276,12 @@ fn shared_diff(old: &SharedPeers, new: &SharedPeers) -> PeerDelta {
     let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
     for item in old.diff(new) {
         match item {
-            DiffItem::Add(name, _) => added.push(name.to_string()),
-            DiffItem::Remove(name, _) => removed.push(name.to_string()),
-            DiffItem::Update {
-                new: (name, _), ..
-            } => changed.push(name.to_string()),
+            DiffItem::Add(name, _) => added.push(name.clone()),
+            DiffItem::Remove(name, _) => removed.push(name.clone()),
+            DiffItem::Update { new: (name, _), .. } => changed.push(name.clone()),
         }
     }
-    (added, removed, changed)
+    (added.into(), removed.into(), changed.into())
 }
 
 /// Diffs views, comparing shared parts (peer lists, source lists) once per pair.
@@ -351,7 +357,13 @@ impl Differ {
         if o.peers.extra().is_empty() && n.peers.extra().is_empty() {
             // Only the shared lists differ: their delta is the node's, less its own entry.
             if let Some(sd) = &shared_delta {
-                let others = |v: &Vec<String>| v.iter().filter(|p| *p != own).cloned().collect();
+                let others = |v: &PeerNames| {
+                    if v.iter().any(|p| &**p == own) {
+                        v.iter().filter(|p| &***p != own).cloned().collect()
+                    } else {
+                        v.clone()
+                    }
+                };
                 d.peers_added = others(&sd.0);
                 d.peers_removed = others(&sd.1);
                 d.peers_changed = others(&sd.2);
@@ -361,22 +373,28 @@ impl Differ {
         // Names that may differ: the shared delta and every extra on either side.
         let mut candidates: Vec<&str> = Vec::new();
         if let Some(sd) = &shared_delta {
-            candidates.extend(sd.0.iter().chain(&sd.1).chain(&sd.2).map(String::as_str));
+            candidates.extend(
+                sd.0.iter()
+                    .chain(sd.1.iter())
+                    .chain(sd.2.iter())
+                    .map(|n| &**n),
+            );
         }
         candidates.extend(o.peers.extra().iter().map(|p| p.name.as_str()));
         candidates.extend(n.peers.extra().iter().map(|p| p.name.as_str()));
         candidates.sort_unstable();
         candidates.dedup();
+        let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
         for c in candidates {
             match (o.peers.get(c), n.peers.get(c)) {
-                (None, Some(_)) => d.peers_added.push(c.to_string()),
-                (Some(_), None) => d.peers_removed.push(c.to_string()),
-                (Some(a), Some(b)) if !Arc::ptr_eq(a, b) && a != b => {
-                    d.peers_changed.push(c.to_string())
-                }
+                (None, Some(_)) => added.push(Arc::from(c)),
+                (Some(_), None) => removed.push(Arc::from(c)),
+                (Some(a), Some(b)) if !Arc::ptr_eq(a, b) && a != b => changed.push(Arc::from(c)),
                 _ => {}
             }
         }
+        (d.peers_added, d.peers_removed, d.peers_changed) =
+            (added.into(), removed.into(), changed.into());
         d
     }
 }
@@ -560,12 +578,12 @@ impl Engine {
                 };
                 let mut views = old_views.clone();
                 // Collected in a vector and sorted once: cheaper than growing the map.
-                let mut deltas: Vec<(String, NodeDelta)> =
+                let mut deltas: Vec<(Arc<str>, NodeDelta)> =
                     Vec::with_capacity(affected.slots.len() + 1);
                 if node.is_none() {
                     views.remove(name);
                     deltas.push((
-                        name.clone(),
+                        Arc::from(name.as_str()),
                         NodeDelta {
                             removed: true,
                             ..NodeDelta::default()
@@ -578,12 +596,13 @@ impl Engine {
                     let new = sv.materialize(&new_tables, n);
                     let d = differ.diff(n, old.as_ref(), Some(&new));
                     if !d.is_empty() {
-                        deltas.push((n.to_string(), d));
+                        deltas.push((self.plan.key(s).clone(), d));
                     }
                     views.insert(n.to_string(), sv);
                 }
                 // The other touched views keep their stored form: they read what changed from
                 // the tables, and their delta is known from how they were touched.
+                let just_changed: PeerNames = Arc::new([Arc::from(name.as_str())]);
                 for &(s, f) in &affected.slots {
                     if f & touch::RECOMPUTE != 0 {
                         continue;
@@ -594,16 +613,15 @@ impl Engine {
                         ..NodeDelta::default()
                     };
                     if f & touch::PEERS != 0 {
-                        let changed = vec![name.clone()];
-                        match affected.class_change.get(&self.plan.class_id(s)) {
-                            Some(PeerChange::Added) => d.peers_added = changed,
-                            Some(PeerChange::Removed) => d.peers_removed = changed,
-                            Some(PeerChange::Changed) => d.peers_changed = changed,
+                        match affected.class_change(self.plan.class_id(s)) {
+                            Some(PeerChange::Added) => d.peers_added = just_changed.clone(),
+                            Some(PeerChange::Removed) => d.peers_removed = just_changed.clone(),
+                            Some(PeerChange::Changed) => d.peers_changed = just_changed.clone(),
                             None => {}
                         }
                     }
                     if !d.is_empty() {
-                        deltas.push((self.plan.name(s).to_string(), d));
+                        deltas.push((self.plan.key(s).clone(), d));
                     }
                 }
                 // Sorted runs (the recomputed views', then the others', both in name order):
@@ -632,7 +650,7 @@ impl Engine {
                 for (name, old, new) in pairs {
                     let d = differ.diff(name, old.as_ref(), new.as_ref());
                     if !d.is_empty() {
-                        cs.nodes.insert(name.clone(), d);
+                        cs.nodes.insert(Arc::from(name.as_str()), d);
                     }
                 }
                 views

@@ -312,10 +312,10 @@ fn check_line(line: &Value, seq: u64, node: &str, cs: &netmap_core::ChangeSet, m
     if delta.ssh_changed {
         assert_eq!(line["ssh_rules"], view["ssh_rules"]);
     }
-    let names: Vec<&String> = delta
+    let names: Vec<&std::sync::Arc<str>> = delta
         .peers_added
         .iter()
-        .chain(&delta.peers_changed)
+        .chain(delta.peers_changed.iter())
         .collect();
     let peers = line
         .get("peers")

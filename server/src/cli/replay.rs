@@ -54,6 +54,26 @@ struct Step {
     change: Change,
 }
 
+/// How many full builds are timed.
+const BUILDS: usize = 3;
+
+/// Times of the full build: the first (cold) and the median of [`BUILDS`].
+struct BuildTimes {
+    first: Duration,
+    median: Duration,
+}
+
+/// Every applied change, whatever its op.
+fn all_ops(stats: &BTreeMap<&'static str, OpStats>) -> OpStats {
+    OpStats {
+        applied: stats
+            .values()
+            .flat_map(|s| s.applied.iter().copied())
+            .collect(),
+        rejected: stats.values().map(|s| s.rejected).sum(),
+    }
+}
+
 /// Timings of one op type.
 #[derive(Default)]
 struct OpStats {
@@ -100,19 +120,41 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
         }
     };
     let nodes = tailnet.nodes.len();
-    let t = Instant::now();
-    let built = Engine::new(&policy_text, tailnet);
-    let full_build = t.elapsed();
-    let mut engine = match built {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("{}: {e}", a.policy.display());
-            return ExitCode::from(2);
+    // The changes are timed in a warm process, so the build they are compared with is too:
+    // the median of a few builds. The first (cold: fresh memory) is reported beside it.
+    let mut builds = Vec::with_capacity(BUILDS);
+    let mut built = None;
+    for _ in 0..BUILDS {
+        drop(built.take());
+        let t = Instant::now();
+        let result = Engine::new(&policy_text, tailnet.clone());
+        builds.push(t.elapsed());
+        match result {
+            Ok(e) => built = Some(e),
+            Err(e) => {
+                eprintln!("{}: {e}", a.policy.display());
+                return ExitCode::from(2);
+            }
         }
+    }
+    let Some(mut engine) = built else {
+        return ExitCode::from(2);
+    };
+    let build = BuildTimes {
+        first: builds[0],
+        median: {
+            let mut sorted = builds.clone();
+            sorted.sort_unstable();
+            sorted[sorted.len() / 2]
+        },
     };
     let text = a.format == Format::Text;
     if text {
-        println!("full build: {nodes} nodes in {}", fmt_dur(full_build));
+        println!(
+            "full build: {nodes} nodes in {} (median of {BUILDS}; first {})",
+            fmt_dur(build.median),
+            fmt_dur(build.first)
+        );
     }
 
     let mut stats: BTreeMap<&'static str, OpStats> = BTreeMap::new();
@@ -181,9 +223,9 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
 
     let divergences = usize::from(divergence.is_some());
     if text {
-        print_table(nodes, full_build, &stats, a.verify, divergences);
+        print_table(nodes, &build, &stats, a.verify, divergences);
     } else {
-        print_json(nodes, full_build, &stats, divergences);
+        print_json(nodes, &build, &stats, divergences);
     }
     match divergence {
         Some(d) => {
@@ -235,12 +277,13 @@ fn subject(c: &Change) -> String {
 
 /// Describes what differs between two views of a node ("packet filter, peers (added: a)").
 fn describe(d: &NodeDelta) -> String {
-    fn names(label: &str, v: &[String]) -> Option<String> {
+    fn names(label: &str, v: &[Arc<str>]) -> Option<String> {
         const SHOWN: usize = 5;
         if v.is_empty() {
             return None;
         }
-        let mut s = format!("{label}: {}", v[..v.len().min(SHOWN)].join(", "));
+        let shown: Vec<&str> = v.iter().take(SHOWN).map(|n| &**n).collect();
+        let mut s = format!("{label}: {}", shown.join(", "));
         if v.len() > SHOWN {
             s.push_str(&format!(" and {} more", v.len() - SHOWN));
         }
@@ -477,7 +520,7 @@ fn check_change_set(prev: &Snapshot, now: &Snapshot, cs: &ChangeSet) -> Option<(
         .find(|k| !prev.contains(k) && !now.contains(k))
     {
         return Some((
-            name.clone(),
+            name.to_string(),
             "named in the change set but in neither snapshot".into(),
         ));
     }
@@ -556,28 +599,30 @@ fn fmt_dur(d: Duration) -> String {
 
 fn print_json(
     nodes: usize,
-    full_build: Duration,
+    build: &BuildTimes,
     stats: &BTreeMap<&'static str, OpStats>,
     divergences: usize,
 ) {
-    let mut ops = serde_json::Map::new();
-    for (op, s) in stats {
+    let summary = |s: &OpStats| {
         let (median, p99, affected) = summarize(s);
-        ops.insert(
-            (*op).to_string(),
-            json!({
-                "count": s.applied.len() + s.rejected,
-                "median_us": median.map(micros),
-                "p99_us": p99.map(micros),
-                "median_affected": affected,
-                "rejected": s.rejected,
-            }),
-        );
-    }
+        json!({
+            "count": s.applied.len() + s.rejected,
+            "median_us": median.map(micros),
+            "p99_us": p99.map(micros),
+            "median_affected": affected,
+            "rejected": s.rejected,
+        })
+    };
+    let ops: serde_json::Map<String, serde_json::Value> = stats
+        .iter()
+        .map(|(op, s)| ((*op).to_string(), summary(s)))
+        .collect();
     let doc = json!({
         "nodes": nodes,
-        "full_build_us": micros(full_build),
+        "full_build_us": micros(build.median),
+        "first_build_us": micros(build.first),
         "ops": ops,
+        "all_ops": summary(&all_ops(stats)),
         "divergences": divergences,
     });
     println!("{doc}");
@@ -585,18 +630,25 @@ fn print_json(
 
 fn print_table(
     nodes: usize,
-    full_build: Duration,
+    build: &BuildTimes,
     stats: &BTreeMap<&'static str, OpStats>,
     verified: bool,
     divergences: usize,
 ) {
     println!();
-    println!("nodes: {nodes}, full build: {}", fmt_dur(full_build));
+    println!(
+        "nodes: {nodes}, full build: {} (median of {BUILDS}; first {})",
+        fmt_dur(build.median),
+        fmt_dur(build.first)
+    );
+    let full_build = build.median;
+    let all = all_ops(stats);
     println!(
         "{:<14} {:>6} {:>8} {:>11} {:>11} {:>9} {:>14}",
         "op", "count", "rejected", "median", "p99", "affected", "build/median"
     );
-    for (op, s) in stats {
+    let rows = stats.iter().map(|(op, s)| (*op, s));
+    for (op, s) in rows.chain([("(all)", &all)]) {
         let (median, p99, affected) = summarize(s);
         let dash = || "-".to_string();
         let ratio = median.filter(|m| !m.is_zero()).map(|m| {

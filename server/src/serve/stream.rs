@@ -87,7 +87,7 @@ pub fn delta_line(seq: u64, d: &NodeDelta, view: &NodeView) -> Bytes {
     let peers: Vec<&Arc<Peer>> = d
         .peers_added
         .iter()
-        .chain(&d.peers_changed)
+        .chain(d.peers_changed.iter())
         .filter_map(|n| view.peers.get(n))
         .collect();
     if !peers.is_empty() {
@@ -132,7 +132,7 @@ impl State {
         self.seq = ev.seq;
         match &ev.kind {
             EventKind::Changes(cs) => {
-                let Some(d) = cs.nodes.get(&self.node) else {
+                let Some(d) = cs.nodes.get(self.node.as_str()) else {
                     return Step::Skip;
                 };
                 match ev.snapshot.view(&self.node) {

@@ -643,10 +643,11 @@ impl Plan {
         // First every changed list, then the filters: whether an entry may follow its rule's
         // list depends on the other rules' lists before and after.
         let mut changed_rules: Vec<(usize, Arc<Vec<String>>)> = Vec::new();
+        // A list prints the addresses of the nodes its identity set names, its literal
+        // prefixes and (for `*`) the tailnet ranges and routes: it changes only when x joins
+        // or leaves the identity set or changes addresses while named (routes rebuild).
         for (ri, set_changed) in src_set_changed.into_iter().enumerate() {
-            let was = bit(&old_src, ri);
-            let now = bit(&new_src, ri);
-            if was == now && !(now && addrs_changed) && !set_changed {
+            if !set_changed {
                 continue;
             }
             if self.rules[ri].self_rule {
@@ -657,6 +658,10 @@ impl Plan {
             self.src_strings.set(ri, new);
             changed_rules.push((ri, old));
         }
+        // What each changed rule does to the filters that cover it, then one pass over the
+        // nodes those rules cover.
+        let mut covered = vec![0u64; self.words];
+        let mut effects = Vec::with_capacity(changed_rules.len());
         for (ri, old) in &changed_rules {
             let ri = *ri;
             let new = self.src_strings[ri].clone();
@@ -666,18 +671,31 @@ impl Plan {
             let non_empty = !old.is_empty() && !new.is_empty();
             let (plain, emails) = self.merge_partners(ri, old, &new, &changed_rules);
             let content = if **old != *new { FILTER } else { 0 };
-            for v in self.live().filter(|&v| bit(&self.dst_bits[v], ri)) {
-                let merged = plain.iter().any(|&rj| bit(&self.dst_bits[v], rj))
-                    || (self.r.nodes[v].is_member()
-                        && self.r.nodes[v]
-                            .email
-                            .as_ref()
-                            .is_some_and(|e| emails.contains(e)));
-                flags[v] |= if non_empty && !merged {
-                    content
-                } else {
-                    RECOMPUTE
-                };
+            covered[ri / 64] |= 1 << (ri % 64);
+            effects.push((ri, non_empty, plain, emails, content));
+        }
+        if !effects.is_empty() {
+            for v in self.live() {
+                let dst = &self.dst_bits[v];
+                if !dst.iter().zip(&covered).any(|(d, c)| d & c != 0) {
+                    continue;
+                }
+                for (ri, non_empty, plain, emails, content) in &effects {
+                    if !bit(dst, *ri) {
+                        continue;
+                    }
+                    let merged = plain.iter().any(|&rj| bit(dst, rj))
+                        || (self.r.nodes[v].is_member()
+                            && self.r.nodes[v]
+                                .email
+                                .as_ref()
+                                .is_some_and(|e| emails.contains(e)));
+                    flags[v] |= if *non_empty && !merged {
+                        *content
+                    } else {
+                        RECOMPUTE
+                    };
+                }
             }
         }
         // Self rules, self peers: the owner's devices.
@@ -755,18 +773,19 @@ impl Plan {
             let Some(current) = self.class_peers.get(c) else {
                 continue;
             };
-            let kind = match (current.get(name), &entry) {
-                (Some(old), Some(e)) => (**old != **e).then_some(PeerChange::Changed),
+            // Edit a copy (sharing all but one path) and keep it only if the entry changed.
+            let mut list = current.as_ref().clone();
+            let before = match &entry {
+                Some(e) => list.insert(self.r.nodes[x].key.clone(), e.clone()),
+                None => list.remove(name),
+            };
+            let kind = match (before, &entry) {
+                (Some(old), Some(e)) => (*old != **e).then_some(PeerChange::Changed),
                 (Some(_), None) => Some(PeerChange::Removed),
                 (None, Some(_)) => Some(PeerChange::Added),
                 (None, None) => None,
             };
             if let Some(kind) = kind {
-                let mut list = current.as_ref().clone();
-                match entry {
-                    Some(e) => list.insert(self.r.nodes[x].key.clone(), e),
-                    None => list.remove(name),
-                };
                 self.class_peers.set(c, Arc::new(list));
                 affected.class_change[c] = Some(kind);
                 for &m in &class.members {

@@ -68,10 +68,18 @@ fuzz_target!(|data: &[u8]| {
         let i = a % NODES;
         let name = format!("n{i}");
         let change = match (a / NODES) % 4 {
-            0 => Change::UpsertNode { node: name, value: node(i, b) },
+            0 => Change::UpsertNode {
+                node: name,
+                value: node(i, b),
+            },
             1 => Change::RemoveNode { node: name },
-            2 => Change::SetOnline { node: name, online: b % 2 == 0 },
-            _ => Change::UpsertUser { user: user(b % USERS, b & 0x80 != 0) },
+            2 => Change::SetOnline {
+                node: name,
+                online: b % 2 == 0,
+            },
+            _ => Change::UpsertUser {
+                user: user(b % USERS, b & 0x80 != 0),
+            },
         };
         let before = engine.snapshot();
         let Ok(cs) = engine.apply(change) else {
@@ -87,7 +95,11 @@ fuzz_target!(|data: &[u8]| {
         }
         for name in before.node_names().chain(now.node_names()) {
             let differs = before.view(name) != now.view(name);
-            assert_eq!(differs, cs.nodes.contains_key(name), "change set entry of {name}");
+            assert_eq!(
+                differs,
+                cs.nodes.contains_key(name),
+                "change set entry of {name}"
+            );
         }
     }
 });

@@ -172,8 +172,8 @@ pub(crate) struct Affected {
     /// Live slots touched, in name order, with [`touch`] flags. Slots without `RECOMPUTE` keep their
     /// stored view: what changed for them is known from the flags.
     pub slots: Vec<(usize, u8)>,
-    /// How the changed node appears in each class's peer list now (classes not listed: no
-    /// change).
+    /// By class id: how the changed node's entry in the class's peer list changed (`None`:
+    /// no change; classes created by the update are past the end).
     class_change: Vec<Option<PeerChange>>,
 }
 
@@ -521,6 +521,13 @@ impl Plan {
         self.class_of[slot]
     }
 
+    /// Records a live node's presence, which no view reads unless the node serves routes.
+    pub(crate) fn set_presence(&mut self, name: &str, online: bool) {
+        if let Some(s) = self.slot(name) {
+            self.r.nodes[s].node.online = online;
+        }
+    }
+
     /// The name of a slot's node, shared.
     pub(crate) fn key(&self, slot: usize) -> &Arc<str> {
         &self.r.nodes[slot].key
@@ -629,9 +636,7 @@ impl Plan {
             self.r.refresh(t, x);
         }
         let ssh_changed = self.ssh.refresh_node(&self.r, x, ident_changed);
-        let (new_src, new_dst) = self.bits_of(x);
-        self.src_bits[x] = new_src.clone();
-        self.dst_bits[x] = new_dst.clone();
+        (self.src_bits[x], self.dst_bits[x]) = self.bits_of(x);
         self.base_peer[x] = self.base_peers_of(x);
 
         // Rules whose sources changed: their SrcIPs, hence the filters of what they cover.

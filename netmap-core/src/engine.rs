@@ -484,9 +484,7 @@ impl Engine {
                 }) =>
             {
                 unchanged_views = true;
-                if let Some(s) = self.plan.slot(&node) {
-                    self.plan.r.nodes[s].node.online = value.online;
-                }
+                self.plan.set_presence(&node, value.online);
                 tailnet.nodes.insert(node, Arc::new(value));
             }
             Change::UpsertNode { node, value } => {
@@ -509,9 +507,7 @@ impl Engine {
                 // Only routers' presence matters (primary election); nothing else reads it.
                 if n.routable_ips.is_empty() {
                     unchanged_views = true;
-                    if let Some(s) = self.plan.slot(&node) {
-                        self.plan.r.nodes[s].node.online = online;
-                    }
+                    self.plan.set_presence(&node, online);
                 }
             }
             Change::UpsertUser { user } => {
@@ -577,7 +573,7 @@ impl Engine {
                         .collect()
                 };
                 let mut views = old_views.clone();
-                // Collected in a vector and sorted once: cheaper than growing the map.
+                // Collected in a vector and turned into the map once: cheaper than growing it.
                 let mut deltas: Vec<(Arc<str>, NodeDelta)> =
                     Vec::with_capacity(affected.slots.len() + 1);
                 if node.is_none() {

@@ -140,13 +140,11 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
     let Some(mut engine) = built else {
         return ExitCode::from(2);
     };
+    let first = builds[0];
+    builds.sort_unstable();
     let build = BuildTimes {
-        first: builds[0],
-        median: {
-            let mut sorted = builds.clone();
-            sorted.sort_unstable();
-            sorted[sorted.len() / 2]
-        },
+        first,
+        median: percentile(&builds, 0.5).unwrap_or(first),
     };
     let text = a.format == Format::Text;
     if text {

@@ -18,5 +18,7 @@ pub use build::{compute_all, Computed};
 pub use engine::{diff_views, load_policy, Change, ChangeSet, Engine, NodeDelta, Snapshot};
 pub use error::CoreError;
 pub use routes::{auto_approve, elect_primaries};
-pub use tailnet::{format_rfc3339, parse_rfc3339, Node, Tailnet, TailnetSettings, User};
+pub use tailnet::{
+    format_rfc3339, parse_rfc3339, Node, PostureValue, Tailnet, TailnetSettings, User,
+};
 pub use tests_eval::{check_policy_for_tailnet, run_tests, TestOutcome, TestReport};

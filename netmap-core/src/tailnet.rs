@@ -1,6 +1,7 @@
 //! The tailnet model: users, nodes, routes, and the history-dependent decisions
 //! (primary routers) carried with it.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -57,6 +58,28 @@ pub struct Node {
     /// Whether the node is connected.
     #[serde(default = "default_true")]
     pub online: bool,
+    /// Device posture attributes (`node:os`, `node:osVersion`, `node:tsVersion`,
+    /// `node:tsReleaseTrack`, `node:tsAutoUpdate`, `custom:…`, …), which the policy's
+    /// `postures` test. An attribute the node lacks fails every posture condition on it but
+    /// `NOT SET`.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub posture: BTreeMap<String, PostureValue>,
+}
+
+/// The value of a device posture attribute: a string, a number or a bool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PostureValue {
+    /// `true` / `false`.
+    Bool(bool),
+    /// A number.
+    Number(serde_json::Number),
+    /// A string (versions and names are strings).
+    String(String),
 }
 
 fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
@@ -135,7 +158,7 @@ struct StateFile {
     #[serde(default)]
     users: Vec<User>,
     #[serde(default)]
-    nodes: std::collections::BTreeMap<String, Node>,
+    nodes: BTreeMap<String, Node>,
     #[serde(default)]
     tailnet: TailnetSettings,
 }

@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use ipnet::IpNet;
 use netmap_core::{
-    Change, ChangeSet, CoreError, Engine, Node, Snapshot, Tailnet, TailnetSettings, User,
+    Change, ChangeSet, CoreError, Engine, Node, PostureValue, Snapshot, Tailnet, TailnetSettings,
+    User,
 };
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
@@ -97,6 +98,9 @@ pub struct NodeBody {
     /// Join time, RFC 3339 (omitted = keep, new nodes get the current time).
     #[serde(default)]
     pub created: Option<String>,
+    /// Device posture attributes (omitted = keep).
+    #[serde(default)]
+    pub posture: Option<BTreeMap<String, PostureValue>>,
 }
 
 /// Body of `PATCH .../nodes/{id}`.
@@ -115,6 +119,9 @@ pub struct NodePatch {
     /// ACL tags.
     #[serde(default)]
     pub tags: Option<Vec<String>>,
+    /// Device posture attributes (replaces them all).
+    #[serde(default)]
+    pub posture: Option<BTreeMap<String, PostureValue>>,
 }
 
 /// Body of `PUT .../users/{name}`.
@@ -551,10 +558,11 @@ impl Writer {
                 let fields = usize::from(p.online.is_some())
                     + usize::from(p.approved_routes.is_some())
                     + usize::from(p.routable_ips.is_some())
-                    + usize::from(p.tags.is_some());
+                    + usize::from(p.tags.is_some())
+                    + usize::from(p.posture.is_some());
                 if fields == 0 {
                     return Err(bad(
-                        "empty patch: give online, approved_routes, routable_ips or tags",
+                        "empty patch: give online, approved_routes, routable_ips, tags or posture",
                     ));
                 }
                 if let Some(tags) = &p.tags {
@@ -593,6 +601,9 @@ impl Writer {
                         }
                         if let Some(t) = p.tags {
                             n.tags = t;
+                        }
+                        if let Some(a) = p.posture {
+                            n.posture = a;
                         }
                         Change::UpsertNode {
                             node: name,
@@ -774,6 +785,10 @@ impl Writer {
                 .or_else(|| existing.map(|e| e.created.clone()))
                 .unwrap_or_else(now_rfc3339),
             online: b.online.or(existing.map(|e| e.online)).unwrap_or(true),
+            posture: b
+                .posture
+                .or_else(|| existing.map(|e| e.posture.clone()))
+                .unwrap_or_default(),
         })
     }
 }

@@ -588,6 +588,11 @@ impl Plan {
         if node.is_some_and(|n| !n.routable_ips.is_empty()) {
             return None;
         }
+        // A session recorder's addresses are written into SSH actions: rebuild.
+        let recorder = |n: &Node| n.tags.iter().any(|t| self.ssh.recorder_tags.contains(t));
+        if old_slot.is_some_and(|s| recorder(&self.r.nodes[s].node)) || node.is_some_and(recorder) {
+            return None;
+        }
         let mut affected = Affected {
             slots: Vec::new(),
             class_change: vec![None; self.classes.len()],

@@ -77,7 +77,10 @@ pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
         if acl.src.is_empty() {
             continue;
         }
-        let src = r.resolve_all(acl.src.iter().map(|s| &s.value));
+        let src = r.with_postures(
+            r.resolve_all(acl.src.iter().map(|s| &s.value)),
+            p.rule_postures(&acl.src_posture),
+        );
         let dsts = acl
             .dst
             .iter()
@@ -99,7 +102,10 @@ pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
         if g.src.is_empty() {
             continue;
         }
-        let src = r.resolve_all(g.src.iter().map(|s| &s.value));
+        let src = r.with_postures(
+            r.resolve_all(g.src.iter().map(|s| &s.value)),
+            p.rule_postures(&g.src_posture),
+        );
         let resolved: Vec<Resolved> = g.dst.iter().map(|d| r.resolve(&d.value)).collect();
         // One rule per distinct protocol set, ports of all `ip` entries with that set.
         let mut by_proto: Vec<(Vec<u8>, Vec<PortRange>)> = Vec::new();
@@ -332,7 +338,9 @@ fn route_reachable(r: &Resolver, rule: &NetRule, v: usize, route: &IpNet) -> boo
     if forward {
         return true;
     }
-    let src_overlaps = rule.src.wildcard || rule.src.nets.iter().any(|n| addr::overlaps(n, route));
+    let src_overlaps = rule.src.wildcard
+        || rule.src.all_nodes
+        || rule.src.nets.iter().any(|n| addr::overlaps(n, route));
     src_overlaps && rule.covers(r, v)
 }
 

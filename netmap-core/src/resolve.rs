@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use netmap_policy::{Alias, AutoGroup, IpSetItem, Policy};
+use netmap_policy::{Alias, AutoGroup, Policy, Posture};
 
 use crate::addr::{self, fmt_net};
 use crate::tailnet::{Node, Tailnet};
@@ -116,9 +116,19 @@ pub(crate) struct Resolved {
     pub nets: Vec<IpNet>,
     /// The aliases this set was resolved from (to re-evaluate one node after a change).
     pub aliases: Vec<Alias>,
+    /// Nodes must satisfy one of these device postures to be in the set (`srcPosture`);
+    /// empty: no posture applies. Addresses and routes are not narrowed by posture.
+    pub postures: Arc<[Posture]>,
+    /// `*` under a posture: every node that satisfies it, plus every approved subnet route.
+    pub all_nodes: bool,
 }
 
 impl Resolved {
+    /// Whether a node with these posture attributes satisfies the set's posture.
+    pub fn posture_ok(&self, attrs: &netmap_policy::PostureAttrs) -> bool {
+        self.postures.is_empty() || self.postures.iter().any(|p| p.matches(attrs))
+    }
+
     pub fn union(&mut self, o: Resolved) {
         self.wildcard |= o.wildcard;
         self.danger_all |= o.danger_all;
@@ -240,20 +250,6 @@ impl Resolver {
                         .is_some_and(|m| m.iter().any(|x| Some(x.as_str()) == n.email.as_deref()))
             }
             Alias::Tag(t) => n.node.tags.iter().any(|x| x == t),
-            Alias::IpSet(name) => {
-                let items = self
-                    .policy
-                    .ipsets
-                    .get(name)
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[]);
-                items
-                    .iter()
-                    .any(|it| matches!(it, IpSetItem::Add(a) if self.alias_names_info(a, n)))
-                    && !items
-                        .iter()
-                        .any(|it| matches!(it, IpSetItem::Remove(a) if self.alias_names_info(a, n)))
-            }
             Alias::AutoGroup(g) => match g {
                 AutoGroup::Member => n.is_member(),
                 AutoGroup::Tagged => n.node.is_tagged(),
@@ -264,13 +260,20 @@ impl Resolver {
                 | AutoGroup::Shared => false,
                 role => n.is_member() && role_matches(n.role.as_deref(), role.name()),
             },
-            Alias::Wildcard | Alias::Host(_) | Alias::Prefix(_) => false,
+            Alias::Wildcard
+            | Alias::Host(_)
+            | Alias::Prefix(_)
+            | Alias::IpSet(_)
+            | Alias::Service(_) => false,
         }
     }
 
     /// Re-evaluates node `i`'s identity membership in `set`; returns whether it changed.
     pub fn refresh(&self, set: &mut Resolved, i: usize) -> bool {
-        let now = set.aliases.iter().any(|a| self.alias_names(a, i));
+        let n = &self.nodes[i];
+        let named =
+            n.alive && (set.all_nodes || set.aliases.iter().any(|a| self.alias_names(a, i)));
+        let now = named && set.posture_ok(&n.node.posture);
         if now {
             set.nodes.insert(i)
         } else {
@@ -372,24 +375,10 @@ impl Resolver {
             }
             Alias::Prefix(p) => r.nets.push(*p),
             Alias::IpSet(name) => {
-                let mut add = Resolved::default();
-                let mut remove = Resolved::default();
-                for item in self
-                    .policy
-                    .ipsets
-                    .get(name)
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[])
-                {
-                    match item {
-                        IpSetItem::Add(a) => add.union(self.resolve(a)),
-                        IpSetItem::Remove(a) => remove.union(self.resolve(a)),
-                    }
-                }
-                add.nodes.retain(|n| !remove.nodes.contains(n));
-                add.nets.retain(|n| !remove.nets.contains(n));
-                r = add;
+                r.nets = self.policy.ipsets.get(name).cloned().unwrap_or_default();
             }
+            // Services are not part of the tailnet model: they name no node.
+            Alias::Service(_) => {}
             Alias::AutoGroup(g) => match g {
                 AutoGroup::Member => {
                     r.nodes = (0..self.nodes.len())
@@ -431,13 +420,39 @@ impl Resolver {
         r
     }
 
+    /// Narrows a rule's source set to the nodes satisfying one of the named postures (`*`
+    /// becomes those nodes plus every approved route); addresses are not narrowed.
+    pub fn with_postures(&self, mut r: Resolved, names: &[String]) -> Resolved {
+        let postures: Vec<Posture> = names
+            .iter()
+            .filter_map(|n| self.policy.postures.get(n).cloned())
+            .collect();
+        if postures.is_empty() {
+            return r;
+        }
+        r.postures = Arc::from(postures);
+        if r.wildcard && !r.danger_all {
+            r.wildcard = false;
+            r.all_nodes = true;
+            r.nodes = (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].alive)
+                .collect();
+        }
+        let nodes = std::mem::take(&mut r.nodes);
+        r.nodes = nodes
+            .into_iter()
+            .filter(|&i| r.posture_ok(&self.nodes[i].node.posture))
+            .collect();
+        r
+    }
+
     /// Whether a node is in a resolved source set (by identity, address, or a route it serves).
     pub fn src_contains(&self, r: &Resolved, i: usize) -> bool {
         let n = &self.nodes[i];
         if !n.alive {
             return false;
         }
-        if r.wildcard || r.nodes.contains(&i) {
+        if r.wildcard || r.nodes.contains(&i) || (r.all_nodes && !n.routes.is_empty()) {
             return true;
         }
         r.nets.iter().any(|net| {
@@ -468,6 +483,10 @@ impl Resolver {
                 out.push(s.to_string());
             }
             out.push(addr::TAILNET_V6.to_string());
+            for rt in self.all_routes() {
+                out.push(rt.to_string());
+            }
+        } else if r.all_nodes {
             for rt in self.all_routes() {
                 out.push(rt.to_string());
             }

@@ -6,12 +6,44 @@ use std::sync::Arc;
 use netmap_policy::{Alias, AutoGroup, SshAction, SshUser};
 
 use crate::resolve::{Resolved, Resolver};
-use crate::wire::{SshActionWire, SshPrincipal, SshRuleWire};
+use crate::wire::{SshActionWire, SshPrincipal, SshRecorderFailureAction, SshRuleWire};
 
 const CHECK_URL: &str =
     "https://unused/machine/ssh/action/$SRC_NODE_ID/to/$DST_NODE_ID?local_user=$LOCAL_USER";
 
-fn action_wire(action: SshAction, check_period_secs: Option<u64>) -> SshActionWire {
+/// The recorders of a rule: every address of every node carrying a recorder tag, port 80
+/// (where a session recorder listens on the tailnet), in join order.
+fn recorders(r: &Resolver, tags: &[String]) -> Vec<String> {
+    let mut nodes: Vec<usize> = (0..r.nodes.len())
+        .filter(|&i| r.nodes[i].alive && r.nodes[i].node.tags.iter().any(|t| tags.contains(t)))
+        .collect();
+    nodes.sort_by_cached_key(|&i| (r.nodes[i].node.created_key(), r.nodes[i].name.clone()));
+    nodes
+        .iter()
+        .flat_map(|&i| r.nodes[i].addrs.iter())
+        .map(|a| std::net::SocketAddr::new(*a, 80).to_string())
+        .collect()
+}
+
+fn action_wire(r: &Resolver, rule: &netmap_policy::SshRule) -> SshActionWire {
+    let mut a = base_action(rule.action, rule.check_period_secs);
+    if !rule.recorder.is_empty() {
+        a.recorders = recorders(r, &rule.recorder);
+        if rule.enforce_recorder {
+            a.on_recording_failure = Some(SshRecorderFailureAction {
+                reject_session_with_message:
+                    "# Session recording is required, but no recorder could be reached. The session was refused."
+                        .into(),
+                terminate_session_with_message:
+                    "# Session recording is required, and it failed. The session was ended."
+                        .into(),
+            });
+        }
+    }
+    a
+}
+
+fn base_action(action: SshAction, check_period_secs: Option<u64>) -> SshActionWire {
     match action {
         SshAction::Accept => SshActionWire {
             accept: true,
@@ -57,6 +89,9 @@ struct PlannedRule {
 /// The SSH policy compiled once per tailnet state; `rules_for` builds a node's rules.
 pub(crate) struct SshPlan {
     rules: Vec<PlannedRule>,
+    /// Tags of session recorders some rule names: a node carrying one changes rules'
+    /// actions (its addresses are listed in them).
+    pub(crate) recorder_tags: Vec<String>,
     /// Per rule, the principals of destinations named by identity (all sources); views
     /// bind their entries to this table instead of holding a copy.
     pub(crate) principals: imbl::Vector<Arc<Vec<SshPrincipal>>>,
@@ -87,7 +122,10 @@ impl SshPlan {
         let mut all = imbl::Vector::new();
         for rule in ordered {
             let dst = r.resolve_all(rule.dst.iter().map(|x| &x.value));
-            let src = r.resolve_all(rule.src.iter().map(|x| &x.value));
+            let src = r.with_postures(
+                r.resolve_all(rule.src.iter().map(|x| &x.value)),
+                &rule.src_posture,
+            );
             let mut srcs: Vec<usize> = (0..r.nodes.len())
                 .filter(|&j| r.src_contains(&src, j))
                 .collect();
@@ -122,12 +160,21 @@ impl SshPlan {
                 srcs,
                 tagged_src,
                 users,
-                action: action_wire(rule.action, rule.check_period_secs),
+                action: action_wire(r, rule),
                 accept_env: rule.accept_env.clone(),
             });
         }
+        let mut recorder_tags: Vec<String> = r
+            .policy
+            .ssh
+            .iter()
+            .flat_map(|x| x.recorder.iter().cloned())
+            .collect();
+        recorder_tags.sort();
+        recorder_tags.dedup();
         SshPlan {
             rules,
+            recorder_tags,
             principals: all,
         }
     }

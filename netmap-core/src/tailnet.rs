@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
+pub use netmap_policy::PostureValue;
 
 /// A user of the tailnet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,18 +69,6 @@ pub struct Node {
         deserialize_with = "null_as_default"
     )]
     pub posture: BTreeMap<String, PostureValue>,
-}
-
-/// The value of a device posture attribute: a string, a number or a bool.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum PostureValue {
-    /// `true` / `false`.
-    Bool(bool),
-    /// A number.
-    Number(serde_json::Number),
-    /// A string (versions and names are strings).
-    String(String),
 }
 
 fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
 use netmap_policy::{
-    parse_alias, parse_proto, split_host_ports, AclTest, Alias, AliasContext, Policy, PortRange,
-    SshAction, SshTest, SshUser,
+    AclTest, Alias, AutoGroup, Located, Policy, PortRange, Posture, PostureAttrs, SshAction,
+    SshTest, SshUser, TestDst,
 };
 use serde::Serialize;
 
@@ -90,18 +90,34 @@ pub fn check_policy_for_tailnet(policy: &Policy, tailnet: &Tailnet) -> Result<()
             }
         }
     }
-    for a in &policy.acls {
-        for s in &a.src {
-            if let Alias::UserDomain(d) = &s.value {
-                check(d, false)?;
-            }
-        }
-    }
-    for g in &policy.grants {
-        for s in g.src.iter().chain(g.dst.iter()) {
-            if let Alias::UserDomain(d) = &s.value {
-                check(d, false)?;
-            }
+    let acl_dsts = policy
+        .acls
+        .iter()
+        .flat_map(|a| a.dst.iter().map(|d| &d.value.0));
+    let others = policy
+        .acls
+        .iter()
+        .flat_map(|a| a.src.iter())
+        .chain(
+            policy
+                .grants
+                .iter()
+                .flat_map(|g| g.src.iter().chain(&g.dst)),
+        )
+        .chain(policy.node_attrs.iter().flat_map(|n| n.target.iter()))
+        .chain(policy.tag_owners.values().flatten())
+        .chain(
+            policy
+                .auto_approvers
+                .routes
+                .iter()
+                .flat_map(|(_, w)| w.iter()),
+        )
+        .chain(policy.auto_approvers.exit_node.iter())
+        .map(|l| &l.value);
+    for a in acl_dsts.chain(others) {
+        if let Alias::UserDomain(d) = a {
+            check(d, false)?;
         }
     }
     Ok(())
@@ -161,6 +177,8 @@ enum DstHost {
 struct NetRuleEval {
     label: String,
     src: Resolved,
+    /// Postures the sources must satisfy (any of them); empty: none.
+    postures: Vec<Posture>,
     /// (destination, protocols (empty = default set), ports).
     entries: Vec<(Resolved, Vec<u8>, Vec<PortRange>)>,
 }
@@ -170,6 +188,7 @@ struct SshRuleEval {
     label: String,
     action: SshAction,
     src: Resolved,
+    postures: Vec<Posture>,
     dst: Resolved,
     users: Vec<SshUser>,
     has_localpart: bool,
@@ -264,25 +283,21 @@ fn is_internet(ip: &IpAddr) -> bool {
     }
 }
 
-/// Parses a test port: one decimal number, 0–65535.
-fn parse_test_port(port: &str) -> Result<u16, String> {
-    if port.is_empty() || !port.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!(
-            "port {port:?} is not a port number (tests take a single port: no ranges, lists or *)"
-        ));
-    }
-    port.parse::<u16>()
-        .map_err(|_| format!("port {port:?} is out of range (0-65535)"))
-}
-
 impl<'a> Evaluator<'a> {
     fn new(r: &'a Resolver) -> Evaluator<'a> {
         let p = &*r.policy;
+        let postures = |names: &[String]| -> Vec<Posture> {
+            names
+                .iter()
+                .filter_map(|n| p.postures.get(n).cloned())
+                .collect()
+        };
         let mut net_rules = Vec::new();
         for (i, acl) in p.acls.iter().enumerate() {
             net_rules.push(NetRuleEval {
                 label: format!("acls[{i}]"),
                 src: r.resolve_all(acl.src.iter().map(|s| &s.value)),
+                postures: postures(p.rule_postures(&acl.src_posture)),
                 entries: acl
                     .dst
                     .iter()
@@ -304,6 +319,7 @@ impl<'a> Evaluator<'a> {
             net_rules.push(NetRuleEval {
                 label: format!("grants[{i}]"),
                 src: r.resolve_all(g.src.iter().map(|s| &s.value)),
+                postures: postures(p.rule_postures(&g.src_posture)),
                 entries,
             });
         }
@@ -323,6 +339,7 @@ impl<'a> Evaluator<'a> {
                 label: format!("ssh[{i}]"),
                 action: rule.action,
                 src: r.resolve_all(rule.src.iter().map(|x| &x.value)),
+                postures: postures(&rule.src_posture),
                 dst: r.resolve_all(rule.dst.iter().map(|x| &x.value)),
                 users: rule.users.clone(),
                 has_localpart: rule
@@ -377,6 +394,16 @@ impl<'a> Evaluator<'a> {
         }
     }
 
+    /// Whether a range lies inside an approved subnet route.
+    fn in_routes(&self, n: &IpNet) -> bool {
+        self.r
+            .nodes
+            .iter()
+            .filter(|x| x.alive)
+            .flat_map(|x| x.routes.iter())
+            .any(|rt| rt.contains(n))
+    }
+
     /// Whether a range lies in what `*` means as a source: the tailnet's own ranges and
     /// every approved subnet route.
     fn in_tailnet_space(&self, n: &IpNet) -> bool {
@@ -384,33 +411,47 @@ impl<'a> Evaluator<'a> {
             IpNet::V4(Ipv4Net::new(Ipv4Addr::new(100, 115, 92, 0), 23).unwrap_or_default());
         (addr::cgnat().contains(n) && !addr::overlaps(&excluded, n))
             || addr::tailnet_v6().contains(n)
-            || self
-                .r
-                .nodes
-                .iter()
-                .filter(|x| x.alive)
-                .flat_map(|x| x.routes.iter())
-                .any(|rt| rt.contains(n))
+            || self.in_routes(n)
     }
 
-    fn src_matches(&self, s: &Resolved, p: Principal) -> bool {
+    /// Whether `p` is a source of a rule with sources `s` and postures `postures`; a device's
+    /// posture is `attrs` when the test gives `srcPostureAttrs`, else its own.
+    fn src_matches(
+        &self,
+        s: &Resolved,
+        postures: &[Posture],
+        p: Principal,
+        attrs: Option<&PostureAttrs>,
+    ) -> bool {
+        let posture_ok = |i: usize| {
+            let a = attrs.unwrap_or(&self.r.nodes[i].node.posture);
+            postures.is_empty() || postures.iter().any(|x| x.matches(a))
+        };
+        // `*` under a posture keeps its routes but names devices only through the posture.
+        let wildcard_space = |x: &IpNet| {
+            if postures.is_empty() {
+                self.in_tailnet_space(x)
+            } else {
+                self.in_routes(x)
+            }
+        };
         match p {
             Principal::Node(i) => {
                 let n = &self.r.nodes[i];
-                s.wildcard
-                    || s.nodes.contains(&i)
+                s.danger_all
+                    || ((s.wildcard || s.nodes.contains(&i)) && posture_ok(i))
                     || s.nets
                         .iter()
                         .any(|net| n.addrs.iter().any(|a| net.contains(a)))
             }
             Principal::Addr(ip) => {
                 s.danger_all
-                    || (s.wildcard && self.in_tailnet_space(&IpNet::from(ip)))
+                    || (s.wildcard && wildcard_space(&IpNet::from(ip)))
                     || s.nets.iter().any(|net| net.contains(&ip))
             }
             Principal::Net(x) => {
                 s.danger_all
-                    || (s.wildcard && self.in_tailnet_space(&x))
+                    || (s.wildcard && wildcard_space(&x))
                     || s.nets.iter().any(|net| net.contains(&x))
             }
         }
@@ -447,40 +488,41 @@ impl<'a> Evaluator<'a> {
         }
     }
 
-    /// The first rule letting `p` reach `t` on `proto`/`port`.
-    fn allowing_rule(&self, p: Principal, t: Target, proto: u8, port: u16) -> Option<&str> {
+    /// The first rule letting `p` reach `t` on `port` with one of `protos`.
+    fn allowing_rule(
+        &self,
+        p: Principal,
+        attrs: Option<&PostureAttrs>,
+        t: Target,
+        protos: &[u8],
+        port: u16,
+    ) -> Option<&str> {
         if !self.policy().has_rules {
             return Some(DEFAULT_POLICY);
         }
         self.net_rules.iter().find_map(|rule| {
-            if !self.src_matches(&rule.src, p) {
+            if !self.src_matches(&rule.src, &rule.postures, p, attrs) {
                 return None;
             }
             rule.entries
                 .iter()
-                .any(|(d, protos, ports)| {
-                    let proto_ok = if protos.is_empty() {
-                        matches!(proto, 1 | 6 | 17 | 58)
-                    } else {
-                        protos.contains(&proto)
-                    };
-                    proto_ok
-                        && (!has_ports(proto) || ports.iter().any(|r| r.contains(port)))
-                        && self.dst_covers(d, t, p)
+                .any(|(d, rule_protos, ports)| {
+                    protos.iter().any(|&proto| {
+                        let proto_ok = if rule_protos.is_empty() {
+                            matches!(proto, 1 | 6 | 17 | 58)
+                        } else {
+                            rule_protos.contains(&proto)
+                        };
+                        proto_ok && (!has_ports(proto) || ports.iter().any(|r| r.contains(port)))
+                    }) && self.dst_covers(d, t, p)
                 })
                 .then_some(rule.label.as_str())
         })
     }
 
-    /// The devices (or addresses) a source names.
-    fn src_principals(&self, src: &str) -> Result<Vec<Principal>, String> {
-        let s = src.trim();
-        if s.is_empty() {
-            return Err("src is missing or empty".into());
-        }
-        let alias = parse_alias(s, AliasContext::AclSrc, self.policy())
-            .map_err(|e| format!("src {s:?}: {}", e.strip_prefix("src=").unwrap_or(&e)))?;
-        let res = self.r.resolve(&alias);
+    /// The devices (or addresses) a test source names.
+    fn src_principals(&self, src: &Located<Alias>) -> Result<Vec<Principal>, String> {
+        let res = self.r.resolve(&src.value);
         let mut out: Vec<Principal> = Vec::new();
         if res.wildcard {
             out.extend(self.alive_nodes().map(Principal::Node));
@@ -506,25 +548,20 @@ impl<'a> Evaluator<'a> {
             new
         });
         if out.is_empty() {
-            return Err(format!("src {s:?} matches no devices in the tailnet"));
+            return Err(format!(
+                "src {:?} matches no devices in the tailnet",
+                src.text
+            ));
         }
         Ok(out)
     }
 
-    /// Parses a `tests` destination `host:port`.
-    fn acl_dst(&self, dst: &str) -> Result<(DstHost, u16), String> {
-        let d = dst.trim();
-        let (host, port) = split_host_ports(d);
-        let Some(port) = port else {
-            return Err(format!("dst {d:?} must be host:port"));
-        };
-        let port = parse_test_port(port).map_err(|e| format!("dst {d:?}: {e}"))?;
-        if host.is_empty() {
-            return Err(format!("dst {d:?}: the host is empty"));
-        }
-        match host {
-            "autogroup:self" => return Ok((DstHost::SelfDevices, port)),
-            "autogroup:internet" => {
+    /// The devices or addresses a `tests` destination names.
+    fn acl_dst(&self, dst: &Located<TestDst>) -> Result<DstHost, String> {
+        let d = &dst.text;
+        match &dst.value.host {
+            Alias::AutoGroup(AutoGroup::SelfDevices) => return Ok(DstHost::SelfDevices),
+            Alias::AutoGroup(AutoGroup::Internet) => {
                 let hint = "test a public IP address instead";
                 return Err(format!(
                     "dst {d:?}: autogroup:internet cannot be tested; {hint}"
@@ -532,9 +569,7 @@ impl<'a> Evaluator<'a> {
             }
             _ => {}
         }
-        let alias = parse_alias(host, AliasContext::AclDst, self.policy())
-            .map_err(|e| format!("dst {d:?}: {e}"))?;
-        let res = self.r.resolve(&alias);
+        let res = self.r.resolve(&dst.value.host);
         let mut targets: Vec<Target> = Vec::new();
         if res.wildcard {
             targets.extend(self.alive_nodes().map(Target::Node));
@@ -542,13 +577,8 @@ impl<'a> Evaluator<'a> {
         targets.extend(res.nodes.iter().map(|&i| Target::Node(i)));
         for n in &res.nets {
             if n.prefix_len() != n.max_prefix_len() {
-                let what = if host == n.to_string() {
-                    format!("{n} is a range")
-                } else {
-                    format!("{host} is the range {n}")
-                };
                 return Err(format!(
-                    "dst {d:?}: {what}; a test destination must be a single address"
+                    "dst {d:?}: {n} is a range; a test destination must be a single address"
                 ));
             }
             let ip = n.addr();
@@ -557,7 +587,7 @@ impl<'a> Evaluator<'a> {
                 node: self.node_by_addr(&ip),
             });
         }
-        Ok((DstHost::Fixed(targets), port))
+        Ok(DstHost::Fixed(targets))
     }
 
     /// The devices of `p`'s user (for `autogroup:self`).
@@ -578,13 +608,9 @@ impl<'a> Evaluator<'a> {
         let id = EntryId {
             kind: "tests",
             index,
-            src: &t.src,
+            src: &t.src.text,
             pos: t.pos.to_string(),
         };
-        if t.accept.is_empty() && t.deny.is_empty() {
-            out.push(id.malformed("", "", "", "the entry has neither accept nor deny".into()));
-            return;
-        }
         let principals = match self.src_principals(&t.src) {
             Ok(p) => p,
             Err(e) => {
@@ -592,16 +618,13 @@ impl<'a> Evaluator<'a> {
                 return;
             }
         };
-        let proto = match t.proto.as_deref().map(str::trim) {
-            None | Some("") => 6,
-            Some(s) => match parse_proto(s) {
-                Ok(p) => p,
-                Err(e) => {
-                    out.push(id.malformed("", s, "", e));
-                    return;
-                }
-            },
+        // Without a proto, a test is about TCP and UDP: an accept needs one of them to
+        // work, a deny needs both to be blocked.
+        let protos = match t.proto {
+            Some(p) => vec![p],
+            None => vec![6, 17],
         };
+        let attrs = (!t.src_posture_attrs.is_empty()).then_some(&t.src_posture_attrs);
         let checks = t
             .accept
             .iter()
@@ -609,28 +632,32 @@ impl<'a> Evaluator<'a> {
             .chain(t.deny.iter().map(|d| (d, false)));
         for (dst, accept) in checks {
             let expect = if accept { "accept" } else { "deny" };
-            let (host, port) = match self.acl_dst(dst) {
+            let port = dst.value.port;
+            let names: Vec<String> = protos.iter().map(|&p| proto_name(p)).collect();
+            let what = if protos.iter().any(|&p| has_ports(p)) {
+                format!("{}/{port}", names.join(","))
+            } else {
+                names.join(",")
+            };
+            let host = match self.acl_dst(dst) {
                 Ok(x) => x,
                 Err(e) => {
-                    out.push(id.malformed(dst, &proto_name(proto), expect, e));
-                    return;
+                    out.push(id.malformed(&dst.text, &what, expect, e));
+                    continue;
                 }
             };
-            let what = if has_ports(proto) {
-                format!("{}/{port}", proto_name(proto))
-            } else {
-                proto_name(proto)
-            };
-            let res = self.eval_acl_pairs(&principals, &host, proto, port, accept, &what);
-            out.push(id.outcome(dst, &what, expect, res));
+            let res = self.eval_acl_pairs(&principals, attrs, &host, &protos, port, accept, &what);
+            out.push(id.outcome(&dst.text, &what, expect, res));
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn eval_acl_pairs(
         &self,
         principals: &[Principal],
+        attrs: Option<&PostureAttrs>,
         host: &DstHost,
-        proto: u8,
+        protos: &[u8],
         port: u16,
         accept: bool,
         what: &str,
@@ -661,7 +688,7 @@ impl<'a> Evaluator<'a> {
                 };
             }
             for t in targets {
-                match (self.allowing_rule(p, t, proto, port), accept) {
+                match (self.allowing_rule(p, attrs, t, protos, port), accept) {
                     (Some(label), true) => {
                         if !rules.iter().any(|r| r == label) {
                             rules.push(label.to_string());
@@ -708,29 +735,34 @@ impl<'a> Evaluator<'a> {
         }
     }
 
-    /// Parses an `sshTests` destination into devices.
-    fn ssh_dst(&self, dst: &str) -> Result<DstHost, String> {
-        let d = dst.trim();
-        if d.is_empty() {
-            return Err("dst is empty".into());
-        }
-        if d.starts_with('[') || d.parse::<std::net::Ipv6Addr>().is_ok() {
-            return Err(format!(
-                "dst {d:?}: an IPv6 address is not a valid sshTests destination; use the device's IPv4 address, tag or user"
-            ));
-        }
-        if let Ok(v4) = d.parse::<Ipv4Addr>() {
-            return match self.node_by_addr(&IpAddr::V4(v4)) {
+    /// The devices an `sshTests` destination names.
+    fn ssh_dst(&self, dst: &Located<Alias>) -> Result<DstHost, String> {
+        let d = &dst.text;
+        let single_ip = match &dst.value {
+            Alias::Prefix(n) if n.prefix_len() == n.max_prefix_len() => Some(n.addr()),
+            Alias::Host(h) => self
+                .policy()
+                .hosts
+                .get(h)
+                .filter(|n| n.prefix_len() == n.max_prefix_len())
+                .map(IpNet::addr),
+            _ => None,
+        };
+        if let Some(ip) = single_ip {
+            if ip.is_ipv6() {
+                return Err(format!(
+                    "dst {d:?}: an IPv6 address is not a valid sshTests destination; use the device's IPv4 address, tag or user"
+                ));
+            }
+            return match self.node_by_addr(&ip) {
                 Some(i) => Ok(DstHost::Fixed(vec![Target::Node(i)])),
-                None => Err(format!("dst {d:?}: no device has this address")),
+                None => Err(format!("dst {d:?}: no device has the address {ip}")),
             };
         }
-        if d == "autogroup:self" {
+        if dst.value == Alias::AutoGroup(AutoGroup::SelfDevices) {
             return Ok(DstHost::SelfDevices);
         }
-        let alias = parse_alias(d, AliasContext::SshDst, self.policy())
-            .map_err(|e| format!("dst {d:?}: {e}"))?;
-        let res = self.r.resolve(&alias);
+        let res = self.r.resolve(&dst.value);
         let mut nodes: Vec<usize> = Vec::new();
         if res.wildcard {
             nodes.extend(self.alive_nodes());
@@ -750,7 +782,13 @@ impl<'a> Evaluator<'a> {
     }
 
     /// The first SSH rule (in client order) letting `p` log in to node `d` as `user`.
-    fn ssh_verdict(&self, p: Principal, d: usize, user: &str) -> Option<&SshRuleEval> {
+    fn ssh_verdict(
+        &self,
+        p: Principal,
+        attrs: Option<&PostureAttrs>,
+        d: usize,
+        user: &str,
+    ) -> Option<&SshRuleEval> {
         let localpart = match p {
             Principal::Node(i) if self.r.nodes[i].is_member() => self.r.nodes[i]
                 .email
@@ -759,7 +797,7 @@ impl<'a> Evaluator<'a> {
             _ => None,
         };
         self.ssh_rules.iter().find(|rule| {
-            if !self.src_matches(&rule.src, p) {
+            if !self.src_matches(&rule.src, &rule.postures, p, attrs) {
                 return false;
             }
             let dn = &self.r.nodes[d];
@@ -794,34 +832,29 @@ impl<'a> Evaluator<'a> {
         let id = EntryId {
             kind: "sshTests",
             index,
-            src: &t.src,
+            src: &t.src.text,
             pos: t.pos.to_string(),
         };
-        if t.accept.is_empty() && t.check.is_empty() && t.deny.is_empty() {
-            out.push(id.malformed(
-                &t.dst.join(","),
-                "",
-                "",
-                "the entry has none of accept, check and deny".into(),
-            ));
-            return;
-        }
-        if t.dst.is_empty() {
-            out.push(id.malformed("", "", "", "dst is missing or empty".into()));
-            return;
-        }
+        let all_dst = || {
+            t.dst
+                .iter()
+                .map(|d| d.text.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let principals = match self.src_principals(&t.src) {
             Ok(p) => p,
             Err(e) => {
-                out.push(id.malformed(&t.dst.join(","), "", "", e));
+                out.push(id.malformed(&all_dst(), "", "", e));
                 return;
             }
         };
+        let attrs = (!t.src_posture_attrs.is_empty()).then_some(&t.src_posture_attrs);
         for dst in &t.dst {
             let host = match self.ssh_dst(dst) {
                 Ok(h) => h,
                 Err(e) => {
-                    out.push(id.malformed(dst, "", "", e));
+                    out.push(id.malformed(&dst.text, "", "", e));
                     continue;
                 }
             };
@@ -832,13 +865,8 @@ impl<'a> Evaluator<'a> {
                 .chain(t.check.iter().map(|u| (u, "check")))
                 .chain(t.deny.iter().map(|u| (u, "deny")));
             for (user, expect) in checks {
-                let u = user.trim();
-                if u.is_empty() {
-                    out.push(id.malformed(dst, user, expect, "the user name is empty".into()));
-                    continue;
-                }
-                let res = self.eval_ssh_pairs(&principals, &host, u, expect);
-                out.push(id.outcome(dst, u, expect, res));
+                let res = self.eval_ssh_pairs(&principals, attrs, &host, user, expect);
+                out.push(id.outcome(&dst.text, user, expect, res));
             }
         }
     }
@@ -846,6 +874,7 @@ impl<'a> Evaluator<'a> {
     fn eval_ssh_pairs(
         &self,
         principals: &[Principal],
+        attrs: Option<&PostureAttrs>,
         host: &DstHost,
         user: &str,
         expect: &str,
@@ -879,7 +908,7 @@ impl<'a> Evaluator<'a> {
                     self.principal_name(p),
                     self.node_name(d)
                 );
-                let v = self.ssh_verdict(p, d, user);
+                let v = self.ssh_verdict(p, attrs, d, user);
                 let (ok, reason) = match (expect, v) {
                     ("deny", None) => (true, String::new()),
                     ("deny", Some(rule)) => (
@@ -1025,7 +1054,7 @@ mod tests {
         assert!(o[4].1.contains("no rule"), "{}", o[4].1);
         assert_eq!(o[4].2, None);
         let r = run(body);
-        assert_eq!(r.outcomes[4].what, "tcp/443");
+        assert_eq!(r.outcomes[4].what, "tcp,udp/443");
         assert_eq!(r.outcomes[4].index, 2);
         assert_eq!(r.outcomes[3].expect, "deny");
     }
@@ -1065,15 +1094,29 @@ mod tests {
         assert_eq!(fail[0].2.as_deref(), Some("grants[0]"));
     }
 
+    /// The policy's error, for entries the policy reader refuses.
+    fn rejected(body: &str) -> String {
+        match netmap_policy::parse_policy(&format!("{{{HEAD}{body}}}")) {
+            Ok(_) => panic!("accepted: {body}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
     fn protocols() {
         let acls = r#""acls": [
             {"action": "accept", "src": ["tag:client"], "dst": ["web:53"], "proto": "udp"},
             {"action": "accept", "src": ["tag:client"], "dst": ["web:80"]}
           ],"#;
-        // No proto in a test means TCP.
-        assert!(!passes(&format!(
+        // No proto in a test means TCP or UDP: an accept needs one, a deny needs both blocked.
+        assert!(passes(&format!(
             r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:53"]}}]"#
+        )));
+        assert!(!passes(&format!(
+            r#"{acls} "tests": [{{"src": "tag:client", "deny": ["web:53"]}}]"#
+        )));
+        assert!(!passes(&format!(
+            r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:53"], "proto": "tcp"}}]"#
         )));
         assert!(passes(&format!(
             r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:53"], "proto": "udp"}}]"#
@@ -1085,23 +1128,28 @@ mod tests {
         assert!(passes(&format!(
             r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:80"], "proto": "icmp"}}]"#
         )));
+        assert!(passes(&format!(
+            r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:0"], "proto": "icmp"}}]"#
+        )));
         assert!(!passes(&format!(
             r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:80"], "proto": "sctp"}}]"#
         )));
-        let bad = run(&format!(
+        let bad = rejected(&format!(
             r#"{acls} "tests": [{{"src": "tag:client", "accept": ["web:80"], "proto": "bogus"}}]"#
         ));
-        assert!(!bad.passed());
-        assert!(bad.outcomes[0].reason.contains("invalid test"));
+        assert!(
+            bad.contains("test(s) failed") && bad.contains("bogus"),
+            "{bad}"
+        );
     }
 
     #[test]
-    fn malformed_entries_fail_with_a_reason() {
+    fn malformed_entries_are_rejected_with_a_reason() {
         let acl = r#""acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],"#;
         for (t, needle) in [
-            (r#"{"src": "", "accept": ["web:80"]}"#, "src is missing"),
-            (r#"{"accept": ["web:80"]}"#, "src is missing"),
-            (r#"{"src": "thor@example.org"}"#, "neither accept nor deny"),
+            (r#"{"src": "", "accept": ["web:80"]}"#, "needs a src"),
+            (r#"{"accept": ["web:80"]}"#, "needs a src"),
+            (r#"{"src": "thor@example.org"}"#, "accept or deny"),
             (
                 r#"{"src": "group:nope", "accept": ["web:80"]}"#,
                 "group:nope",
@@ -1112,13 +1160,11 @@ mod tests {
                 "autogroup:bogus",
             ),
             (r#"{"src": "nohost", "accept": ["web:80"]}"#, "nohost"),
+            (r#"{"src": "*", "accept": ["web:80"]}"#, "\"*\""),
+            (r#"{"src": "10.0.0.0/8", "accept": ["web:80"]}"#, "range"),
             (
                 r#"{"src": "autogroup:self", "accept": ["web:80"]}"#,
-                "destination",
-            ),
-            (
-                r#"{"src": "group:none", "accept": ["web:80"]}"#,
-                "no devices",
+                "tests src",
             ),
             (
                 r#"{"src": "thor@example.org", "accept": ["web"]}"#,
@@ -1135,6 +1181,10 @@ mod tests {
             (
                 r#"{"src": "thor@example.org", "accept": ["web:99999"]}"#,
                 "out of range",
+            ),
+            (
+                r#"{"src": "thor@example.org", "accept": ["web:0"]}"#,
+                "port 0",
             ),
             (
                 r#"{"src": "thor@example.org", "accept": ["web:80-90"]}"#,
@@ -1174,6 +1224,37 @@ mod tests {
                 "range",
             ),
             (
+                r#"{"src": "thor@example.org", "accept": ["*:22"]}"#,
+                "\"*\"",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": ["web:22"]}"#,
+                "unknown field \"dst\"",
+            ),
+            (
+                r#"{"src": "a@x.io", "user": "b@x.io", "accept": ["web:22"]}"#,
+                "old name",
+            ),
+        ] {
+            let e = rejected(&format!(r#"{acl} "tests": [{t}]"#));
+            assert!(
+                e.contains("test(s) failed") || e.contains("unknown field"),
+                "{t}: {e}"
+            );
+            assert!(e.contains(needle), "{t}: {e}");
+            assert!(e.contains("tests[0]"), "{t}: {e}");
+        }
+    }
+
+    #[test]
+    fn unsatisfiable_entries_fail_with_a_reason() {
+        let acl = r#""acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],"#;
+        for (t, needle) in [
+            (
+                r#"{"src": "group:none", "accept": ["web:80"]}"#,
+                "no devices",
+            ),
+            (
                 r#"{"src": "thor@example.org", "accept": ["autogroup:internet:443"]}"#,
                 "internet",
             ),
@@ -1187,6 +1268,10 @@ mod tests {
             let o = r.outcomes.iter().find(|o| !o.passed).unwrap();
             assert!(o.reason.contains(needle), "{t}: {}", o.reason);
         }
+        // The legacy names still work.
+        assert!(passes(&format!(
+            r#"{acl} "tests": [{{"user": "thor@example.org", "allow": ["web:80"]}}]"#
+        )));
     }
 
     #[test]
@@ -1196,25 +1281,23 @@ mod tests {
             {"action": "accept", "src": ["tag:client"], "dst": ["lan:443", "100.64.0.10:80"]}
           ],
           "tests": [
-            {"src": "thor@example.org", "accept": ["autogroup:self:22", "thor-laptop:22"]},
+            {"src": "thor@example.org", "accept": ["autogroup:self:22", "100.64.0.3:22"]},
             {"src": "odin@example.com", "deny": ["autogroup:self:22"]},
             {"src": "tag:client", "accept": ["printer:443", "10.33.9.9:443", "web:80", "tag:server:80"]},
             {"src": "tag:client", "deny": ["printer:80", "[fd7a:115c:a1e0::a]:80"]}
           ]"#;
         let r = run(body);
-        // `thor-laptop` is no host alias: invalid, everything else holds.
         let failed: Vec<&TestOutcome> = r.outcomes.iter().filter(|o| !o.passed).collect();
-        assert_eq!(failed.len(), 1, "{failed:?}");
-        assert_eq!(failed[0].dst, "thor-laptop:22");
+        assert!(failed.is_empty(), "{failed:?}");
+        // A device name is no host alias.
+        assert!(rejected(
+            r#""tests": [{"src": "thor@example.org", "accept": ["thor-laptop:22"]}]"#
+        )
+        .contains("thor-laptop"));
         // Self: thor reaches his own device, not odin's.
         assert!(!passes(
             r#""acls": [{"action": "accept", "src": ["group:dev"], "dst": ["autogroup:self:22"]}],
               "tests": [{"src": "thor@example.org", "accept": ["odin@example.com:22"]}]"#
-        ));
-        // `*` as a destination names every device.
-        assert!(!passes(
-            r#""acls": [{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:*"]}],
-              "tests": [{"src": "tag:client", "accept": ["*:22"]}]"#
         ));
         // An empty destination cannot be reached, and is trivially denied.
         assert!(!passes(
@@ -1296,23 +1379,11 @@ mod tests {
 
     #[test]
     fn ssh_malformed() {
-        let ssh = r#""ssh": [{"action": "accept", "src": ["*"], "dst": ["tag:server"], "users": ["root"]}],"#;
+        let ssh = r#""ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:server"], "users": ["root"]}],"#;
         for (t, needle) in [
             (
                 r#"{"src": "thor@example.org", "dst": ["tag:server"], "accept": [""]}"#,
-                "empty",
-            ),
-            (
-                r#"{"src": "thor@example.org", "dst": ["fd7a:115c:a1e0::a"], "accept": ["root"]}"#,
-                "IPv6",
-            ),
-            (
-                r#"{"src": "thor@example.org", "dst": ["100.99.9.9"], "accept": ["root"]}"#,
-                "no device",
-            ),
-            (
-                r#"{"src": "thor@example.org", "dst": ["web"], "accept": ["root"]}"#,
-                "web",
+                "user \"\" is not valid",
             ),
             (
                 r#"{"src": "thor@example.org", "dst": ["tag:nope"], "accept": ["root"]}"#,
@@ -1324,7 +1395,7 @@ mod tests {
             ),
             (
                 r#"{"src": "thor@example.org", "dst": ["tag:server"]}"#,
-                "none of accept",
+                "accept, check or deny",
             ),
             (
                 r#"{"src": "", "dst": ["tag:server"], "accept": ["root"]}"#,
@@ -1333,6 +1404,27 @@ mod tests {
             (
                 r#"{"src": "group:nope", "dst": ["tag:server"], "accept": ["root"]}"#,
                 "group:nope",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": ["10.0.0.0/8"], "accept": ["root"]}"#,
+                "SSH tests dst contains disallowed element",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": ["autogroup:internet"], "accept": ["root"]}"#,
+                "SSH tests dst contains disallowed element",
+            ),
+        ] {
+            let e = rejected(&format!(r#"{ssh} "sshTests": [{t}]"#));
+            assert!(e.contains(needle), "{t}: {e}");
+        }
+        for (t, needle) in [
+            (
+                r#"{"src": "thor@example.org", "dst": ["fd7a:115c:a1e0::a"], "accept": ["root"]}"#,
+                "IPv6",
+            ),
+            (
+                r#"{"src": "thor@example.org", "dst": ["100.99.9.9"], "accept": ["root"]}"#,
+                "no device",
             ),
             (
                 r#"{"src": "thor@example.org", "dst": ["tag:unused"], "accept": ["root"]}"#,
@@ -1348,6 +1440,10 @@ mod tests {
             let o = r.outcomes.iter().find(|o| !o.passed).unwrap();
             assert!(o.reason.contains(needle), "{t}: {}", o.reason);
         }
+        // A host alias names the device with its address.
+        assert!(passes(&format!(
+            r#"{ssh} "sshTests": [{{"src": "thor@example.org", "dst": ["web"], "accept": ["root"]}}]"#
+        )));
     }
 
     /// The direct evaluation agrees with the compiled per-node SSH rules the client matches
@@ -1360,7 +1456,7 @@ mod tests {
               {{"action": "check", "src": ["group:dev"], "dst": ["tag:server", "tag:router"], "users": ["root", "admin"]}},
               {{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root", "ubuntu"]}},
               {{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:server"], "users": ["localpart:*@example.com"]}},
-              {{"action": "accept", "src": ["tag:client", "100.64.0.1"], "dst": ["autogroup:tagged"], "users": ["root"]}}
+              {{"action": "accept", "src": ["tag:client"], "dst": ["autogroup:tagged"], "users": ["root"]}}
             ]}}"#
         );
         let policy = Arc::new(netmap_policy::parse_policy(&text).unwrap());
@@ -1392,7 +1488,7 @@ mod tests {
                         })
                     });
                     let got = ev
-                        .ssh_verdict(Principal::Node(s), d, user)
+                        .ssh_verdict(Principal::Node(s), None, d, user)
                         .map(|x| x.action);
                     assert_eq!(
                         got, want,

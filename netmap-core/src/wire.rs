@@ -108,6 +108,35 @@ pub struct SshActionWire {
         skip_serializing_if = "Option::is_none"
     )]
     pub session_duration: Option<u64>,
+    /// Session recorders (`ip:port`) the destination streams sessions to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recorders: Vec<String>,
+    /// What to do when recording fails (`enforceRecorder`); absent = carry on unrecorded.
+    #[serde(
+        rename = "onRecordingFailure",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub on_recording_failure: Option<SshRecorderFailureAction>,
+}
+
+/// What an SSH server does when it cannot record a session (tailcfg.SSHRecorderFailureAction).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SshRecorderFailureAction {
+    /// Refuse a session whose recording cannot start, with this message.
+    #[serde(
+        rename = "RejectSessionWithMessage",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub reject_session_with_message: String,
+    /// End a session whose recording fails midway, with this message.
+    #[serde(
+        rename = "TerminateSessionWithMessage",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub terminate_session_with_message: String,
 }
 
 /// An SSH rule (tailcfg.SSHRule).

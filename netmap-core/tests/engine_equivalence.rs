@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use netmap_core::{compute_all, diff_views, Change, Engine, Node, Snapshot, Tailnet, User};
+use netmap_core::{
+    compute_all, diff_views, Change, Engine, Node, PostureValue, Snapshot, Tailnet, User,
+};
 use proptest::prelude::*;
 
 const POLICIES: &[&str] = &[
@@ -40,6 +42,31 @@ const POLICIES: &[&str] = &[
       ],
       "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:web"], "users": ["localpart:*@example.com", "root"]}]
     }"#,
+    // Postures (own and default), ipsets, SSH recorders.
+    r#"{
+      "groups": {"group:devs": ["u1@example.com", "u2@example.com"]},
+      "tagOwners": {"tag:web": [], "tag:db": [], "tag:router": [], "tag:exit": []},
+      "ipsets": {"ipset:lan": ["add 10.1.0.0/16", "add 192.168.0.0/24", "remove 10.1.128.0/17"]},
+      "postures": {"posture:mac": ["node:os == 'macos'"], "posture:recent": ["node:tsVersion >= '1.60'"]},
+      "defaultSrcPosture": ["posture:recent"],
+      "acls": [
+        {"action": "accept", "src": ["*"], "dst": ["tag:web:443"]},
+        {"action": "accept", "src": ["group:devs"], "dst": ["ipset:lan:*", "tag:db:5432"], "srcPosture": ["posture:mac"]},
+        {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}
+      ],
+      "grants": [{"src": ["*"], "dst": ["tag:db"], "ip": ["tcp:22"], "srcPosture": ["posture:mac", "posture:recent"]}],
+      "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}, "exitNode": ["tag:exit"]},
+      "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:web"], "users": ["root"],
+               "srcPosture": ["posture:mac"], "recorder": ["tag:db"], "enforceRecorder": true}]
+    }"#,
+];
+
+/// Device postures a node may report: none, an old and a new macOS client, a Linux client.
+const POSTURES: &[&[(&str, &str)]] = &[
+    &[],
+    &[("node:os", "macos"), ("node:tsVersion", "1.58.2")],
+    &[("node:os", "macos"), ("node:tsVersion", "1.62.0")],
+    &[("node:os", "linux"), ("node:tsVersion", "1.70.1")],
 ];
 
 const TAGS: &[&str] = &["tag:web", "tag:db", "tag:router", "tag:exit"];
@@ -61,6 +88,7 @@ struct NodeSpec {
     approved: Vec<usize>,
     online: bool,
     host: u8,
+    posture: usize,
 }
 
 fn node_spec() -> impl Strategy<Value = NodeSpec> {
@@ -73,9 +101,10 @@ fn node_spec() -> impl Strategy<Value = NodeSpec> {
         prop::collection::vec(0usize..ROUTES.len(), 0..3),
         any::<bool>(),
         0u8..6,
+        0usize..POSTURES.len(),
     )
         .prop_map(
-            |(owner, tags, v4, v6, routes, approved, online, host)| NodeSpec {
+            |(owner, tags, v4, v6, routes, approved, online, host, posture)| NodeSpec {
                 tags: if owner.is_some() { Vec::new() } else { tags },
                 owner,
                 v4: v4 || !v6,
@@ -84,6 +113,7 @@ fn node_spec() -> impl Strategy<Value = NodeSpec> {
                 approved,
                 online,
                 host,
+                posture,
             },
         )
 }
@@ -112,6 +142,10 @@ fn build_node(id: u32, s: &NodeSpec) -> Node {
         approved_routes: s.approved.iter().filter_map(route).collect(),
         created: format!("2026-01-01T00:{:02}:{:02}Z", id / 60 % 60, id % 60),
         online: s.online,
+        posture: POSTURES[s.posture]
+            .iter()
+            .map(|(k, v)| (k.to_string(), PostureValue::String(v.to_string())))
+            .collect(),
     }
 }
 

@@ -41,7 +41,7 @@ fn failing_tests_reject_the_policy_with_an_actionable_report() {
     let tailnet = Tailnet::from_state_json(STATE).unwrap();
     let text = policy(
         r#""tests": [{"src": "thor@example.org", "deny": ["tag:db:5432"]},
-                     {"src": "thor@example.org", "accept": ["tag:db:notaport"]}],
+                     {"src": "thor@example.org", "accept": ["tag:db:22"]}],
            "sshTests": [{"src": "thor@example.org", "dst": ["tag:db"], "accept": ["root"]}]"#,
     );
     let Err(CoreError::TestsFailed(report)) = load_policy(&text, &tailnet) else {
@@ -56,11 +56,20 @@ fn failing_tests_reject_the_policy_with_an_actionable_report() {
     assert_eq!(failed[0].kind, "tests");
     assert_eq!(failed[0].rule.as_deref(), Some("acls[0]"));
     assert!(failed[0].reason.contains("laptop"));
-    assert!(failed[1].reason.contains("notaport"));
+    assert!(failed[1].reason.contains("no rule"), "{}", failed[1].reason);
     assert_eq!(failed[2].kind, "sshTests");
     assert_eq!(failed[2].rule.as_deref(), Some("ssh[0]"));
     assert!(failed[2].reason.contains("check"));
     // The same report is available without loading.
     let p = netmap_policy::parse_policy(&text).unwrap();
     assert_eq!(run_tests(&p, &tailnet), report);
+}
+
+#[test]
+fn malformed_tests_are_rejected_before_any_tailnet_is_involved() {
+    let text = policy(r#""tests": [{"src": "thor@example.org", "accept": ["tag:db:notaport"]}]"#);
+    let e = netmap_policy::parse_policy(&text).unwrap_err();
+    assert!(e.message().starts_with("test(s) failed"), "{e}");
+    assert!(e.message().contains("notaport"), "{e}");
+    assert_eq!(e.path(), "tests[0].accept[0]");
 }

@@ -5,26 +5,33 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::decode::{all_strings, invalid, Ctx, Fields};
 use crate::error::PolicyError;
-use crate::hujson::{self, Key, Node, Pos, Value};
+use crate::hujson::{self, Pos, Value};
+use crate::ipset::AddrSet;
+use crate::posture::{parse_condition, Posture, PostureAttrs, PostureValue};
 use crate::selector::{
-    parse_alias, parse_dst_with_ports, parse_ip_spec, parse_proto, AliasContext, IpSpec, PortRange,
+    bare_ip, is_login, parse_alias, parse_dst_with_ports, parse_ip_spec, parse_proto,
+    proto_has_ports, split_host_ports, valid_tag_name, AliasContext, IpSpec, PortRange,
 };
 pub use crate::selector::{Alias, AutoGroup};
 
 /// A validated policy file.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Policy {
-    /// `groups`: group name (with `group:` prefix) → member emails (groups may not nest).
+    /// `groups`: group name (with `group:` prefix) → member logins (groups may not nest).
     pub groups: BTreeMap<String, Vec<String>>,
-    /// `tagOwners`: tag → owners (users, groups, tags, autogroups).
-    pub tag_owners: BTreeMap<String, Vec<String>>,
+    /// `tagOwners`: tag (lower case) → owners (users, groups, tags, autogroups).
+    pub tag_owners: BTreeMap<String, Vec<Located<Alias>>>,
     /// `hosts`: alias → prefix.
     pub hosts: BTreeMap<String, IpNet>,
-    /// `ipsets`: name (with `ipset:` prefix) → resolved prefixes (adds minus removes).
-    pub ipsets: BTreeMap<String, Vec<IpSetItem>>,
-    /// `postures`: name (with `posture:` prefix) → conditions, kept as written.
-    pub postures: BTreeMap<String, Vec<String>>,
+    /// `ipsets`: name (with `ipset:` prefix) → the set's addresses as prefixes (after every
+    /// `add` and `remove`, nested sets and host aliases expanded).
+    pub ipsets: BTreeMap<String, Vec<IpNet>>,
+    /// `postures`: name (with `posture:` prefix) → its conditions.
+    pub postures: BTreeMap<String, Posture>,
+    /// `defaultSrcPosture`: postures for every `acls`/`grants` rule without its own.
+    pub default_src_posture: Vec<String>,
     /// `acls`, in order.
     pub acls: Vec<Acl>,
     /// `grants`, in order.
@@ -43,21 +50,39 @@ pub struct Policy {
     pub randomize_client_port: bool,
     /// `disableIPv4`.
     pub disable_ipv4: bool,
-    /// `OneCGNATRoute`, as written.
+    /// `OneCGNATRoute` (`""`, `"mac-always"`, `"mac-never"`).
     pub one_cgnat_route: Option<String>,
-    /// `derpMap`, kept as JSON.
+    /// `derpMap`, kept as JSON (validated for shape).
     pub derp_map: Option<serde_json::Value>,
+    /// `attrConfig`, kept as JSON (validated for shape).
+    pub attr_config: Option<serde_json::Value>,
     /// Whether the file had an `acls` key or a `grants` key at all (absent both = allow all).
     pub has_rules: bool,
+    /// Things that are accepted but probably not what was meant.
+    pub warnings: Vec<PolicyWarning>,
 }
 
-/// One element of an `ipsets` entry.
-#[derive(Debug, Clone, PartialEq)]
-pub enum IpSetItem {
-    /// Adds an alias.
-    Add(Alias),
-    /// Removes an alias (`remove:` prefix).
-    Remove(Alias),
+impl Policy {
+    /// The postures a rule's sources must satisfy: its own `srcPosture`, else
+    /// `defaultSrcPosture` (`ssh` rules use only their own).
+    pub fn rule_postures<'a>(&'a self, own: &'a [String]) -> &'a [String] {
+        if own.is_empty() {
+            &self.default_src_posture
+        } else {
+            own
+        }
+    }
+}
+
+/// A point of a valid policy worth telling its author about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyWarning {
+    /// What is odd.
+    pub message: String,
+    /// JSON path.
+    pub path: String,
+    /// Position in the source.
+    pub pos: Pos,
 }
 
 /// An alias as written, with where it was written.
@@ -76,12 +101,14 @@ pub struct Located<T> {
 /// An `acls` entry (action is always `accept`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Acl {
-    /// Sources.
+    /// Sources (`src`, or the legacy `users`).
     pub src: Vec<Located<Alias>>,
-    /// Destinations with their ports.
+    /// Destinations with their ports (`dst`, or the legacy `ports`).
     pub dst: Vec<Located<(Alias, Vec<PortRange>)>>,
     /// IP protocol numbers; empty means the default (TCP, UDP, ICMP, ICMPv6).
     pub protos: Vec<u8>,
+    /// `srcPosture`: posture names (any may match).
+    pub src_posture: Vec<String>,
 }
 
 /// A `grants` entry.
@@ -97,7 +124,7 @@ pub struct Grant {
     pub app: Vec<(String, Vec<serde_json::Value>)>,
     /// `via`: tags of routers the destination must be reached through.
     pub via: Vec<String>,
-    /// `srcPosture`: posture names.
+    /// `srcPosture`: posture names (any may match).
     pub src_posture: Vec<String>,
 }
 
@@ -134,23 +161,41 @@ pub struct SshRule {
     pub dst: Vec<Located<Alias>>,
     /// Local users.
     pub users: Vec<SshUser>,
-    /// `checkPeriod` in seconds (check rules only); `None` = default (12h).
+    /// `checkPeriod` in seconds (check rules only; `Some(0)` = `always`); `None` = default
+    /// (12h).
     pub check_period_secs: Option<u64>,
     /// `acceptEnv` patterns.
     pub accept_env: Vec<String>,
+    /// `srcPosture`: posture names (any may match).
+    pub src_posture: Vec<String>,
+    /// `recorder`: tags of the session recorder nodes.
+    pub recorder: Vec<String>,
+    /// `enforceRecorder`: refuse sessions that cannot be recorded.
+    pub enforce_recorder: bool,
 }
 
-/// A `tests` entry; kept as written because malformed tests fail rather than reject the file.
+/// A `tests` destination: one host and one port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TestDst {
+    /// The host.
+    pub host: Alias,
+    /// The port (0 only for port-less protocols such as ICMP).
+    pub port: u16,
+}
+
+/// A `tests` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AclTest {
-    /// `src` as written.
-    pub src: String,
-    /// `proto` as written.
-    pub proto: Option<String>,
-    /// `accept` destinations (`host:port`).
-    pub accept: Vec<String>,
+    /// `src` (or the legacy `user`).
+    pub src: Located<Alias>,
+    /// `proto`, when given.
+    pub proto: Option<u8>,
+    /// `accept` (or the legacy `allow`) destinations.
+    pub accept: Vec<Located<TestDst>>,
     /// `deny` destinations.
-    pub deny: Vec<String>,
+    pub deny: Vec<Located<TestDst>>,
+    /// `srcPostureAttrs`: the posture the source is tested with.
+    pub src_posture_attrs: PostureAttrs,
     /// Where the entry is.
     pub pos: Pos,
 }
@@ -158,16 +203,18 @@ pub struct AclTest {
 /// An `sshTests` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SshTest {
-    /// `src` as written.
-    pub src: String,
-    /// `dst` as written.
-    pub dst: Vec<String>,
+    /// `src`.
+    pub src: Located<Alias>,
+    /// `dst`.
+    pub dst: Vec<Located<Alias>>,
     /// Users that must be accepted.
     pub accept: Vec<String>,
     /// Users that must be allowed after a check.
     pub check: Vec<String>,
     /// Users that must be denied.
     pub deny: Vec<String>,
+    /// `srcPostureAttrs`: the posture the source is tested with.
+    pub src_posture_attrs: PostureAttrs,
     /// Where the entry is.
     pub pos: Pos,
 }
@@ -179,6 +226,8 @@ pub struct AutoApprovers {
     pub routes: Vec<(IpNet, Vec<Located<Alias>>)>,
     /// Who may be approved as an exit node.
     pub exit_node: Vec<Located<Alias>>,
+    /// `services`: a service (`svc:`) or the services of a tag → who may host it.
+    pub services: Vec<(String, Vec<Located<Alias>>)>,
 }
 
 /// A `nodeAttrs` entry.
@@ -212,219 +261,195 @@ const TOP_KEYS: &[&str] = &[
     "disableIPv4",
     "derpMap",
     "OneCGNATRoute",
+    "attrConfig",
 ];
 
-struct Ctx<'a> {
-    path: String,
-    node: &'a Node,
-}
-
-fn invalid(message: impl Into<String>, path: &str, pos: Pos) -> PolicyError {
-    PolicyError::Invalid {
-        message: message.into(),
-        path: if path.is_empty() {
-            "$".into()
-        } else {
-            path.into()
-        },
-        pos,
-    }
-}
-
-impl<'a> Ctx<'a> {
-    fn err(&self, message: impl Into<String>) -> PolicyError {
-        invalid(message, &self.path, self.node.pos)
-    }
-
-    fn child_key(&self, k: &str) -> String {
-        if self.path.is_empty() {
-            k.to_string()
-        } else {
-            format!("{}.{k}", self.path)
-        }
-    }
-
-    fn object(&self, what: &str) -> Result<Vec<(&'a Key, Ctx<'a>)>, PolicyError> {
-        match &self.node.value {
-            Value::Object(m) => Ok(m
-                .iter()
-                .map(|(k, v)| {
-                    let path = if k.name.starts_with(|c: char| c.is_ascii_alphabetic())
-                        && k.name
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '_')
-                    {
-                        self.child_key(&k.name)
-                    } else {
-                        format!("{}[{:?}]", self.path, k.name)
-                    };
-                    (k, Ctx { path, node: v })
-                })
-                .collect()),
-            other => Err(self.err(format!("{what} must be an object, not {}", other.kind()))),
-        }
-    }
-
-    fn array(&self, what: &str) -> Result<Vec<Ctx<'a>>, PolicyError> {
-        match &self.node.value {
-            Value::Array(a) => Ok(a
-                .iter()
-                .enumerate()
-                .map(|(i, v)| Ctx {
-                    path: format!("{}[{i}]", self.path),
-                    node: v,
-                })
-                .collect()),
-            Value::Null => Ok(Vec::new()),
-            other => Err(self.err(format!("{what} must be an array, not {}", other.kind()))),
-        }
-    }
-
-    fn string(&self, what: &str) -> Result<&'a str, PolicyError> {
-        match &self.node.value {
-            Value::String(s) => Ok(s),
-            other => Err(self.err(format!("{what} must be a string, not {}", other.kind()))),
-        }
-    }
-
-    fn strings(&self, what: &str) -> Result<Vec<(String, Ctx<'a>)>, PolicyError> {
-        self.array(what)?
-            .into_iter()
-            .map(|c| Ok((c.string(what)?.to_string(), c)))
-            .collect()
-    }
-
-    fn bool(&self, what: &str) -> Result<bool, PolicyError> {
-        match &self.node.value {
-            Value::Bool(b) => Ok(*b),
-            Value::Null => Ok(false),
-            other => Err(self.err(format!("{what} must be a bool, not {}", other.kind()))),
-        }
-    }
-
-    fn is_null(&self) -> bool {
-        matches!(self.node.value, Value::Null)
-    }
-}
-
-fn unknown_key(k: &Key, path: &str) -> PolicyError {
-    invalid(format!("unknown field {:?}", k.name), path, k.pos)
-}
-
-/// Parses and validates a policy file.
+/// Parses and validates a policy file: everything Tailscale's service checks when a policy
+/// is saved that needs no tailnet (`tests` are checked for form here and run against a
+/// tailnet by netmap-core).
 pub fn parse_policy(text: &str) -> Result<Policy, PolicyError> {
     let root = hujson::parse(text)?;
     let top = Ctx {
         path: String::new(),
         node: &root,
     };
-    let members = top.object("the policy")?;
-    let mut p = Policy::default();
-    let get = |name: &str| members.iter().find(|(k, _)| k.name == name).map(|(_, c)| c);
-    for (k, _) in &members {
-        if !TOP_KEYS.contains(&k.name.as_str()) {
-            return Err(unknown_key(k, &k.name));
-        }
+    if !matches!(root.value, Value::Object(_)) {
+        return Err(top.err(format!(
+            "the policy must be a JSON object, not {}",
+            root.value.kind()
+        )));
     }
-    // Groups, tags and hosts first: rules refer to them.
-    if let Some(c) = get("groups") {
+    let f = top.fields("the policy", TOP_KEYS, false)?;
+    check_member_spellings(&root)?;
+    let mut p = Policy::default();
+    // Groups, tags, hosts, ipsets and postures first: rules refer to them.
+    if let Some(c) = f.get("groups") {
         read_groups(c, &mut p)?;
     }
-    if let Some(c) = get("tagOwners") {
-        read_tag_owners(c, &mut p)?;
-    }
-    if let Some(c) = get("hosts") {
+    if let Some(c) = f.get("hosts") {
         read_hosts(c, &mut p)?;
     }
-    if let Some(c) = get("postures") {
-        for (k, pc) in c.object("postures")? {
-            let conds = pc.strings("posture")?.into_iter().map(|(s, _)| s).collect();
-            p.postures.insert(k.name.clone(), conds);
-        }
+    if let Some(c) = f.get("tagOwners") {
+        read_tag_owners(c, &mut p)?;
     }
-    if let Some(c) = get("ipsets") {
+    if let Some(c) = f.get("ipsets") {
         read_ipsets(c, &mut p)?;
     }
-    if let Some(c) = get("acls") {
+    if let Some(c) = f.get("postures") {
+        for (k, pc) in c.map("postures")? {
+            if !k.name.starts_with("posture:") || k.name.len() == "posture:".len() {
+                return Err(invalid(
+                    format!(
+                        "postures[{:?}]: posture names must start with \"posture:\"",
+                        k.name
+                    ),
+                    &pc.path,
+                    k.pos,
+                ));
+            }
+            let mut conditions = Vec::new();
+            for (s, sc) in pc.strings("a posture condition")? {
+                conditions.push(parse_condition(s.trim()).map_err(|e| sc.err(e))?);
+            }
+            p.postures.insert(k.name.clone(), Posture { conditions });
+        }
+    }
+    if let Some(c) = f.get("defaultSrcPosture") {
+        p.default_src_posture = read_posture_refs(c, "defaultSrcPosture", &p)?;
+    }
+    if let Some(c) = f.get("acls") {
         p.has_rules = true;
         for a in c.array("acls")? {
-            let acl = read_acl(&a, &p)?;
+            let acl = read_acl(&a, &mut p)?;
             p.acls.push(acl);
         }
     }
-    if let Some(c) = get("grants") {
+    if let Some(c) = f.get("grants") {
         p.has_rules = true;
         for g in c.array("grants")? {
-            let grant = read_grant(&g, &p)?;
+            let grant = read_grant(&g, &mut p)?;
             p.grants.push(grant);
         }
     }
-    if let Some(c) = get("ssh") {
+    if let Some(c) = f.get("ssh") {
         for s in c.array("ssh")? {
-            let rule = read_ssh(&s, &p)?;
+            let rule = read_ssh(&s, &mut p)?;
             p.ssh.push(rule);
         }
     }
-    if let Some(c) = get("autoApprovers") {
+    if let Some(c) = f.get("autoApprovers") {
         read_auto_approvers(c, &mut p)?;
     }
-    if let Some(c) = get("nodeAttrs") {
+    if let Some(c) = f.get("nodeAttrs") {
         for n in c.array("nodeAttrs")? {
-            let na = read_node_attr(&n, &p)?;
+            let na = read_node_attr(&n, &mut p)?;
             p.node_attrs.push(na);
         }
     }
-    if let Some(c) = get("tests") {
+    if let Some(c) = f.get("tests") {
         for t in c.array("tests")? {
-            p.tests.push(read_test(&t)?);
+            let test = read_test(&t, &p).map_err(malformed_test)?;
+            p.tests.push(test);
         }
     }
-    if let Some(c) = get("sshTests") {
+    if let Some(c) = f.get("sshTests") {
         for t in c.array("sshTests")? {
-            p.ssh_tests.push(read_ssh_test(&t)?);
+            let test = read_ssh_test(&t, &p).map_err(malformed_test)?;
+            p.ssh_tests.push(test);
         }
     }
-    if let Some(c) = get("randomizeClientPort") {
+    if let Some(c) = f.get("randomizeClientPort") {
         p.randomize_client_port = c.bool("randomizeClientPort")?;
     }
-    if let Some(c) = get("disableIPv4") {
+    if let Some(c) = f.get("disableIPv4") {
         p.disable_ipv4 = c.bool("disableIPv4")?;
     }
-    if let Some(c) = get("OneCGNATRoute") {
-        if !c.is_null() {
-            p.one_cgnat_route = Some(c.string("OneCGNATRoute")?.to_string());
+    if let Some(c) = f.present("OneCGNATRoute") {
+        let v = c.string("OneCGNATRoute")?;
+        if !matches!(v, "" | "mac-always" | "mac-never") {
+            return Err(c.err(format!(
+                "OneCGNATRoute {v:?} is not valid: use \"\", \"mac-always\" or \"mac-never\""
+            )));
         }
+        p.one_cgnat_route = Some(v.to_string());
     }
-    if let Some(c) = get("derpMap") {
+    if let Some(c) = f.present("derpMap") {
+        check_derp_map(c)?;
         p.derp_map = Some(c.node.to_json());
+    }
+    if let Some(c) = f.present("attrConfig") {
+        check_attr_config(c)?;
+        p.attr_config = Some(c.node.to_json());
     }
     Ok(p)
 }
 
+/// A malformed `tests`/`sshTests` entry: the service reports it as a failing test.
+fn malformed_test(e: PolicyError) -> PolicyError {
+    match e {
+        PolicyError::Invalid { message, path, pos } if !message.starts_with("SSH tests dst") => {
+            PolicyError::Invalid {
+                message: format!("test(s) failed: malformed test: {message}"),
+                path,
+                pos,
+            }
+        }
+        other => other,
+    }
+}
+
+/// `autogroup:member` and its legacy name `autogroup:members` may not both be used.
+fn check_member_spellings(root: &hujson::Node) -> Result<(), PolicyError> {
+    let mut strings = Vec::new();
+    all_strings(root, &mut strings);
+    let is = |s: &str, name: &str| {
+        s.trim()
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+    };
+    let new = strings.iter().find(|(s, _)| is(s, "autogroup:member"));
+    let old = strings.iter().find(|(s, _)| is(s, "autogroup:members"));
+    if let (Some(_), Some((_, pos))) = (new, old) {
+        return Err(invalid(
+            "autogroup:member and autogroup:members (its old name) cannot both be used; write autogroup:member everywhere",
+            "$",
+            *pos,
+        ));
+    }
+    Ok(())
+}
+
 fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
-    let members = c.object("groups")?;
+    let members = c.map("groups")?;
     // The hosted service reports the last group (in name order) that nests another.
     let mut nested: Option<PolicyError> = None;
-    let mut sorted: Vec<&(&Key, Ctx<'_>)> = members.iter().collect();
+    let mut sorted: Vec<&(&hujson::Key, Ctx<'_>)> = members.iter().collect();
     sorted.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     for (k, gc) in sorted {
-        if !k.name.starts_with("group:") {
+        let name = k.name.as_str();
+        if !name.starts_with("group:") || name.len() == "group:".len() {
             return Err(invalid(
-                format!("group {:?} must start with \"group:\"", k.name),
+                format!("group {name:?} must start with \"group:\""),
+                &gc.path,
+                k.pos,
+            ));
+        }
+        if name.contains('@') {
+            return Err(invalid(
+                format!(
+                    "groups[{name:?}]: group:NAME@DOMAIN names a group synced from the identity provider; it cannot be defined in the policy file"
+                ),
                 &gc.path,
                 k.pos,
             ));
         }
         let mut list = Vec::new();
         for (m, mc) in gc.strings("group members")? {
-            let m = m.trim().to_string();
+            let m = m.trim();
             if m.starts_with("group:") {
                 if nested.as_ref().is_none_or(|e| e.path() < mc.path.as_str()) {
                     nested = Some(invalid(
-                        format!(
-                            "groups[{:?}]: {:?}: group members cannot be recursive",
-                            k.name, m
-                        ),
+                        format!("groups[{name:?}]: {m:?}: group members cannot be recursive"),
                         &mc.path,
                         mc.node.pos,
                     ));
@@ -433,14 +458,29 @@ fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
             }
             if m.starts_with("tag:") || m.starts_with("autogroup:") {
                 return Err(invalid(
-                    format!("groups[{:?}]: {:?}: group members must be users", k.name, m),
+                    format!("groups[{name:?}]: {m:?}: group members must be users"),
                     &mc.path,
                     mc.node.pos,
                 ));
             }
-            list.push(m);
+            let login = m.strip_prefix("user:").unwrap_or(m);
+            if !is_login(login) {
+                let hint = if login.contains('@') {
+                    String::new()
+                } else {
+                    format!(", e.g. \"{login}@example.com\"")
+                };
+                return Err(invalid(
+                    format!(
+                        "groups[{name:?}]: {m:?}: group members must be users, named by their login{hint}"
+                    ),
+                    &mc.path,
+                    mc.node.pos,
+                ));
+            }
+            list.push(login.to_string());
         }
-        p.groups.insert(k.name.clone(), list);
+        p.groups.insert(name.to_string(), list);
     }
     match nested {
         Some(e) => Err(e),
@@ -448,18 +488,11 @@ fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
     }
 }
 
-fn valid_tag_name(tag: &str) -> bool {
-    let Some(name) = tag.strip_prefix("tag:") else {
-        return false;
-    };
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
 fn read_tag_owners(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
-    for (k, tc) in c.object("tagOwners")? {
-        if !k.name.starts_with("tag:") {
+    let members = c.map("tagOwners")?;
+    // Every tag first: owners may be tags (the tag itself included).
+    for (k, tc) in &members {
+        if !k.name.to_ascii_lowercase().starts_with("tag:") {
             return Err(invalid(
                 format!("tagOwners[{:?}]: tags must start with \"tag:\"", k.name),
                 &tc.path,
@@ -476,54 +509,119 @@ fn read_tag_owners(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
                 k.pos,
             ));
         }
-        let owners = tc
-            .strings("tag owners")?
-            .into_iter()
-            .map(|(s, _)| s.trim().to_string())
-            .collect();
-        p.tag_owners.insert(k.name.clone(), owners);
+        // Tag names are case-insensitive: Tailscale reads them in lower case.
+        let tag = k.name.to_ascii_lowercase();
+        if p.tag_owners.insert(tag.clone(), Vec::new()).is_some() {
+            return Err(invalid(
+                format!("tagOwners[{:?}]: tag {tag:?} is defined twice", k.name),
+                &tc.path,
+                k.pos,
+            ));
+        }
+    }
+    for (k, tc) in &members {
+        let owners = read_aliases(tc, "tag owners", AliasContext::TagOwner, p)?;
+        p.tag_owners.insert(k.name.to_ascii_lowercase(), owners);
     }
     Ok(())
 }
 
 fn read_hosts(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
-    for (k, hc) in c.object("hosts")? {
-        let s = hc.string("host address")?.trim();
-        let net = parse_prefix(s).ok_or_else(|| {
-            invalid(
-                format!("hosts[{:?}]: {s:?}: invalid IP address or prefix", k.name),
-                &hc.path,
-                hc.node.pos,
-            )
-        })?;
-        if k.name.contains(':') || k.name.contains('@') || k.name.is_empty() {
+    for (k, hc) in c.map("hosts")? {
+        let name = k.name.as_str();
+        if name.is_empty()
+            || name.contains(['@', ':', ' ', ',', '/'])
+            || name == "*"
+            || parse_prefix(name).is_some()
+        {
             return Err(invalid(
-                format!("hosts[{:?}]: invalid host name", k.name),
+                format!(
+                    "hosts[{name:?}]: invalid host name (no \"@\", \":\", \"/\", spaces or IP addresses)"
+                ),
                 &hc.path,
                 k.pos,
             ));
         }
-        p.hosts.insert(k.name.clone(), net);
+        let s = hc.string("host address")?.trim();
+        let net = parse_prefix(s).ok_or_else(|| {
+            invalid(
+                format!("hosts[{name:?}]: {s:?}: invalid IP address or prefix"),
+                &hc.path,
+                hc.node.pos,
+            )
+        })?;
+        p.hosts.insert(name.to_string(), net);
     }
     Ok(())
 }
 
-/// Parses an IP address (as a host prefix) or a CIDR prefix; host bits must be zero.
+/// Parses an IP address (as a host prefix) or a CIDR prefix; host bits are masked.
 pub fn parse_prefix(s: &str) -> Option<IpNet> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(IpNet::from(ip));
     }
     let net: IpNet = s.parse().ok()?;
-    if net.trunc() != net {
-        // Tailscale masks host bits silently for hosts/ACLs; keep the masked prefix.
-        return Some(net.trunc());
+    // Tailscale masks host bits silently for hosts/ACLs; keep the masked prefix.
+    Some(net.trunc())
+}
+
+/// One operation of an `ipsets` entry.
+enum IpSetOp {
+    Net(IpNet),
+    Range(IpAddr, IpAddr),
+    Set(String),
+    Internet,
+}
+
+fn parse_ipset_target(t: &str, p: &Policy) -> Result<IpSetOp, String> {
+    if t == "autogroup:internet" {
+        return Ok(IpSetOp::Internet);
     }
-    Some(net)
+    if t.starts_with("ipset:") {
+        return Ok(IpSetOp::Set(t.to_string()));
+    }
+    if let Some(name) = t.strip_prefix("host:") {
+        return p
+            .hosts
+            .get(name)
+            .map(|n| IpSetOp::Net(*n))
+            .ok_or_else(|| format!("{t:?}: host {name:?} is not defined in \"hosts\""));
+    }
+    if let Some(r) = crate::ipset::parse_range(t) {
+        let (a, b) = r?;
+        return Ok(IpSetOp::Range(a, b));
+    }
+    if let Some(net) = parse_prefix(t) {
+        return Ok(IpSetOp::Net(net));
+    }
+    if let Some(n) = p.hosts.get(t) {
+        return Ok(IpSetOp::Net(*n));
+    }
+    let kind = if t.starts_with("tag:") {
+        Some("tags")
+    } else if t.starts_with("group:") {
+        Some("groups")
+    } else if t.starts_with("autogroup:") {
+        Some("autogroups other than autogroup:internet")
+    } else if t.contains('@') {
+        Some("users")
+    } else if t == "*" {
+        Some("\"*\"")
+    } else {
+        None
+    };
+    Err(match kind {
+        Some(k) => format!(
+            "{t:?}: ipsets hold addresses (IPs, CIDRs, ranges, host:NAME, ipset:NAME, autogroup:internet), not {k}"
+        ),
+        None => format!("{t:?}: invalid address"),
+    })
 }
 
 fn read_ipsets(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
-    for (k, ic) in c.object("ipsets")? {
-        if !k.name.starts_with("ipset:") {
+    let mut parsed: BTreeMap<String, Vec<(bool, IpSetOp, Ctx<'_>)>> = BTreeMap::new();
+    for (k, ic) in c.map("ipsets")? {
+        if !k.name.starts_with("ipset:") || k.name.len() == "ipset:".len() {
             return Err(invalid(
                 format!(
                     "ipsets[{:?}]: ipset names must start with \"ipset:\"",
@@ -533,22 +631,102 @@ fn read_ipsets(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
                 k.pos,
             ));
         }
-        let mut items = Vec::new();
-        for (s, sc) in ic.strings("ipset members")? {
+        let entries = ic.strings("ipset entries")?;
+        let has_remove = entries
+            .iter()
+            .any(|(s, _)| s.trim_start().starts_with("remove "));
+        let mut ops = Vec::new();
+        for (s, sc) in entries {
             let s = s.trim();
-            let (remove, text) = match s.strip_prefix("remove:") {
-                Some(rest) => (true, rest.trim()),
-                None => (false, s.strip_prefix("add:").unwrap_or(s).trim()),
+            let (keyword, target) = match s.split_once(char::is_whitespace) {
+                Some((kw @ ("add" | "remove"), rest)) => (Some(kw), rest.trim()),
+                _ => (None, s),
             };
-            let alias = parse_alias(text, AliasContext::IpSet, p)
-                .map_err(|m| invalid(m, &sc.path, sc.node.pos))?;
-            items.push(if remove {
-                IpSetItem::Remove(alias)
+            if keyword.is_none() && has_remove {
+                return Err(sc.err(format!(
+                    "ipsets[{:?}]: {s:?}: write \"add {s}\": bare entries are allowed only in sets without remove",
+                    k.name
+                )));
+            }
+            let op = parse_ipset_target(target, p)
+                .map_err(|e| sc.err(format!("ipsets[{:?}]: {e}", k.name)))?;
+            ops.push((keyword == Some("remove"), op, sc));
+        }
+        parsed.insert(k.name.clone(), ops);
+    }
+    // Resolve in dependency order, refusing cycles.
+    fn resolve(
+        name: &str,
+        parsed: &BTreeMap<String, Vec<(bool, IpSetOp, Ctx<'_>)>>,
+        done: &mut BTreeMap<String, AddrSet>,
+        stack: &mut Vec<String>,
+    ) -> Result<AddrSet, PolicyError> {
+        if let Some(s) = done.get(name) {
+            return Ok(s.clone());
+        }
+        stack.push(name.to_string());
+        let mut set = AddrSet::default();
+        for (remove, op, sc) in parsed.get(name).map(Vec::as_slice).unwrap_or(&[]) {
+            let mut part = AddrSet::default();
+            match op {
+                IpSetOp::Net(n) => part.add_net(n),
+                IpSetOp::Range(a, b) => part.add_range(*a, *b),
+                IpSetOp::Internet => {
+                    for r in crate::INTERNET_PREFIXES {
+                        if let Ok(n) = r.parse::<IpNet>() {
+                            part.add_net(&n);
+                        }
+                    }
+                    for r in crate::NON_INTERNET_PREFIXES {
+                        if let Ok(n) = r.parse::<IpNet>() {
+                            part.remove_net(&n);
+                        }
+                    }
+                }
+                IpSetOp::Set(other) => {
+                    if stack.iter().any(|s| s == other) {
+                        return Err(sc.err(format!(
+                            "ipsets: {} refer to each other in a cycle",
+                            stack
+                                .iter()
+                                .chain(std::iter::once(other))
+                                .map(|s| format!("{s:?}"))
+                                .collect::<Vec<_>>()
+                                .join(" → ")
+                        )));
+                    }
+                    if !parsed.contains_key(other) {
+                        return Err(sc.err(format!("ipset {other:?} not found")));
+                    }
+                    part = resolve(other, parsed, done, stack)?;
+                }
+            }
+            if *remove {
+                set.remove_set(&part);
             } else {
-                IpSetItem::Add(alias)
+                set.add_set(&part);
+            }
+        }
+        stack.pop();
+        done.insert(name.to_string(), set.clone());
+        Ok(set)
+    }
+    let mut done = BTreeMap::new();
+    for (name, ops) in &parsed {
+        let set = resolve(name, &parsed, &mut done, &mut Vec::new())?;
+        if set.is_empty() {
+            let (path, pos) = ops
+                .first()
+                .map_or((c.path.clone(), c.node.pos), |(_, _, sc)| {
+                    (sc.path.clone(), sc.node.pos)
+                });
+            p.warnings.push(PolicyWarning {
+                message: format!("ipset {name:?} is empty: it matches no address"),
+                path,
+                pos,
             });
         }
-        p.ipsets.insert(k.name.clone(), items);
+        p.ipsets.insert(name.clone(), set.to_prefixes());
     }
     Ok(())
 }
@@ -566,67 +744,121 @@ fn read_aliases(
     c: &Ctx<'_>,
     what: &str,
     ctx: AliasContext,
-    p: &Policy,
+    p: &mut Policy,
 ) -> Result<Vec<Located<Alias>>, PolicyError> {
     let mut out = Vec::new();
     for (s, sc) in c.strings(what)? {
         let t = s.trim();
-        let a = parse_alias(t, ctx, p).map_err(|m| invalid(m, &sc.path, sc.node.pos))?;
+        let a = parse_alias(t, ctx, p).map_err(|m| sc.err(m))?;
+        if let Alias::Group(g) = &a {
+            if !p.groups.contains_key(g) {
+                p.warnings.push(PolicyWarning {
+                    message: format!(
+                        "{g:?} is not defined here: it names a group synced from the identity provider, and matches nobody until it syncs"
+                    ),
+                    path: sc.path.clone(),
+                    pos: sc.node.pos,
+                });
+            }
+        }
         out.push(located(a, t, &sc));
     }
     Ok(out)
 }
 
-fn check_keys(members: &[(&Key, Ctx<'_>)], allowed: &[&str]) -> Result<(), PolicyError> {
-    for (k, kc) in members {
-        if !allowed.contains(&k.name.as_str()) && !k.name.starts_with('#') {
-            return Err(unknown_key(k, &kc.path));
+fn read_posture_refs(c: &Ctx<'_>, what: &str, p: &Policy) -> Result<Vec<String>, PolicyError> {
+    let mut out = Vec::new();
+    for (s, sc) in c.strings(what)? {
+        let t = s.trim();
+        if !t.starts_with("posture:") {
+            return Err(sc.err(format!(
+                "{what}: {t:?} is not a posture: postures are named \"posture:NAME\""
+            )));
         }
+        if !p.postures.contains_key(t) {
+            return Err(sc.err(format!("posture {t:?} not found")));
+        }
+        out.push(t.to_string());
     }
-    Ok(())
+    Ok(out)
 }
 
-fn field<'a, 'b>(members: &'b [(&'a Key, Ctx<'a>)], name: &str) -> Option<&'b Ctx<'a>> {
-    members.iter().find(|(k, _)| k.name == name).map(|(_, c)| c)
+/// The sources of a rule, from `src` or the legacy `users` (not both).
+fn rule_sources<'a>(f: &'a Fields<'a>) -> Result<Option<&'a Ctx<'a>>, PolicyError> {
+    match (f.get("src"), f.get("users")) {
+        (Some(_), Some(u)) => {
+            Err(u.err("src and users (its old name) cannot both be given; use src"))
+        }
+        (s, u) => Ok(s.or(u)),
+    }
 }
 
-fn read_acl(c: &Ctx<'_>, p: &Policy) -> Result<Acl, PolicyError> {
-    let m = c.object("an ACL")?;
-    check_keys(&m, &["action", "src", "dst", "proto", "users", "ports"])?;
-    match field(&m, "action")
+fn read_acl(c: &Ctx<'_>, p: &mut Policy) -> Result<Acl, PolicyError> {
+    let f = c.fields(
+        "an ACL",
+        &[
+            "action",
+            "src",
+            "dst",
+            "proto",
+            "srcPosture",
+            "users",
+            "ports",
+        ],
+        true,
+    )?;
+    match f
+        .present("action")
         .map(|a| a.string("action"))
         .transpose()?
     {
-        Some("accept") => {}
-        Some(other) => {
-            return Err(c.err(format!(
+        Some(a) if a.trim() == "accept" => {}
+        Some(other) if !other.trim().is_empty() => {
+            return Err(f.get("action").unwrap_or(c).err(format!(
                 "action={other:?} is not supported; only \"accept\" is"
             )))
         }
-        None => return Err(c.err("action must be specified")),
+        _ => return Err(c.err("action must be specified")),
     }
-    let src = match field(&m, "src") {
+    // The old names `users`/`ports` still work, but not mixed with `src`/`dst`.
+    let old = f.get("users").or(f.get("ports"));
+    let new = f.get("src").or(f.get("dst"));
+    if let (Some(o), Some(_)) = (old, new) {
+        return Err(
+            o.err("an ACL uses src/dst or the old names users/ports, not both; use src and dst")
+        );
+    }
+    let src = match rule_sources(&f)? {
         Some(sc) => read_aliases(sc, "src", AliasContext::AclSrc, p)?,
-        None => return Err(c.err("src must be specified")),
+        None => Vec::new(),
     };
     let mut dst = Vec::new();
-    let Some(dc) = field(&m, "dst") else {
-        return Err(c.err("dst must be specified"));
-    };
-    for (s, sc) in dc.strings("dst")? {
-        let t = s.trim();
-        let d = parse_dst_with_ports(t, p).map_err(|e| invalid(e, &sc.path, sc.node.pos))?;
-        dst.push(located(d, t, &sc));
+    if let Some(dc) = f.get("dst").or(f.get("ports")) {
+        for (s, sc) in dc.strings("dst")? {
+            let t = s.trim();
+            let d = parse_dst_with_ports(t, p).map_err(|e| sc.err(e))?;
+            dst.push(located(d, t, &sc));
+        }
     }
-    let protos = match field(&m, "proto") {
-        Some(pc) if !pc.is_null() => {
+    if src.is_empty() || dst.is_empty() {
+        p.warnings.push(PolicyWarning {
+            message: format!(
+                "this ACL has no {}: it allows nothing",
+                if src.is_empty() { "src" } else { "dst" }
+            ),
+            path: c.path.clone(),
+            pos: c.node.pos,
+        });
+    }
+    let protos = match f.present("proto") {
+        Some(pc) => {
             let s = pc.string("proto")?.trim();
             if s.is_empty() {
                 Vec::new()
             } else {
                 let n = parse_proto(s).map_err(|e| pc.err(e))?;
                 // Ports are meaningless for protocols without ports.
-                if !matches!(n, 6 | 17 | 132)
+                if !proto_has_ports(n)
                     && dst
                         .iter()
                         .any(|d| !(d.value.1.len() == 1 && d.value.1[0] == PortRange::ALL))
@@ -638,19 +870,49 @@ fn read_acl(c: &Ctx<'_>, p: &Policy) -> Result<Acl, PolicyError> {
                 vec![n]
             }
         }
-        _ => Vec::new(),
+        None => Vec::new(),
+    };
+    let src_posture = match f.get("srcPosture") {
+        Some(pc) => read_posture_refs(pc, "srcPosture", p)?,
+        None => Vec::new(),
     };
     crate::selector::check_self_sources(&src, &dst)?;
-    Ok(Acl { src, dst, protos })
+    Ok(Acl {
+        src,
+        dst,
+        protos,
+        src_posture,
+    })
 }
 
-fn read_app(c: &Ctx<'_>) -> Result<Vec<(String, Vec<serde_json::Value>)>, PolicyError> {
+/// Capability names under tailscale.com that policies may grant (`app` in grants).
+const GRANTABLE_TS_CAPS: &[&str] = &[
+    "tailscale.com/cap/kubernetes",
+    "tailscale.com/cap/drive",
+    "tailscale.com/cap/webui",
+    "tailscale.com/cap/relay",
+    "tailscale.com/cap/tsidp",
+    "tailscale.com/cap/golink",
+    "tailscale.com/cap/tailsql",
+    "tailscale.com/cap/secrets",
+    "tailscale.com/cap/funnel-ports",
+];
+
+/// Node capabilities under tailscale.com that `nodeAttrs` may set through `app`.
+const NODE_TS_CAPS: &[&str] = &["tailscale.com/app-connectors"];
+
+fn read_app(
+    c: &Ctx<'_>,
+    node_attrs: bool,
+    p: &Policy,
+) -> Result<Vec<(String, Vec<serde_json::Value>)>, PolicyError> {
     let mut out = Vec::new();
-    for (k, vc) in c.object("app")? {
+    for (k, vc) in c.map("app")? {
         let name = k.name.trim();
-        validate_cap_name(name).map_err(|e| invalid(e, &vc.path, k.pos))?;
+        let extra: &[&str] = if node_attrs { NODE_TS_CAPS } else { &[] };
+        validate_cap_name(name, extra).map_err(|e| invalid(e, &vc.path, k.pos))?;
         let values = match &vc.node.value {
-            Value::Array(a) => a.iter().map(Node::to_json).collect(),
+            Value::Array(a) => a.iter().map(hujson::Node::to_json).collect(),
             Value::Null => Vec::new(),
             other => {
                 return Err(vc.err(format!(
@@ -659,13 +921,73 @@ fn read_app(c: &Ctx<'_>) -> Result<Vec<(String, Vec<serde_json::Value>)>, Policy
                 )))
             }
         };
+        if name == "tailscale.com/app-connectors" {
+            for ac in vc.array("app connectors")? {
+                check_app_connector(&ac, p)?;
+            }
+        }
         out.push((name.to_string(), values));
     }
     Ok(out)
 }
 
-/// Checks an application capability name: `{domain}/{path}`, not in tailscale.com unless allowed.
-fn validate_cap_name(name: &str) -> Result<(), String> {
+/// Checks an app connector definition (`tailscale.com/app-connectors` in `nodeAttrs`).
+fn check_app_connector(c: &Ctx<'_>, p: &Policy) -> Result<(), PolicyError> {
+    let f = c.fields(
+        "an app connector",
+        &["name", "connectors", "domains", "routes", "presetAppID"],
+        true,
+    )?;
+    if let Some(n) = f.present("name") {
+        n.string("name")?;
+    }
+    if let Some(cc) = f.get("connectors") {
+        for (s, sc) in cc.strings("connectors")? {
+            let t = s.trim().to_ascii_lowercase();
+            if t == "*" {
+                continue;
+            }
+            if !t.starts_with("tag:") {
+                return Err(sc.err(format!("connector {s:?}: connectors are tags")));
+            }
+            if !p.tag_owners.contains_key(&t) {
+                return Err(sc.err(format!("tag not found: {s:?}")));
+            }
+        }
+    }
+    if let Some(dc) = f.get("domains") {
+        for (s, sc) in dc.strings("domains")? {
+            let d = s.trim();
+            let bare = d.strip_prefix("*.").unwrap_or(d);
+            let ok = !bare.is_empty()
+                && bare.contains('.')
+                && !bare.contains(['*', ' ', '/', ':'])
+                && !bare.starts_with('.')
+                && !bare.ends_with('.');
+            if !ok {
+                return Err(sc.err(format!(
+                    "domain {d:?} is not valid (a wildcard is written \"*.example.com\"; top-level domains cannot be wildcarded)"
+                )));
+            }
+        }
+    }
+    if let Some(rc) = f.get("routes") {
+        for (s, sc) in rc.strings("routes")? {
+            let t = s.trim();
+            if t.parse::<IpNet>().is_err() && t.parse::<IpAddr>().is_err() {
+                return Err(sc.err(format!("route {t:?} is not a CIDR prefix")));
+            }
+        }
+    }
+    if let Some(pc) = f.present("presetAppID") {
+        pc.string("presetAppID")?;
+    }
+    Ok(())
+}
+
+/// Checks an application capability name: `{domain}/{path}`, not in tailscale.com unless it
+/// is one of Tailscale's grantable capabilities (or `extra`).
+fn validate_cap_name(name: &str, extra: &[&str]) -> Result<(), String> {
     let Some((domain, path)) = name
         .strip_prefix("https://")
         .unwrap_or(name)
@@ -676,72 +998,80 @@ fn validate_cap_name(name: &str) -> Result<(), String> {
     if domain.is_empty() || path.is_empty() || !domain.contains('.') {
         return Err("capability name must have the form {domain}/{path}".into());
     }
-    if name.starts_with("https://") {
+    if name.starts_with("https://") || name.chars().any(char::is_whitespace) {
         return Err("capability name must have the form {domain}/{path}".into());
     }
-    const ALLOWED_TS: &[&str] = &[
-        "tailscale.com/cap/kubernetes",
-        "tailscale.com/cap/drive",
-        "tailscale.com/cap/webui",
-        "tailscale.com/cap/relay",
-        "tailscale.com/cap/tsidp",
-        "tailscale.com/cap/golink",
-        "tailscale.com/cap/funnel-ports",
-    ];
-    if (domain == "tailscale.com" || domain.ends_with(".tailscale.com"))
-        && !ALLOWED_TS.contains(&name)
-    {
+    let reserved = ["tailscale.com", "tailscale.io"]
+        .iter()
+        .any(|d| domain == *d || domain.ends_with(&format!(".{d}")));
+    if reserved && !GRANTABLE_TS_CAPS.contains(&name) && !extra.contains(&name) {
         return Err("capability name must not be in the tailscale.com domain".into());
     }
     Ok(())
 }
 
-fn read_grant(c: &Ctx<'_>, p: &Policy) -> Result<Grant, PolicyError> {
-    let m = c.object("a grant")?;
-    check_keys(&m, &["src", "dst", "ip", "app", "via", "srcPosture"])?;
-    let Some(sc) = field(&m, "src") else {
-        return Err(c.err("src must be specified"));
+fn read_grant(c: &Ctx<'_>, p: &mut Policy) -> Result<Grant, PolicyError> {
+    let f = c.fields(
+        "a grant",
+        &["src", "dst", "ip", "app", "via", "srcPosture"],
+        true,
+    )?;
+    let src = match f.get("src") {
+        Some(sc) => read_aliases(sc, "src", AliasContext::GrantSrc, p)?,
+        None => Vec::new(),
     };
-    let src = read_aliases(sc, "src", AliasContext::GrantSrc, p)?;
-    let Some(dc) = field(&m, "dst") else {
-        return Err(c.err("dst must be specified"));
-    };
-    let dst = read_aliases(dc, "dst", AliasContext::GrantDst, p)?;
-    let mut ip = Vec::new();
-    if let Some(ic) = field(&m, "ip") {
-        for (s, sc) in ic.strings("ip")? {
-            ip.push(parse_ip_spec(s.trim()).map_err(|e| sc.err(e))?);
+    let mut dst = Vec::new();
+    if let Some(dc) = f.get("dst") {
+        for (s, sc) in dc.strings("dst")? {
+            let t = s.trim();
+            let a = match parse_alias(t, AliasContext::GrantDst, p) {
+                Ok(a) => a,
+                Err(e) => {
+                    // A port written on a grant destination: say where ports go.
+                    if let (host, Some(ports)) = split_host_ports(t) {
+                        if parse_alias(host, AliasContext::GrantDst, p).is_ok() {
+                            return Err(sc.err(format!(
+                                "dst {t:?}: grant destinations take no port; put the ports in \"ip\", e.g. \"ip\": [\"tcp:{ports}\"]"
+                            )));
+                        }
+                    }
+                    return Err(sc.err(e));
+                }
+            };
+            dst.push(located(a, t, &sc));
         }
     }
-    let app = match field(&m, "app") {
-        Some(ac) if !ac.is_null() => read_app(ac)?,
-        _ => Vec::new(),
+    let mut ip = Vec::new();
+    if let Some(ic) = f.get("ip") {
+        for (s, sc) in ic.strings("ip")? {
+            ip.push(parse_ip_spec(s).map_err(|e| sc.err(e))?);
+        }
+    }
+    let app = match f.present("app") {
+        Some(ac) => read_app(ac, false, p)?,
+        None => Vec::new(),
     };
     if ip.is_empty() && app.is_empty() {
         return Err(c.err("ip and app can not both be empty"));
     }
     let mut via = Vec::new();
-    if let Some(vc) = field(&m, "via") {
+    if let Some(vc) = f.get("via") {
         for (s, sc) in vc.strings("via")? {
             let t = s.trim();
-            if !t.starts_with("tag:") {
+            if !t.to_ascii_lowercase().starts_with("tag:") {
                 return Err(sc.err(format!("via {t:?}: via must be a tag")));
             }
-            if !p.tag_owners.contains_key(t) {
+            let tag = t.to_ascii_lowercase();
+            if !p.tag_owners.contains_key(&tag) {
                 return Err(sc.err(format!("tag {t:?} not found")));
             }
-            via.push(t.to_string());
+            via.push(tag);
         }
     }
-    let mut src_posture = Vec::new();
-    if let Some(pc) = field(&m, "srcPosture") {
-        for (s, sc) in pc.strings("srcPosture")? {
-            if !p.postures.contains_key(s.trim()) {
-                return Err(sc.err(format!("posture {:?} not found", s.trim())));
-            }
-            src_posture.push(s.trim().to_string());
-        }
-    }
+    let src_posture = match f.get("srcPosture") {
+        Some(pc) => read_posture_refs(pc, "srcPosture", p)?,
+        None => Vec::new(),
+    };
     for d in &dst {
         if let Alias::Prefix(n) = d.value {
             if n.prefix_len() == 0 {
@@ -763,6 +1093,16 @@ fn read_grant(c: &Ctx<'_>, p: &Policy) -> Result<Grant, PolicyError> {
             ));
         }
     }
+    if src.is_empty() || dst.is_empty() {
+        p.warnings.push(PolicyWarning {
+            message: format!(
+                "this grant has no {}: it grants nothing",
+                if src.is_empty() { "src" } else { "dst" }
+            ),
+            path: c.path.clone(),
+            pos: c.node.pos,
+        });
+    }
     crate::selector::check_self_sources(&src, &dst)?;
     Ok(Grant {
         src,
@@ -774,28 +1114,29 @@ fn read_grant(c: &Ctx<'_>, p: &Policy) -> Result<Grant, PolicyError> {
     })
 }
 
-fn parse_duration_secs(s: &str) -> Result<i64, String> {
-    // Go's time.ParseDuration, restricted to the units policies use.
+/// Parses a Go `time.Duration` string (`1h30m`, `90s`, `-1m`, `1.5h`) into whole seconds.
+fn parse_go_duration(s: &str) -> Result<i64, String> {
     let bad = || format!("time: invalid duration {s:?}");
     let (neg, mut rest) = match s.strip_prefix('-') {
         Some(r) => (true, r),
         None => (false, s.strip_prefix('+').unwrap_or(s)),
     };
-    if rest.is_empty() {
-        return Err(bad());
-    }
     if rest == "0" {
         return Ok(0);
     }
+    if rest.is_empty() {
+        return Err(bad());
+    }
     let mut total: f64 = 0.0;
     while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        if num_end == 0 {
+        let Some(num_end) = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')) else {
+            return Err(format!("time: missing unit in duration {s:?}"));
+        };
+        let num = &rest[..num_end];
+        if num.is_empty() || num == "." || num.matches('.').count() > 1 {
             return Err(bad());
         }
-        let n: f64 = rest[..num_end].parse().map_err(|_| bad())?;
+        let n: f64 = num.parse().map_err(|_| bad())?;
         rest = &rest[num_end..];
         let unit_end = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -807,10 +1148,15 @@ fn parse_duration_secs(s: &str) -> Result<i64, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            _ => return Err(bad()),
+            "" => return Err(format!("time: missing unit in duration {s:?}")),
+            u => return Err(format!("time: unknown unit {u:?} in duration {s:?}")),
         };
         total += n * mult;
         rest = &rest[unit_end..];
+    }
+    // Go's Duration holds about 292 years.
+    if total > 9.2e9 {
+        return Err(format!("time: invalid duration {s:?}"));
     }
     let secs = total.round() as i64;
     Ok(if neg { -secs } else { secs })
@@ -838,13 +1184,23 @@ pub fn go_duration(secs: i64) -> String {
     }
 }
 
-fn read_ssh(c: &Ctx<'_>, p: &Policy) -> Result<SshRule, PolicyError> {
-    let m = c.object("an SSH rule")?;
-    check_keys(
-        &m,
-        &["action", "src", "dst", "users", "checkPeriod", "acceptEnv"],
+fn read_ssh(c: &Ctx<'_>, p: &mut Policy) -> Result<SshRule, PolicyError> {
+    let f = c.fields(
+        "an SSH rule",
+        &[
+            "action",
+            "src",
+            "dst",
+            "users",
+            "checkPeriod",
+            "acceptEnv",
+            "srcPosture",
+            "recorder",
+            "enforceRecorder",
+        ],
+        true,
     )?;
-    let action = match field(&m, "action") {
+    let action = match f.present("action") {
         None => return Err(c.err("action must be specified")),
         Some(ac) => match ac.string("action")?.trim() {
             "accept" => SshAction::Accept,
@@ -853,16 +1209,16 @@ fn read_ssh(c: &Ctx<'_>, p: &Policy) -> Result<SshRule, PolicyError> {
             other => return Err(ac.err(format!("{other:?} is not a valid action"))),
         },
     };
-    let Some(sc) = field(&m, "src") else {
-        return Err(c.err("src must be specified"));
+    let src = match f.get("src") {
+        Some(sc) => read_aliases(sc, "src", AliasContext::SshSrc, p)?,
+        None => Vec::new(),
     };
-    let src = read_aliases(sc, "src", AliasContext::SshSrc, p)?;
-    let Some(dc) = field(&m, "dst") else {
-        return Err(c.err("dst must be specified"));
+    let dst = match f.get("dst") {
+        Some(dc) => read_aliases(dc, "dst", AliasContext::SshDst, p)?,
+        None => Vec::new(),
     };
-    let dst = read_aliases(dc, "dst", AliasContext::SshDst, p)?;
     let mut users = Vec::new();
-    let uc = field(&m, "users");
+    let uc = f.get("users");
     let user_list = match uc {
         Some(uc) => uc.strings("users")?,
         None => Vec::new(),
@@ -891,15 +1247,15 @@ fn read_ssh(c: &Ctx<'_>, p: &Policy) -> Result<SshRule, PolicyError> {
         };
         users.push(user);
     }
-    let check_period_secs = match field(&m, "checkPeriod") {
-        Some(cc) if !cc.is_null() => {
-            let s = cc.string("checkPeriod")?;
-            if action != SshAction::Check {
+    let check_period_secs = match f.present("checkPeriod") {
+        Some(cc) => {
+            let s = cc.string("checkPeriod")?.trim();
+            let secs = if s.is_empty() {
                 None
-            } else if s == "always" {
+            } else if s.eq_ignore_ascii_case("always") {
                 Some(0)
             } else {
-                let secs = parse_duration_secs(s).map_err(|e| cc.err(e))?;
+                let secs = parse_go_duration(s).map_err(|e| cc.err(e))?;
                 if secs <= 0 {
                     return Err(cc.err(format!(
                         "checkPeriod {} must be a positive duration",
@@ -907,20 +1263,53 @@ fn read_ssh(c: &Ctx<'_>, p: &Policy) -> Result<SshRule, PolicyError> {
                     )));
                 }
                 Some(secs as u64)
-            }
+            };
+            // A period only means something for check rules.
+            secs.filter(|_| action == SshAction::Check)
         }
-        _ => None,
+        None => None,
     };
     let mut accept_env = Vec::new();
-    if let Some(ec) = field(&m, "acceptEnv") {
+    if let Some(ec) = f.get("acceptEnv") {
         for (s, sc) in ec.strings("acceptEnv")? {
             if s.trim().is_empty() {
                 return Err(sc.err("acceptEnv values cannot be empty"));
             }
-            accept_env.push(s);
+            accept_env.push(s.to_string());
         }
     }
+    let src_posture = match f.get("srcPosture") {
+        Some(pc) => read_posture_refs(pc, "srcPosture", p)?,
+        None => Vec::new(),
+    };
+    let mut recorder = Vec::new();
+    if let Some(rc) = f.get("recorder") {
+        for (s, sc) in rc.strings("recorder")? {
+            let t = s.trim().to_ascii_lowercase();
+            if !t.starts_with("tag:") {
+                return Err(sc.err(format!(
+                    "recorder {s:?}: recorders are named by tag, e.g. \"tag:recorder\""
+                )));
+            }
+            if !p.tag_owners.contains_key(&t) {
+                return Err(sc.err(format!("tag not found: {s:?}")));
+            }
+            recorder.push(t);
+        }
+    }
+    let enforce_recorder = match f.get("enforceRecorder") {
+        Some(ec) => ec.bool("enforceRecorder")?,
+        None => false,
+    };
+    if enforce_recorder && recorder.is_empty() {
+        p.warnings.push(PolicyWarning {
+            message: "enforceRecorder is set but the rule names no recorder".into(),
+            path: c.path.clone(),
+            pos: c.node.pos,
+        });
+    }
     crate::selector::check_self_sources(&src, &dst)?;
+    check_ssh_pairs(&src, &dst, action, c)?;
     Ok(SshRule {
         action,
         src,
@@ -928,58 +1317,157 @@ fn read_ssh(c: &Ctx<'_>, p: &Policy) -> Result<SshRule, PolicyError> {
         users,
         check_period_secs,
         accept_env,
+        src_posture,
+        recorder,
+        enforce_recorder,
     })
 }
 
+/// Tailscale SSH's allowed pairs: a user's devices are reached only by that user (a named user
+/// as destination needs that user alone as source); tagged sources reach only tagged
+/// destinations and never through `check`.
+fn check_ssh_pairs(
+    src: &[Located<Alias>],
+    dst: &[Located<Alias>],
+    action: SshAction,
+    c: &Ctx<'_>,
+) -> Result<(), PolicyError> {
+    let tagged_src = src
+        .iter()
+        .find(|s| matches!(s.value, Alias::Tag(_) | Alias::AutoGroup(AutoGroup::Tagged)));
+    for d in dst {
+        if let Alias::User(u) = &d.value {
+            let only_that_user = !src.is_empty()
+                && src
+                    .iter()
+                    .all(|s| matches!(&s.value, Alias::User(x) if x == u));
+            if !only_that_user {
+                return Err(invalid(
+                    format!(
+                        "invalid dst {:?}: a user's devices can be the destination only of rules whose source is that user alone (use autogroup:self)",
+                        d.text
+                    ),
+                    &d.path,
+                    d.pos,
+                ));
+            }
+        }
+    }
+    if let Some(t) = tagged_src {
+        if let Some(d) = dst.iter().find(|d| matches!(d.value, Alias::User(_))) {
+            return Err(invalid(
+                format!(
+                    "invalid dst {:?}: tagged sources ({}) can only reach tagged destinations",
+                    d.text, t.text
+                ),
+                &d.path,
+                d.pos,
+            ));
+        }
+        if action == SshAction::Check {
+            return Err(c.err(format!(
+                "action \"check\" cannot be used with tagged sources ({}): tagged devices cannot re-authenticate",
+                t.text
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn read_auto_approvers(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
-    let m = c.object("autoApprovers")?;
-    check_keys(&m, &["routes", "exitNode", "services"])?;
+    let f = c.fields("autoApprovers", &["routes", "exitNode", "services"], true)?;
     let mut aa = AutoApprovers::default();
-    if let Some(rc) = field(&m, "routes") {
-        for (k, vc) in rc.object("routes")? {
-            let net: IpNet = k.name.trim().parse().map_err(|_| {
-                invalid(
-                    format!("autoApprovers.routes: {:?}: invalid prefix", k.name),
-                    &vc.path,
-                    k.pos,
-                )
-            })?;
+    if let Some(rc) = f.get("routes") {
+        for (k, vc) in rc.map("routes")? {
+            let t = k.name.trim();
+            let net = t
+                .parse::<IpNet>()
+                .ok()
+                .or_else(|| t.parse::<IpAddr>().ok().map(IpNet::from))
+                .ok_or_else(|| {
+                    invalid(
+                        format!("autoApprovers.routes: {:?}: invalid prefix", k.name),
+                        &vc.path,
+                        k.pos,
+                    )
+                })?;
             let who = read_aliases(&vc, "approvers", AliasContext::Approver, p)?;
             aa.routes.push((net.trunc(), who));
         }
     }
-    if let Some(ec) = field(&m, "exitNode") {
+    if let Some(ec) = f.get("exitNode") {
         aa.exit_node = read_aliases(ec, "exitNode", AliasContext::Approver, p)?;
+    }
+    if let Some(sc) = f.get("services") {
+        for (k, vc) in sc.map("services")? {
+            let t = k.name.trim();
+            let ok = match t.strip_prefix("svc:") {
+                Some(name) => !name.is_empty(),
+                None => {
+                    let tag = t.to_ascii_lowercase();
+                    tag.starts_with("tag:") && p.tag_owners.contains_key(&tag)
+                }
+            };
+            if !ok {
+                return Err(invalid(
+                    format!(
+                        "autoApprovers.services: {t:?}: keys are services (\"svc:NAME\") or defined tags"
+                    ),
+                    &vc.path,
+                    k.pos,
+                ));
+            }
+            let who = read_aliases(&vc, "approvers", AliasContext::Approver, p)?;
+            aa.services.push((t.to_string(), who));
+        }
     }
     p.auto_approvers = aa;
     Ok(())
 }
 
-fn read_node_attr(c: &Ctx<'_>, p: &Policy) -> Result<NodeAttr, PolicyError> {
-    let m = c.object("a nodeAttrs entry")?;
-    check_keys(&m, &["target", "attr", "app", "ipPool"])?;
-    let target = match field(&m, "target") {
+/// Blocks of the CGNAT range that Tailscale reserves (no node addresses come from them).
+const RESERVED_POOLS: &[&str] = &["100.100.0.0/24", "100.100.100.0/24", "100.115.92.0/23"];
+
+fn read_node_attr(c: &Ctx<'_>, p: &mut Policy) -> Result<NodeAttr, PolicyError> {
+    let f = c.fields(
+        "a nodeAttrs entry",
+        &["target", "attr", "app", "ipPool"],
+        true,
+    )?;
+    let target = match f.get("target") {
         Some(tc) => read_aliases(tc, "target", AliasContext::NodeAttrTarget, p)?,
-        None => return Err(c.err("target must be specified")),
-    };
-    let attr = match field(&m, "attr") {
-        Some(ac) => ac.strings("attr")?.into_iter().map(|(s, _)| s).collect(),
         None => Vec::new(),
     };
-    let app = match field(&m, "app") {
-        Some(ac) if !ac.is_null() => read_app(ac)?,
-        _ => Vec::new(),
+    let mut attr = Vec::new();
+    if let Some(ac) = f.get("attr") {
+        for (s, sc) in ac.strings("attr")? {
+            if s.trim().is_empty() {
+                return Err(sc.err("attr values cannot be empty"));
+            }
+            attr.push(s.to_string());
+        }
+    }
+    let app = match f.present("app") {
+        Some(ac) => read_app(ac, true, p)?,
+        None => Vec::new(),
     };
     let mut ip_pool = Vec::new();
-    if let Some(ic) = field(&m, "ipPool") {
+    if let Some(ic) = f.get("ipPool") {
         for (s, sc) in ic.strings("ipPool")? {
             let net: IpNet = s
                 .trim()
                 .parse()
                 .map_err(|_| sc.err(format!("{s:?}: invalid prefix")))?;
-            let cgnat: IpNet = "100.64.0.0/10".parse().map_err(|_| sc.err("internal"))?;
-            let reserved: IpNet = "100.100.0.0/16".parse().map_err(|_| sc.err("internal"))?;
-            if !cgnat.contains(&net) || reserved.contains(&net) || net.contains(&reserved) {
+            let net = net.trunc();
+            let cgnat: Option<IpNet> = "100.64.0.0/10".parse().ok();
+            if !cgnat.is_some_and(|g| g.contains(&net)) {
+                return Err(sc.err(format!("IPPool({net}): network not within 100.64.0.0/10")));
+            }
+            let reserved = RESERVED_POOLS
+                .iter()
+                .filter_map(|r| r.parse::<IpNet>().ok())
+                .any(|r| r.contains(&net));
+            if reserved {
                 return Err(sc.err(format!("IPPool({net}): network within reserved range")));
             }
             ip_pool.push(net);
@@ -993,71 +1481,382 @@ fn read_node_attr(c: &Ctx<'_>, p: &Policy) -> Result<NodeAttr, PolicyError> {
     })
 }
 
-fn opt_string(m: &[(&Key, Ctx<'_>)], name: &str) -> Result<Option<String>, PolicyError> {
-    match field(m, name) {
-        Some(c) if !c.is_null() => Ok(Some(c.string(name)?.to_string())),
-        _ => Ok(None),
+fn read_posture_attrs(c: &Ctx<'_>) -> Result<PostureAttrs, PolicyError> {
+    let mut out = PostureAttrs::new();
+    for (k, vc) in c.map("srcPostureAttrs")? {
+        crate::posture::check_attr_name(&k.name).map_err(|e| invalid(e, &vc.path, k.pos))?;
+        let v = match &vc.node.value {
+            Value::String(s) => PostureValue::String(s.clone()),
+            Value::Bool(b) => PostureValue::Bool(*b),
+            Value::Number(n) => match serde_json::from_str::<serde_json::Number>(n) {
+                Ok(n) => PostureValue::Number(n),
+                Err(_) => return Err(vc.err(format!("{n} is not a number"))),
+            },
+            other => {
+                return Err(vc.err(format!(
+                    "posture attribute values are strings, numbers or bools, not {}",
+                    other.kind()
+                )))
+            }
+        };
+        out.insert(k.name.clone(), v);
     }
+    Ok(out)
 }
 
-fn string_list(m: &[(&Key, Ctx<'_>)], name: &str) -> Result<Vec<String>, PolicyError> {
-    match field(m, name) {
-        Some(c) => Ok(c.strings(name)?.into_iter().map(|(s, _)| s).collect()),
-        None => Ok(Vec::new()),
+/// Parses a test source: one identity (a user, group, tag, host, IP or autogroup).
+fn read_test_src(
+    c: Option<&Ctx<'_>>,
+    entry: &Ctx<'_>,
+    ctx: AliasContext,
+    p: &Policy,
+) -> Result<Located<Alias>, PolicyError> {
+    let Some(sc) = c else {
+        return Err(entry.err("a test needs a src"));
+    };
+    let s = sc.string_or_empty("src")?.trim();
+    if s.is_empty() {
+        return Err(sc.err("a test needs a src"));
     }
+    let host = bare_ip(s).map_or_else(|| s.to_string(), |ip| ip.to_string());
+    let a = parse_alias(&host, ctx, p).map_err(|e| sc.err(format!("src {s:?}: {e}")))?;
+    Ok(located(a, s, sc))
 }
 
-fn read_test(c: &Ctx<'_>) -> Result<AclTest, PolicyError> {
-    let m = c.object("a test")?;
-    check_keys(&m, &["src", "srcPostureAttrs", "proto", "accept", "deny"])?;
+fn read_test(c: &Ctx<'_>, p: &Policy) -> Result<AclTest, PolicyError> {
+    let f = c.fields(
+        "a test",
+        &[
+            "src",
+            "user",
+            "srcPostureAttrs",
+            "proto",
+            "accept",
+            "allow",
+            "deny",
+        ],
+        true,
+    )?;
+    if let (Some(_), Some(u)) = (f.get("src"), f.get("user")) {
+        return Err(u.err("src and user (its old name) cannot both be given; use src"));
+    }
+    if let (Some(_), Some(a)) = (f.get("accept"), f.get("allow")) {
+        return Err(a.err("accept and allow (its old name) cannot both be given; use accept"));
+    }
+    let src = read_test_src(f.get("src").or(f.get("user")), c, AliasContext::TestSrc, p)?;
+    let proto = match f.present("proto") {
+        Some(pc) => {
+            let s = pc.string("proto")?.trim();
+            if s.is_empty() {
+                None
+            } else {
+                Some(parse_proto(s).map_err(|e| pc.err(e))?)
+            }
+        }
+        None => None,
+    };
+    let read_dsts = |dc: Option<&Ctx<'_>>| -> Result<Vec<Located<TestDst>>, PolicyError> {
+        let Some(dc) = dc else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (s, sc) in dc.strings("a test destination")? {
+            let t = s.trim();
+            out.push(located(
+                read_test_dst(t, proto, p).map_err(|e| sc.err(e))?,
+                t,
+                &sc,
+            ));
+        }
+        Ok(out)
+    };
+    let accept = read_dsts(f.get("accept").or(f.get("allow")))?;
+    let deny = read_dsts(f.get("deny"))?;
+    if accept.is_empty() && deny.is_empty() {
+        return Err(c.err("a test needs accept or deny destinations"));
+    }
+    let src_posture_attrs = match f.present("srcPostureAttrs") {
+        Some(ac) => read_posture_attrs(ac)?,
+        None => PostureAttrs::new(),
+    };
     Ok(AclTest {
-        src: opt_string(&m, "src")?.unwrap_or_default(),
-        proto: opt_string(&m, "proto")?,
-        accept: string_list(&m, "accept")?,
-        deny: string_list(&m, "deny")?,
+        src,
+        proto,
+        accept,
+        deny,
+        src_posture_attrs,
         pos: c.node.pos,
     })
 }
 
-fn read_ssh_test(c: &Ctx<'_>) -> Result<SshTest, PolicyError> {
-    let m = c.object("an SSH test")?;
-    check_keys(
-        &m,
+/// Parses a `tests` destination `host:port`: one host, one port.
+fn read_test_dst(t: &str, proto: Option<u8>, p: &Policy) -> Result<TestDst, String> {
+    let (host, port) = split_host_ports(t);
+    let Some(port) = port else {
+        return Err(format!(
+            "dst {t:?}: a test destination is host:port, e.g. \"tag:server:22\""
+        ));
+    };
+    if port.is_empty() || !port.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "dst {t:?}: port {port:?} is not a port number (tests take a single port: no ranges, lists or *)"
+        ));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("dst {t:?}: port {port} is out of range (0-65535)"))?;
+    let portless = proto.is_some_and(|n| !proto_has_ports(n));
+    if port == 0 && !portless {
+        return Err(format!(
+            "dst {t:?}: port 0 is only for protocols without ports (\"proto\": \"icmp\")"
+        ));
+    }
+    if host.is_empty() {
+        return Err(format!("dst {t:?}: the host is empty"));
+    }
+    let host =
+        parse_alias(host, AliasContext::TestDst, p).map_err(|e| format!("dst {t:?}: {e}"))?;
+    Ok(TestDst { host, port })
+}
+
+fn read_ssh_test(c: &Ctx<'_>, p: &Policy) -> Result<SshTest, PolicyError> {
+    let f = c.fields(
+        "an SSH test",
         &["src", "srcPostureAttrs", "dst", "accept", "check", "deny"],
+        true,
     )?;
-    let dst = string_list(&m, "dst")?;
-    if let Some(dc) = field(&m, "dst") {
+    let src = read_test_src(f.get("src"), c, AliasContext::SshTestSrc, p)?;
+    let mut dst = Vec::new();
+    if let Some(dc) = f.get("dst") {
         for (d, dcx) in dc.strings("dst")? {
             let t = d.trim();
-            let disallowed = t == "autogroup:internet"
-                || t.contains('/')
-                || t == "*"
-                || t.starts_with("autogroup:danger-all");
-            if disallowed {
-                return Err(dcx.err(format!("SSH tests dst contains disallowed element {t:?}")));
+            let host = bare_ip(t).map_or_else(|| t.to_string(), |ip| ip.to_string());
+            let a = parse_alias(&host, AliasContext::SshTestDst, p).map_err(|e| {
+                if e.starts_with("SSH tests dst") {
+                    dcx.err(e)
+                } else {
+                    dcx.err(format!("SSH tests dst {t:?}: {e}"))
+                }
+            })?;
+            dst.push(located(a, t, &dcx));
+        }
+    }
+    if dst.is_empty() {
+        return Err(c.err("an SSH test needs dst"));
+    }
+    let users = |name: &str| -> Result<Vec<String>, PolicyError> {
+        let mut out = Vec::new();
+        if let Some(uc) = f.get(name) {
+            for (u, ucx) in uc.strings(name)? {
+                let t = u.trim();
+                if t.is_empty() || t.contains(char::is_whitespace) {
+                    return Err(ucx.err(format!("user {t:?} is not valid")));
+                }
+                out.push(t.to_string());
+            }
+        }
+        Ok(out)
+    };
+    let (accept, check, deny) = (users("accept")?, users("check")?, users("deny")?);
+    if accept.is_empty() && check.is_empty() && deny.is_empty() {
+        return Err(c.err("an SSH test needs accept, check or deny users"));
+    }
+    let src_posture_attrs = match f.present("srcPostureAttrs") {
+        Some(ac) => read_posture_attrs(ac)?,
+        None => PostureAttrs::new(),
+    };
+    Ok(SshTest {
+        src,
+        dst,
+        accept,
+        check,
+        deny,
+        src_posture_attrs,
+        pos: c.node.pos,
+    })
+}
+
+/// Checks `derpMap` against the shape of Tailscale's DERP map (field names in any case).
+fn check_derp_map(c: &Ctx<'_>) -> Result<(), PolicyError> {
+    let f = c.fields(
+        "derpMap",
+        &["Regions", "OmitDefaultRegions", "HomeParams"],
+        false,
+    )?;
+    if let Some(o) = f.get("OmitDefaultRegions") {
+        o.bool("OmitDefaultRegions")?;
+    }
+    if let Some(h) = f.present("HomeParams") {
+        let hf = h.fields("HomeParams", &["RegionScore"], false)?;
+        if let Some(rs) = hf.get("RegionScore") {
+            for (k, v) in rs.map("RegionScore")? {
+                region_id(&k.name, &v)?;
+                if !matches!(v.node.value, Value::Number(_)) {
+                    return Err(v.err("region scores are numbers"));
+                }
             }
         }
     }
-    Ok(SshTest {
-        src: opt_string(&m, "src")?.unwrap_or_default(),
-        dst,
-        accept: string_list(&m, "accept")?,
-        check: string_list(&m, "check")?,
-        deny: string_list(&m, "deny")?,
-        pos: c.node.pos,
-    })
+    if let Some(r) = f.get("Regions") {
+        for (k, rc) in r.map("Regions")? {
+            let id = region_id(&k.name, &rc)?;
+            if rc.is_null() {
+                continue;
+            }
+            let rf = rc.fields(
+                "a DERP region",
+                &[
+                    "RegionID",
+                    "RegionCode",
+                    "RegionName",
+                    "Latitude",
+                    "Longitude",
+                    "Avoid",
+                    "NoMeasureNoHome",
+                    "Nodes",
+                ],
+                false,
+            )?;
+            if let Some(ric) = rf.get("RegionID") {
+                if number_of(ric)? != Some(id) {
+                    return Err(ric.err(format!("RegionID must be {id}, the key of its region")));
+                }
+            }
+            for s in ["RegionCode", "RegionName"] {
+                if let Some(x) = rf.present(s) {
+                    x.string(s)?;
+                }
+            }
+            for s in ["Latitude", "Longitude"] {
+                if let Some(x) = rf.present(s) {
+                    number_of(x)?;
+                }
+            }
+            for s in ["Avoid", "NoMeasureNoHome"] {
+                if let Some(x) = rf.get(s) {
+                    x.bool(s)?;
+                }
+            }
+            if let Some(nc) = rf.get("Nodes") {
+                for n in nc.array("Nodes")? {
+                    check_derp_node(&n)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn region_id(key: &str, c: &Ctx<'_>) -> Result<i64, PolicyError> {
+    key.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| c.err(format!("DERP region {key:?}: region keys are numeric IDs")))
+}
+
+fn number_of(c: &Ctx<'_>) -> Result<Option<i64>, PolicyError> {
+    match &c.node.value {
+        Value::Number(n) => Ok(n.parse::<i64>().ok()),
+        Value::Null => Ok(None),
+        other => Err(c.err(format!("expected a number, not {}", other.kind()))),
+    }
+}
+
+fn check_derp_node(c: &Ctx<'_>) -> Result<(), PolicyError> {
+    let f = c.fields(
+        "a DERP node",
+        &[
+            "Name",
+            "RegionID",
+            "HostName",
+            "CertName",
+            "IPv4",
+            "IPv6",
+            "STUNPort",
+            "STUNOnly",
+            "DERPPort",
+            "InsecureForTests",
+            "STUNTestIP",
+            "CanPort80",
+        ],
+        false,
+    )?;
+    for s in ["Name", "HostName", "CertName", "STUNTestIP"] {
+        if let Some(x) = f.present(s) {
+            x.string(s)?;
+        }
+    }
+    for s in ["IPv4", "IPv6"] {
+        if let Some(x) = f.present(s) {
+            let v = x.string(s)?.trim();
+            if !(v.is_empty() || v == "none" || v.parse::<IpAddr>().is_ok()) {
+                return Err(x.err(format!("{s} {v:?} is not an IP address")));
+            }
+        }
+    }
+    for s in ["RegionID", "STUNPort", "DERPPort"] {
+        if let Some(x) = f.present(s) {
+            number_of(x)?;
+        }
+    }
+    for s in ["STUNOnly", "InsecureForTests", "CanPort80"] {
+        if let Some(x) = f.get(s) {
+            x.bool(s)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks `attrConfig`: attribute name → `{type, allowSetByNode, broadcastToPeers}`.
+fn check_attr_config(c: &Ctx<'_>) -> Result<(), PolicyError> {
+    for (k, ac) in c.map("attrConfig")? {
+        crate::posture::check_attr_name(&k.name).map_err(|e| invalid(e, &ac.path, k.pos))?;
+        let f = ac.fields(
+            "an attrConfig entry",
+            &["type", "allowSetByNode", "broadcastToPeers"],
+            true,
+        )?;
+        if let Some(t) = f.present("type") {
+            let v = t.string("type")?;
+            if !matches!(v, "string" | "bool" | "number") {
+                return Err(t.err(format!(
+                    "type {v:?} is not valid: use \"string\", \"bool\" or \"number\""
+                )));
+            }
+        }
+        if let Some(b) = f.get("allowSetByNode") {
+            b.bool("allowSetByNode")?;
+        }
+        if let Some(b) = f.get("broadcastToPeers") {
+            b.strings("broadcastToPeers")?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration_secs("1h").unwrap(), 3600);
-        assert_eq!(parse_duration_secs("1h30m").unwrap(), 5400);
-        assert_eq!(parse_duration_secs("-1m").unwrap(), -60);
-        assert!(parse_duration_secs("abc").is_err());
+        assert_eq!(parse_go_duration("1h").unwrap(), 3600);
+        assert_eq!(parse_go_duration("1h30m").unwrap(), 5400);
+        assert_eq!(parse_go_duration("1.5h").unwrap(), 5400);
+        assert_eq!(parse_go_duration("-1m").unwrap(), -60);
+        assert_eq!(parse_go_duration("0").unwrap(), 0);
+        assert!(parse_go_duration("abc").is_err());
+        assert!(parse_go_duration("10")
+            .unwrap_err()
+            .contains("missing unit"));
+        assert!(parse_go_duration("1d")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_go_duration("").is_err());
+        assert!(parse_go_duration("1..5h").is_err());
+        assert!(parse_go_duration("99999999999h").is_err());
         assert_eq!(go_duration(-60), "-1m0s");
         assert_eq!(go_duration(3600), "1h0m0s");
     }
@@ -1067,6 +1866,7 @@ mod tests {
         let e = parse_policy("{\n  \"acl\": []\n}").unwrap_err();
         assert_eq!(e.pos().line, 2);
         assert!(e.message().contains("unknown field"));
+        assert!(e.message().contains("did you mean \"acls\""));
     }
 
     #[test]
@@ -1080,9 +1880,11 @@ mod tests {
 
     #[test]
     fn cap_names() {
-        assert!(validate_cap_name("example.com/cap/x").is_ok());
-        assert!(validate_cap_name("tailscale.com/cap/relay-target").is_err());
-        assert!(validate_cap_name("https://tailscale.com/cap/ingress").is_err());
-        assert!(validate_cap_name("nodomain").is_err());
+        assert!(validate_cap_name("example.com/cap/x", &[]).is_ok());
+        assert!(validate_cap_name("tailscale.com/cap/relay-target", &[]).is_err());
+        assert!(validate_cap_name("https://tailscale.com/cap/ingress", &[]).is_err());
+        assert!(validate_cap_name("nodomain", &[]).is_err());
+        assert!(validate_cap_name("tailscale.com/app-connectors", &[]).is_err());
+        assert!(validate_cap_name("tailscale.com/app-connectors", NODE_TS_CAPS).is_ok());
     }
 }

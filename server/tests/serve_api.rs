@@ -50,6 +50,10 @@ fn node_from(v: &Value) -> Node {
         approved_routes: serde_json::from_value(v["approved_routes"].clone()).unwrap(),
         created: v["created"].as_str().unwrap().to_string(),
         online: v.get("online").and_then(Value::as_bool).unwrap_or(true),
+        posture: v
+            .get("posture")
+            .map(|p| serde_json::from_value(p.clone()).unwrap())
+            .unwrap_or_default(),
     }
 }
 

@@ -495,7 +495,7 @@ impl<'a> Evaluator<'a> {
         attrs: Option<&PostureAttrs>,
         t: Target,
         protos: &[u8],
-        port: u16,
+        port: Option<u16>,
     ) -> Option<&str> {
         if !self.policy().has_rules {
             return Some(DEFAULT_POLICY);
@@ -513,7 +513,9 @@ impl<'a> Evaluator<'a> {
                         } else {
                             rule_protos.contains(&proto)
                         };
-                        proto_ok && (!has_ports(proto) || ports.iter().any(|r| r.contains(port)))
+                        proto_ok
+                            && (!has_ports(proto)
+                                || ports.iter().any(|r| port.is_none_or(|p| r.contains(p))))
                     }) && self.dst_covers(d, t, p)
                 })
                 .then_some(rule.label.as_str())
@@ -634,10 +636,12 @@ impl<'a> Evaluator<'a> {
             let expect = if accept { "accept" } else { "deny" };
             let port = dst.value.port;
             let names: Vec<String> = protos.iter().map(|&p| proto_name(p)).collect();
-            let what = if protos.iter().any(|&p| has_ports(p)) {
-                format!("{}/{port}", names.join(","))
-            } else {
-                names.join(",")
+            let what = match port {
+                Some(port) if protos.iter().any(|&p| has_ports(p)) => {
+                    format!("{}/{port}", names.join(","))
+                }
+                Some(_) => names.join(","),
+                None => format!("{} (any port)", names.join(",")),
             };
             let host = match self.acl_dst(dst) {
                 Ok(x) => x,
@@ -658,7 +662,7 @@ impl<'a> Evaluator<'a> {
         attrs: Option<&PostureAttrs>,
         host: &DstHost,
         protos: &[u8],
-        port: u16,
+        port: Option<u16>,
         accept: bool,
         what: &str,
     ) -> PairResult {
@@ -1167,7 +1171,7 @@ mod tests {
                 "tests src",
             ),
             (
-                r#"{"src": "thor@example.org", "accept": ["web"]}"#,
+                r#"{"src": "thor@example.org", "accept": ["webx"]}"#,
                 "host:port",
             ),
             (
@@ -1268,6 +1272,18 @@ mod tests {
             let o = r.outcomes.iter().find(|o| !o.passed).unwrap();
             assert!(o.reason.contains(needle), "{t}: {}", o.reason);
         }
+        // A bare host (Tailscale's default policy writes them) is reachable on some port.
+        let rules =
+            r#""acls": [{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:443"]}],"#;
+        assert!(passes(&format!(
+            r#"{rules} "tests": [{{"src": "tag:client", "accept": ["tag:server", "web", "100.64.0.10"]}}]"#
+        )));
+        assert!(!passes(&format!(
+            r#"{rules} "tests": [{{"src": "tag:client", "deny": ["tag:server"]}}]"#
+        )));
+        assert!(passes(&format!(
+            r#"{rules} "tests": [{{"src": "thor@example.org", "deny": ["tag:server"]}}]"#
+        )));
         // The legacy names still work.
         assert!(passes(&format!(
             r#"{acl} "tests": [{{"user": "thor@example.org", "allow": ["web:80"]}}]"#

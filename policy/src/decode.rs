@@ -62,12 +62,23 @@ fn suggestion<'k>(name: &str, known: &[&'k str]) -> Option<&'k str> {
         }
         prev[b.len()]
     }
+    // `dst` for `destination`, `src` for `source`: the known name spelt out.
+    fn abbreviates(short: &str, long: &str) -> bool {
+        let mut rest = long.chars().map(|c| c.to_ascii_lowercase());
+        short.len() >= 3
+            && short.len() < long.len()
+            && short
+                .chars()
+                .map(|c| c.to_ascii_lowercase())
+                .all(|c| rest.any(|x| x == c))
+    }
     known
         .iter()
         .map(|k| (distance(name, k), *k))
         .filter(|(d, k)| *d <= 2.max(k.len() / 4))
         .min()
         .map(|(_, k)| k)
+        .or_else(|| known.iter().copied().find(|k| abbreviates(k, name)))
 }
 
 impl<'a> Ctx<'a> {
@@ -227,5 +238,7 @@ mod tests {
             Some("tagOwners")
         );
         assert_eq!(suggestion("zzzzzz", &["acls", "grants"]), None);
+        assert_eq!(suggestion("destination", &["src", "dst"]), Some("dst"));
+        assert_eq!(suggestion("source", &["src", "dst"]), Some("src"));
     }
 }

@@ -174,13 +174,14 @@ pub struct SshRule {
     pub enforce_recorder: bool,
 }
 
-/// A `tests` destination: one host and one port.
+/// A `tests` destination: one host and one port, or a bare host (any port).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TestDst {
     /// The host.
     pub host: Alias,
-    /// The port (0 only for port-less protocols such as ICMP).
-    pub port: u16,
+    /// The port (0 only for port-less protocols such as ICMP); `None` for a bare host, as in
+    /// Tailscale's default policy (`"accept": ["tag:example"]`): reachable on some port.
+    pub port: Option<u16>,
 }
 
 /// A `tests` entry.
@@ -1591,11 +1592,17 @@ fn read_test(c: &Ctx<'_>, p: &Policy) -> Result<AclTest, PolicyError> {
 
 /// Parses a `tests` destination `host:port`: one host, one port.
 fn read_test_dst(t: &str, proto: Option<u8>, p: &Policy) -> Result<TestDst, String> {
+    if let Some(ip) = bare_ip(t) {
+        let host = parse_alias(&ip.to_string(), AliasContext::TestDst, p)
+            .map_err(|e| format!("dst {t:?}: {e}"))?;
+        return Ok(TestDst { host, port: None });
+    }
     let (host, port) = split_host_ports(t);
     let Some(port) = port else {
-        return Err(format!(
-            "dst {t:?}: a test destination is host:port, e.g. \"tag:server:22\""
-        ));
+        let host = parse_alias(t, AliasContext::TestDst, p).map_err(|e| {
+            format!("dst {t:?}: {e} (a test destination is host:port, e.g. \"tag:server:22\")")
+        })?;
+        return Ok(TestDst { host, port: None });
     };
     if port.is_empty() || !port.chars().all(|c| c.is_ascii_digit()) {
         return Err(format!(
@@ -1616,7 +1623,10 @@ fn read_test_dst(t: &str, proto: Option<u8>, p: &Policy) -> Result<TestDst, Stri
     }
     let host =
         parse_alias(host, AliasContext::TestDst, p).map_err(|e| format!("dst {t:?}: {e}"))?;
-    Ok(TestDst { host, port })
+    Ok(TestDst {
+        host,
+        port: Some(port),
+    })
 }
 
 fn read_ssh_test(c: &Ctx<'_>, p: &Policy) -> Result<SshTest, PolicyError> {

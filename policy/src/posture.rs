@@ -5,7 +5,8 @@
 //! `node:tsVersion >= '1.60'`, `ip:country IN ['CA', 'US']`, `custom:tier > 2`,
 //! `falcon:ztaScore IS SET`. Operators: `==`, `!=`, `<`, `<=`, `>`, `>=` (ordered ones only on
 //! numbers and versions), `IN` / `NOT IN` (a list), `IS SET` / `NOT SET` (no value); operator
-//! words in any case. A device lacking the attribute fails every condition but `NOT SET`.
+//! words in any case; a bare attribute means `== true`. A device lacking the attribute fails
+//! every condition but `NOT SET`.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -330,6 +331,15 @@ pub fn parse_condition(text: &str) -> Result<PostureCondition, String> {
     check_attr_name(&attr).map_err(bad)?;
     lx.skip_ws();
     let r = lx.rest();
+    // A bare attribute (`node:tsAutoUpdate`, as in Tailscale's default policy) asks that it
+    // be true.
+    if r.is_empty() {
+        return Ok(PostureCondition {
+            attr,
+            op: PostureOp::Eq,
+            values: vec![PostureValue::Bool(true)],
+        });
+    }
     let symbolic = [
         ("==", PostureOp::Eq),
         ("!=", PostureOp::Ne),
@@ -429,6 +439,7 @@ mod tests {
             "custom:tier > 2",
             "custom:tier == 3",
             "node:tsAutoUpdate == true",
+            "node:tsAutoUpdate",
             "ip:country in ['CA','US']",
             "node:tsReleaseTrack NOT SET",
             "custom:tier IS SET",
@@ -454,7 +465,6 @@ mod tests {
     fn malformed_conditions_are_errors() {
         for c in [
             "",
-            "node:os",
             "node:os = 'macos'",
             "nodeos == 'macos'",
             "node:os == macos",

@@ -66,10 +66,25 @@ pub fn check(policy: &Path, state: Option<&Path>) -> ExitCode {
             print_report(&report);
             ExitCode::from(1)
         }
-        Ok(_) => {
+        Ok((p, _, _)) => {
+            print_warnings(policy, &p);
             println!("{}: valid", policy.display());
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// Accepted-but-odd points of a valid policy, on stderr.
+fn print_warnings(path: &Path, p: &netmap_policy::Policy) {
+    for w in &p.warnings {
+        eprintln!(
+            "{}: warning: {} (at {}, line {}, column {})",
+            path.display(),
+            w.message,
+            w.path,
+            w.pos.line,
+            w.pos.column
+        );
     }
 }
 

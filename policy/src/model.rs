@@ -1115,8 +1115,11 @@ fn read_grant(c: &Ctx<'_>, p: &mut Policy) -> Result<Grant, PolicyError> {
     })
 }
 
-/// Parses a Go `time.Duration` string (`1h30m`, `90s`, `-1m`, `1.5h`) into whole seconds.
-fn parse_go_duration(s: &str) -> Result<i64, String> {
+/// Parses a Go `time.Duration` string (`1h30m`, `90s`, `-1m`, `1.5h`, `300ms`) into
+/// nanoseconds, with Go's grammar and error words. (No crate implements Go's exact grammar —
+/// fractions on every unit, `µs`, a bare `0`, the 2^63 ns limit — and the service's messages
+/// quote Go's, so this stays hand-written.)
+fn parse_go_duration(s: &str) -> Result<i128, String> {
     let bad = || format!("time: invalid duration {s:?}");
     let (neg, mut rest) = match s.strip_prefix('-') {
         Some(r) => (true, r),
@@ -1128,62 +1131,101 @@ fn parse_go_duration(s: &str) -> Result<i64, String> {
     if rest.is_empty() {
         return Err(bad());
     }
-    let mut total: f64 = 0.0;
+    let mut total: i128 = 0;
     while !rest.is_empty() {
-        let Some(num_end) = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')) else {
-            return Err(format!("time: missing unit in duration {s:?}"));
-        };
-        let num = &rest[..num_end];
-        if num.is_empty() || num == "." || num.matches('.').count() > 1 {
+        let int_end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let int = &rest[..int_end];
+        rest = &rest[int_end..];
+        let mut frac = "";
+        if let Some(r) = rest.strip_prefix('.') {
+            let end = r.find(|c: char| !c.is_ascii_digit()).unwrap_or(r.len());
+            frac = &r[..end];
+            rest = &r[end..];
+            if int.is_empty() && frac.is_empty() {
+                return Err(bad());
+            }
+        } else if int.is_empty() {
             return Err(bad());
         }
-        let n: f64 = num.parse().map_err(|_| bad())?;
-        rest = &rest[num_end..];
         let unit_end = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(rest.len());
-        let mult = match &rest[..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" | "μs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
+        let unit: i128 = match &rest[..unit_end] {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
             "" => return Err(format!("time: missing unit in duration {s:?}")),
             u => return Err(format!("time: unknown unit {u:?} in duration {s:?}")),
         };
-        total += n * mult;
         rest = &rest[unit_end..];
+        let whole: i128 = if int.is_empty() {
+            0
+        } else {
+            int.parse::<i128>()
+                .ok()
+                .filter(|v| *v < 1 << 63)
+                .ok_or_else(bad)?
+        };
+        let mut v = whole.checked_mul(unit).ok_or_else(bad)?;
+        if !frac.is_empty() {
+            // Digits past nanosecond precision do not count.
+            let digits = &frac[..frac.len().min(18)];
+            let f: i128 = digits.parse().map_err(|_| bad())?;
+            v += f * unit / 10i128.pow(digits.len() as u32);
+        }
+        total = total.checked_add(v).ok_or_else(bad)?;
+        if total >= 1 << 63 {
+            return Err(bad());
+        }
     }
-    // Go's Duration holds about 292 years.
-    if total > 9.2e9 {
-        return Err(format!("time: invalid duration {s:?}"));
-    }
-    let secs = total.round() as i64;
-    Ok(if neg { -secs } else { secs })
+    Ok(if neg { -total } else { total })
 }
 
-/// Formats seconds the way Go prints a `time.Duration` (e.g. `1h0m0s`, `-1m0s`).
-pub fn go_duration(secs: i64) -> String {
-    if secs == 0 {
+/// Formats nanoseconds the way Go prints a `time.Duration` (`1h0m0s`, `-1m0s`, `1.5s`,
+/// `300ms`).
+pub fn go_duration(ns: i128) -> String {
+    if ns == 0 {
         return "0s".into();
     }
-    let neg = secs < 0;
-    let s = secs.unsigned_abs();
-    let (h, m, sec) = (s / 3600, (s % 3600) / 60, s % 60);
-    let body = if h > 0 {
-        format!("{h}h{m}m{sec}s")
-    } else if m > 0 {
-        format!("{m}m{sec}s")
-    } else {
-        format!("{sec}s")
+    let sign = if ns < 0 { "-" } else { "" };
+    let u = ns.unsigned_abs();
+    let frac = |v: u128, scale: u128| -> String {
+        let (w, f) = (v / scale, v % scale);
+        if f == 0 {
+            return w.to_string();
+        }
+        let digits = scale.to_string().len() - 1;
+        let f = format!("{f:0digits$}");
+        format!("{w}.{}", f.trim_end_matches('0'))
     };
-    if neg {
-        format!("-{body}")
+    if u < 1_000_000_000 {
+        let (scale, unit) = match u {
+            0..1_000 => (1, "ns"),
+            1_000..1_000_000 => (1_000, "µs"),
+            _ => (1_000_000, "ms"),
+        };
+        return format!("{sign}{}{unit}", frac(u, scale));
+    }
+    let secs_ns = u % 60_000_000_000;
+    let mins = u / 60_000_000_000;
+    let (h, m) = (mins / 60, mins % 60);
+    let sec = frac(secs_ns, 1_000_000_000);
+    if h > 0 {
+        format!("{sign}{h}h{m}m{sec}s")
+    } else if m > 0 {
+        format!("{sign}{m}m{sec}s")
     } else {
-        body
+        format!("{sign}{sec}s")
     }
 }
+
+/// The longest `checkPeriod` Tailscale documents: one week.
+const MAX_CHECK_PERIOD_NS: i128 = 168 * 3_600_000_000_000;
 
 fn read_ssh(c: &Ctx<'_>, p: &mut Policy) -> Result<SshRule, PolicyError> {
     let f = c.fields(
@@ -1256,14 +1298,22 @@ fn read_ssh(c: &Ctx<'_>, p: &mut Policy) -> Result<SshRule, PolicyError> {
             } else if s.eq_ignore_ascii_case("always") {
                 Some(0)
             } else {
-                let secs = parse_go_duration(s).map_err(|e| cc.err(e))?;
-                if secs <= 0 {
+                let ns = parse_go_duration(s).map_err(|e| cc.err(e))?;
+                if ns <= 0 {
                     return Err(cc.err(format!(
                         "checkPeriod {} must be a positive duration",
-                        go_duration(secs)
+                        go_duration(ns)
                     )));
                 }
-                Some(secs as u64)
+                if ns > MAX_CHECK_PERIOD_NS {
+                    return Err(cc.err(format!(
+                        "checkPeriod {} is longer than the maximum of {} (one week)",
+                        go_duration(ns),
+                        go_duration(MAX_CHECK_PERIOD_NS)
+                    )));
+                }
+                // Whole seconds, rounded up: a positive period never becomes 0 (`always`).
+                u64::try_from((ns + 999_999_999) / 1_000_000_000).ok()
             };
             // A period only means something for check rules.
             secs.filter(|_| action == SshAction::Check)
@@ -1852,11 +1902,15 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_go_duration("1h").unwrap(), 3600);
-        assert_eq!(parse_go_duration("1h30m").unwrap(), 5400);
-        assert_eq!(parse_go_duration("1.5h").unwrap(), 5400);
-        assert_eq!(parse_go_duration("-1m").unwrap(), -60);
-        assert_eq!(parse_go_duration("0").unwrap(), 0);
+        let ns = |s: &str| parse_go_duration(s).unwrap();
+        assert_eq!(ns("1h"), 3_600_000_000_000);
+        assert_eq!(ns("1h30m"), 5_400_000_000_000);
+        assert_eq!(ns("1.5h"), 5_400_000_000_000);
+        assert_eq!(ns("-1m"), -60_000_000_000);
+        assert_eq!(ns("300ms"), 300_000_000);
+        assert_eq!(ns(".5s"), 500_000_000);
+        assert_eq!(ns("1µs"), 1_000);
+        assert_eq!(ns("0"), 0);
         assert!(parse_go_duration("abc").is_err());
         assert!(parse_go_duration("10")
             .unwrap_err()
@@ -1865,10 +1919,14 @@ mod tests {
             .unwrap_err()
             .contains("unknown unit"));
         assert!(parse_go_duration("").is_err());
+        assert!(parse_go_duration(".s").is_err());
         assert!(parse_go_duration("1..5h").is_err());
-        assert!(parse_go_duration("99999999999h").is_err());
-        assert_eq!(go_duration(-60), "-1m0s");
-        assert_eq!(go_duration(3600), "1h0m0s");
+        assert!(parse_go_duration("9999999999h").is_err());
+        assert_eq!(go_duration(-60_000_000_000), "-1m0s");
+        assert_eq!(go_duration(3_600_000_000_000), "1h0m0s");
+        assert_eq!(go_duration(1_500_000_000), "1.5s");
+        assert_eq!(go_duration(300_000_000), "300ms");
+        assert_eq!(go_duration(MAX_CHECK_PERIOD_NS), "168h0m0s");
     }
 
     #[test]

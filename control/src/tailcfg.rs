@@ -298,9 +298,10 @@ pub struct MapResponse {
     /// DERP map (netmap runs no DERP servers: an empty map, first message only).
     #[serde(rename = "DERPMap", default, skip_serializing_if = "Option::is_none")]
     pub derp_map: Option<Value>,
-    /// The whole peer list (replaces the previous one).
-    #[serde(rename = "Peers", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
-    pub peers: Vec<Node>,
+    /// The whole peer list, replacing the previous one (`Some(empty)` clears it; absent =
+    /// unchanged).
+    #[serde(rename = "Peers", default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<Node>>,
     /// Peers added or changed (full records).
     #[serde(rename = "PeersChanged", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub peers_changed: Vec<Node>,

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod control;
 mod serve;
 
 /// mimalloc instead of the system allocator: the engine allocates and frees many small,

@@ -9,6 +9,7 @@ mod apikey;
 mod compute;
 mod conformance;
 mod policy;
+mod preauthkey;
 mod replay;
 mod serve;
 
@@ -40,6 +41,11 @@ enum Command {
     Apikey {
         #[command(subcommand)]
         command: apikey::ApikeyCommand,
+    },
+    /// Manage pre-auth keys with which Tailscale clients join a tailnet of `netmap serve`.
+    Preauthkey {
+        #[command(subcommand)]
+        command: preauthkey::PreauthkeyCommand,
     },
 }
 
@@ -82,6 +88,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Replay(args) => replay::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Apikey { command } => apikey::run(&command),
+        Command::Preauthkey { command } => preauthkey::run(&command),
     }
 }
 

@@ -86,6 +86,10 @@ pub fn router(app: App) -> Router {
                 .delete(delete_node),
         )
         .route("/v1/tailnets/{t}/nodes/{id}/netmap", get(get_netmap))
+        .route(
+            "/v1/tailnets/{t}/preauthkeys",
+            axum::routing::post(create_preauthkey),
+        )
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     Router::new()
         .route("/health", get(health))
@@ -675,4 +679,28 @@ async fn get_netmap(
     )
         .into_response();
     Ok(with_seq(resp, p.seq))
+}
+
+/// `POST /v1/tailnets/{t}/preauthkeys`: a pre-auth key for Tailscale clients (shown once).
+async fn create_preauthkey(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Path(t): Path<String>,
+    body: Body,
+) -> ApiResult {
+    use crate::control::preauth::{self, PreauthError, PreauthSpec};
+    tailnet(&app, &caller, &t)?;
+    let spec: PreauthSpec = read_json(body, app.0.limits.max_body_bytes).await?;
+    let store = app.0.registry.store().clone();
+    let (key, row) = tokio::task::spawn_blocking(move || preauth::create(&store, &t, &spec))
+        .await
+        .map_err(|e| ApiError::Internal(format!("preauth task: {e}")))?
+        .map_err(|e| match e {
+            PreauthError::Invalid(m) => ApiError::BadRequest(m),
+            PreauthError::NotFound(m) => ApiError::NotFound(m),
+            other => ApiError::Internal(other.to_string()),
+        })?;
+    let mut out = preauth::row_json(&row);
+    out["key"] = Value::String(key);
+    Ok((StatusCode::CREATED, Json(out)).into_response())
 }

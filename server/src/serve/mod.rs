@@ -120,7 +120,20 @@ async fn serve(cfg: Config) -> Result<(), ServeError> {
         streams: Arc::new(AtomicUsize::new(0)),
         shutdown: stop_rx.clone(),
     });
-    let router = api::router(app);
+    let control = {
+        let (store, registry, stop) = (store.clone(), registry.clone(), stop_rx.clone());
+        let keepalive = cfg.limits.stream_keepalive;
+        tokio::task::spawn_blocking(move || {
+            crate::control::Control::load(store, registry, keepalive, stop)
+        })
+        .await
+        .map_err(|e| ServeError::Task(e.to_string()))?
+        .map_err(|e| ServeError::Task(format!("control state: {e}")))?
+    };
+    let control = Arc::new(control);
+    control.mark_all_offline().await;
+    tracing::info!(machines = control.machine_count(), key = %control.key.public, "control protocol ready");
+    let router = api::router(app).merge(crate::control::router(control));
     net::serve(listener, router, cfg.limits.clone(), metrics, stop_rx).await;
     tracing::info!("stopped");
     Ok(())

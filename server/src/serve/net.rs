@@ -223,7 +223,8 @@ async fn serve_conn(
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true)
         .max_buf_size(256 * 1024);
-    let conn = builder.serve_connection(io, svc);
+    // with_upgrades: `/ts2021` (the Tailscale control protocol) upgrades the connection.
+    let conn = builder.serve_connection(io, svc).with_upgrades();
     tokio::pin!(conn);
     let idle_ms = u64::try_from(limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
     let check = (limits.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));

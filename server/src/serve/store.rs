@@ -11,6 +11,9 @@ use ipnet::IpNet;
 use netmap_core::{Node, Tailnet, TailnetSettings, User};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+mod control;
+pub use control::{MachineRow, PreauthRow};
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -119,6 +122,40 @@ CREATE TABLE IF NOT EXISTS api_keys(
 INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '1');
 ";
 
+/// The schema version this build writes; `migrate` brings older data directories up to it.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Upgrades the schema step by step (each step in one transaction), refusing a data directory
+/// written by a newer netmap.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get::<_, String>(0),
+        )?
+        .parse()
+        .map_err(|e| corrupt("meta", format!("schema_version: {e}")))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt {
+            table: "meta",
+            message: format!(
+                "schema version {version} is newer than this netmap understands ({SCHEMA_VERSION}); use a newer netmap"
+            ),
+        });
+    }
+    if version < 2 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(control::SCHEMA_V2)?;
+        tx.execute(
+            "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+            [],
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 fn open_conn(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -143,8 +180,9 @@ impl Store {
             source,
         })?;
         let path = dir.join("netmap.db");
-        let write = open_conn(&path)?;
+        let mut write = open_conn(&path)?;
         write.execute_batch(SCHEMA)?;
+        migrate(&mut write)?;
         let read = open_conn(&path)?;
         Ok(Store {
             write: Mutex::new(write),

@@ -969,6 +969,11 @@ impl Registry {
         h
     }
 
+    /// The store the tailnets are kept in.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// A tailnet by name.
     pub fn get(&self, name: &str) -> Option<Arc<TailnetHandle>> {
         self.tailnets.read().ok()?.get(name).cloned()

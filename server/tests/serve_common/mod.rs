@@ -74,8 +74,13 @@ pub struct Server {
 impl Server {
     /// Starts the server on `data` with extra environment variables; waits until it listens.
     pub fn start(data: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_at(data, "127.0.0.1:0", env)
+    }
+
+    /// Starts the server listening on `listen` (a fixed port survives a restart).
+    pub fn start_at(data: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        cmd.args(["serve", "--listen", listen, "--data"])
             .arg(data)
             .env("NETMAP_LOG_LEVEL", "warn")
             .stdin(Stdio::null())

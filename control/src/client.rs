@@ -31,9 +31,7 @@ pub fn random_key() -> Result<[u8; 32], ControlError> {
     Ok(k)
 }
 
-async fn http1_conn(
-    addr: SocketAddr,
-) -> Result<http1::SendRequest<Empty<Bytes>>, ControlError> {
+async fn http1_conn(addr: SocketAddr) -> Result<http1::SendRequest<Empty<Bytes>>, ControlError> {
     let tcp = TcpStream::connect(addr).await?;
     let _ = tcp.set_nodelay(true);
     let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(http)?;
@@ -117,7 +115,11 @@ impl Connection {
         Ok(Connection { sender })
     }
 
-    async fn post(&mut self, path: &str, body: Vec<u8>) -> Result<hyper::Response<Incoming>, ControlError> {
+    async fn post(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<Incoming>, ControlError> {
         self.sender.ready().await.map_err(http)?;
         let req = Request::post(format!("https://control{path}"))
             .header("content-type", "application/json")
@@ -127,7 +129,10 @@ impl Connection {
     }
 
     /// `POST /machine/register`.
-    pub async fn register(&mut self, req: &RegisterRequest) -> Result<RegisterResponse, ControlError> {
+    pub async fn register(
+        &mut self,
+        req: &RegisterRequest,
+    ) -> Result<RegisterResponse, ControlError> {
         let body = serde_json::to_vec(req).map_err(|e| ControlError::Codec(e.to_string()))?;
         let resp = self.post("/machine/register", body).await?;
         let status = resp.status();

@@ -58,7 +58,8 @@ pub fn split_frames(buf: &mut Vec<u8>) -> Result<Vec<Vec<u8>>, ControlError> {
 /// Decodes one frame payload (as [`split_frames`] returns it).
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8], zstd: bool) -> Result<T, ControlError> {
     let json = if zstd {
-        zstd::bulk::decompress(payload, MAX_MESSAGE).map_err(|e| ControlError::Codec(e.to_string()))?
+        zstd::bulk::decompress(payload, MAX_MESSAGE)
+            .map_err(|e| ControlError::Codec(e.to_string()))?
     } else {
         payload.to_vec()
     };
@@ -77,7 +78,7 @@ mod tests {
         let b = json!({"Peers": [{"ID": 1, "Name": "x"}], "PacketFilter": []});
         let mut wire = encode_frame(&a, true).unwrap().to_vec();
         wire.extend_from_slice(&encode_frame(&b, true).unwrap());
-        assert_eq!(u32::from_le_bytes(wire[..4].try_into().unwrap()) as usize + 4 < wire.len(), true);
+        assert!(u32::from_le_bytes(wire[..4].try_into().unwrap()) as usize + 4 < wire.len());
         // Feed byte by byte: frames come out whole and in order.
         let mut buf = Vec::new();
         let mut got: Vec<Value> = Vec::new();

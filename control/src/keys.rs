@@ -142,7 +142,9 @@ impl MachineKeyPair {
             <[u8; 32]>::try_from(kp.private.as_slice()),
             <[u8; 32]>::try_from(kp.public.as_slice()),
         ) else {
-            return Err(ControlError::Handshake("key generation: wrong key size".into()));
+            return Err(ControlError::Handshake(
+                "key generation: wrong key size".into(),
+            ));
         };
         Ok(MachineKeyPair {
             private,
@@ -189,7 +191,9 @@ mod tests {
         assert!(NodePublic::parse(&format!("nodekey:{}", "g".repeat(64))).is_err());
         let j = serde_json::to_string(&k).unwrap();
         assert_eq!(serde_json::from_str::<NodePublic>(&j).unwrap(), k);
-        assert!(serde_json::from_str::<DiscoPublic>("\"\"").unwrap().is_zero());
+        assert!(serde_json::from_str::<DiscoPublic>("\"\"")
+            .unwrap()
+            .is_zero());
         let kp = MachineKeyPair::generate().unwrap();
         let back = MachineKeyPair::from_text(&kp.private_text(), &kp.public.to_string()).unwrap();
         assert_eq!(back.private, kp.private);

@@ -96,7 +96,10 @@ fn error_frame(msg: &str) -> Vec<u8> {
 
 /// Server side: answers an initiation message. Returns the response message to write and the
 /// established session, or an error frame to send back.
-pub fn accept(init: &[u8], server: &MachineKeyPair) -> Result<([u8; RESPONSE_LEN], Established), Refusal> {
+pub fn accept(
+    init: &[u8],
+    server: &MachineKeyPair,
+) -> Result<([u8; RESPONSE_LEN], Established), Refusal> {
     let refuse = |msg: &str, error: ControlError| Refusal {
         frame: error_frame(msg),
         error,
@@ -104,7 +107,10 @@ pub fn accept(init: &[u8], server: &MachineKeyPair) -> Result<([u8; RESPONSE_LEN
     if init.len() != INITIATION_LEN {
         return Err(refuse(
             "wrong handshake initiation size",
-            ControlError::Handshake(format!("initiation of {} bytes, want {INITIATION_LEN}", init.len())),
+            ControlError::Handshake(format!(
+                "initiation of {} bytes, want {INITIATION_LEN}",
+                init.len()
+            )),
         ));
     }
     let version = u16::from_be_bytes([init[0], init[1]]);
@@ -130,7 +136,9 @@ pub fn accept(init: &[u8], server: &MachineKeyPair) -> Result<([u8; RESPONSE_LEN
         let mut scratch = [0u8; 128];
         let n = hs.read_message(&init[5..], &mut scratch).map_err(hs_err)?;
         if n != 0 {
-            return Err(ControlError::Handshake("unexpected initiation payload".into()));
+            return Err(ControlError::Handshake(
+                "unexpected initiation payload".into(),
+            ));
         }
         let peer = hs
             .get_remote_static()
@@ -196,7 +204,14 @@ impl Initiator {
         if n != INITIATION_LEN - 5 {
             return Err(ControlError::Handshake(format!("initiation of {n} bytes")));
         }
-        Ok((msg, Initiator { hs, version, server }))
+        Ok((
+            msg,
+            Initiator {
+                hs,
+                version,
+                server,
+            },
+        ))
     }
 
     /// Reads the server's response (or error frame) and finishes the handshake.
@@ -322,7 +337,12 @@ impl<S> NoiseStream<S> {
         self.rx
             .aead
             .decrypt_in_place_detached(&nonce, &[], &mut self.plain, Tag::from_slice(tag))
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "noise: record decryption failed"))?;
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "noise: record decryption failed",
+                )
+            })?;
         self.rbuf.copy_within(HEADER + len..self.rlen, 0);
         self.rlen -= HEADER + len;
         Ok(true)
@@ -536,7 +556,12 @@ mod tests {
         let mut body = second[HEADER..HEADER + 3].to_vec();
         assert!(c
             .aead
-            .decrypt_in_place_detached(&le.into(), &[], &mut body, Tag::from_slice(&second[HEADER + 3..]))
+            .decrypt_in_place_detached(
+                &le.into(),
+                &[],
+                &mut body,
+                Tag::from_slice(&second[HEADER + 3..])
+            )
             .is_err());
     }
 }

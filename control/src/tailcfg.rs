@@ -155,7 +155,12 @@ pub struct MapRequest {
     #[serde(rename = "Hostinfo", default, skip_serializing_if = "Option::is_none")]
     pub hostinfo: Option<Value>,
     /// The node's UDP endpoints (`ip:port`).
-    #[serde(rename = "Endpoints", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Endpoints",
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub endpoints: Vec<String>,
     /// Only an update of endpoints/hostinfo: no map wanted back.
     #[serde(rename = "OmitPeers", default, skip_serializing_if = "is_false")]
@@ -184,10 +189,18 @@ pub struct Node {
     #[serde(rename = "Key", default)]
     pub key: NodePublic,
     /// Machine key.
-    #[serde(rename = "Machine", default, skip_serializing_if = "MachinePublic::is_zero")]
+    #[serde(
+        rename = "Machine",
+        default,
+        skip_serializing_if = "MachinePublic::is_zero"
+    )]
     pub machine: MachinePublic,
     /// Disco key.
-    #[serde(rename = "DiscoKey", default, skip_serializing_if = "DiscoPublic::is_zero")]
+    #[serde(
+        rename = "DiscoKey",
+        default,
+        skip_serializing_if = "DiscoPublic::is_zero"
+    )]
     pub disco_key: DiscoPublic,
     /// Tailscale addresses as prefixes (`100.64.0.1/32`).
     #[serde(rename = "Addresses", default, deserialize_with = "nullable")]
@@ -196,7 +209,12 @@ pub struct Node {
     #[serde(rename = "AllowedIPs", default, deserialize_with = "nullable")]
     pub allowed_ips: Vec<String>,
     /// UDP endpoints.
-    #[serde(rename = "Endpoints", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Endpoints",
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub endpoints: Vec<String>,
     /// Home DERP region (0: none).
     #[serde(rename = "HomeDERP", default, skip_serializing_if = "is_zero_i64")]
@@ -211,25 +229,47 @@ pub struct Node {
     #[serde(rename = "Cap", default, skip_serializing_if = "is_zero_i64")]
     pub cap: i64,
     /// ACL tags.
-    #[serde(rename = "Tags", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Tags",
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub tags: Vec<String>,
     /// Subnet routes the node is primary for.
-    #[serde(rename = "PrimaryRoutes", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "PrimaryRoutes",
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub primary_routes: Vec<String>,
     /// Connected to the control server.
     #[serde(rename = "Online", default, skip_serializing_if = "Option::is_none")]
     pub online: Option<bool>,
     /// The machine is authorized.
-    #[serde(rename = "MachineAuthorized", default, skip_serializing_if = "is_false")]
+    #[serde(
+        rename = "MachineAuthorized",
+        default,
+        skip_serializing_if = "is_false"
+    )]
     pub machine_authorized: bool,
     /// Node attributes and capabilities.
     #[serde(rename = "CapMap", default, skip_serializing_if = "Option::is_none")]
     pub cap_map: Option<BTreeMap<String, Option<Vec<Value>>>>,
     /// MagicDNS base name.
-    #[serde(rename = "ComputedName", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "ComputedName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub computed_name: String,
     /// `ComputedName`, with the hostname when it differs.
-    #[serde(rename = "ComputedNameWithHost", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "ComputedNameWithHost",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub computed_name_with_host: String,
 }
 
@@ -240,7 +280,12 @@ pub struct PeerChange {
     #[serde(rename = "NodeID")]
     pub node_id: i64,
     /// New endpoints.
-    #[serde(rename = "Endpoints", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Endpoints",
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub endpoints: Vec<String>,
     /// New node key.
     #[serde(rename = "Key", default, skip_serializing_if = "Option::is_none")]
@@ -271,7 +316,12 @@ pub struct UserProfile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsConfig {
     /// Search domains (the MagicDNS suffix).
-    #[serde(rename = "Domains", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Domains",
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub domains: Vec<String>,
     /// MagicDNS is on.
     #[serde(rename = "Proxied", default, skip_serializing_if = "is_false")]
@@ -303,13 +353,28 @@ pub struct MapResponse {
     #[serde(rename = "Peers", default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<Vec<Node>>,
     /// Peers added or changed (full records).
-    #[serde(rename = "PeersChanged", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "PeersChanged",
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub peers_changed: Vec<Node>,
     /// Peers removed (ids).
-    #[serde(rename = "PeersRemoved", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "PeersRemoved",
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub peers_removed: Vec<i64>,
     /// Small per-peer changes (endpoints, keys, online).
-    #[serde(rename = "PeersChangedPatch", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "PeersChangedPatch",
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub peers_changed_patch: Vec<PeerChange>,
     /// DNS settings.
     #[serde(rename = "DNSConfig", default, skip_serializing_if = "Option::is_none")]
@@ -318,16 +383,29 @@ pub struct MapResponse {
     #[serde(rename = "Domain", default, skip_serializing_if = "String::is_empty")]
     pub domain: String,
     /// The packet filter. Absent = unchanged; an empty list clears it.
-    #[serde(rename = "PacketFilter", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "PacketFilter",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub packet_filter: Option<Arc<Vec<FilterRule>>>,
     /// Profiles of the users of the node and its peers.
-    #[serde(rename = "UserProfiles", default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "UserProfiles",
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub user_profiles: Vec<UserProfile>,
     /// SSH policy. Absent = unchanged.
     #[serde(rename = "SSHPolicy", default, skip_serializing_if = "Option::is_none")]
     pub ssh_policy: Option<SshPolicy>,
     /// The server's clock (RFC 3339).
-    #[serde(rename = "ControlTime", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "ControlTime",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub control_time: Option<String>,
 }
 

@@ -11,6 +11,8 @@
 //! `.ci/run` builds them. Without them the test prints a notice and passes, except under
 //! `CI=true`, where it fails.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod serve_common;
 
 use std::collections::BTreeSet;
@@ -29,7 +31,9 @@ fn client_dir() -> Option<PathBuf> {
         None => {
             let cache = std::env::var_os("NETMAP_CACHE_DIR")
                 .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/netmap-ci")))?;
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/netmap-ci"))
+                })?;
             cache.join(format!("tailscale-{VERSION}")).join("bin")
         }
     };
@@ -89,7 +93,11 @@ impl Client {
         }
         let child = self
             .cli()
-            .args(["up", &format!("--login-server={server}"), &format!("--authkey={authkey}")])
+            .args([
+                "up",
+                &format!("--login-server={server}"),
+                &format!("--authkey={authkey}"),
+            ])
             .arg(format!("--hostname={}", self.name))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -157,7 +165,11 @@ fn rule_set(v: &Value) -> BTreeSet<String> {
 fn sorted(v: &Value) -> Vec<String> {
     let mut out: Vec<String> = v
         .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     out.sort();
     out
@@ -218,7 +230,11 @@ fn server_side(view: &Value) -> (BTreeSet<String>, BTreeSet<String>, Value) {
             )
         })
         .collect();
-    (rule_set(&view["packet_filter"]), peers, canon(&view["ssh_rules"]))
+    (
+        rule_set(&view["packet_filter"]),
+        peers,
+        canon(&view["ssh_rules"]),
+    )
 }
 
 fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -278,11 +294,41 @@ fn real_tailscale_clients_join_and_follow_changes() {
     let mut server = Server::start_at(&data, &listen, &[]);
     let login = format!("http://{listen}");
     let k = Some(key.as_str());
-    assert_eq!(server.req("PUT", "/v1/tailnets/acme", k, Some(r#"{"domain":"acme.example"}"#)).status, 201);
-    assert_eq!(server.req("PUT", "/v1/tailnets/acme/users/alice", k, Some(r#"{"email":"alice@acme.example"}"#)).status, 201);
-    assert_eq!(server.req("PUT", "/v1/tailnets/acme/policy", k, Some(POLICY_1)).status, 200);
+    assert_eq!(
+        server
+            .req(
+                "PUT",
+                "/v1/tailnets/acme",
+                k,
+                Some(r#"{"domain":"acme.example"}"#)
+            )
+            .status,
+        201
+    );
+    assert_eq!(
+        server
+            .req(
+                "PUT",
+                "/v1/tailnets/acme/users/alice",
+                k,
+                Some(r#"{"email":"alice@acme.example"}"#)
+            )
+            .status,
+        201
+    );
+    assert_eq!(
+        server
+            .req("PUT", "/v1/tailnets/acme/policy", k, Some(POLICY_1))
+            .status,
+        200
+    );
     // One key from the API (user), one from the CLI (tag).
-    let r = server.req("POST", "/v1/tailnets/acme/preauthkeys", k, Some(r#"{"user":"alice","reusable":true}"#));
+    let r = server.req(
+        "POST",
+        "/v1/tailnets/acme/preauthkeys",
+        k,
+        Some(r#"{"user":"alice","reusable":true}"#),
+    );
     assert_eq!(r.status, 201, "{}", r.text());
     let user_key = r.json()["key"].as_str().unwrap().to_string();
     let out = Command::new(serve_common::bin())
@@ -291,7 +337,11 @@ fn real_tailscale_clients_join_and_follow_changes() {
         .args(["--tailnet", "acme", "--tags", "tag:server"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tag_key = String::from_utf8(out.stdout).unwrap().trim().to_string();
 
     let mut a = Client::start(&bin, &tmp.0, "laptop");
@@ -300,7 +350,12 @@ fn real_tailscale_clients_join_and_follow_changes() {
     b.up(&login, &tag_key);
 
     let view = |server: &Server, node: &str| -> Value {
-        let r = server.req("GET", &format!("/v1/tailnets/acme/nodes/{node}/netmap"), k, None);
+        let r = server.req(
+            "GET",
+            &format!("/v1/tailnets/acme/nodes/{node}/netmap"),
+            k,
+            None,
+        );
         assert_eq!(r.status, 200, "{}", r.text());
         r.json()
     };
@@ -323,32 +378,59 @@ fn real_tailscale_clients_join_and_follow_changes() {
     };
     check_both(&server, &a, &b, "both clients to hold netmap's view");
     let nodes = server.req("GET", "/v1/tailnets/acme/nodes", k, None).json();
-    let names: BTreeSet<&str> = nodes["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
+    let names: BTreeSet<&str> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
     assert_eq!(names, BTreeSet::from(["laptop", "server"]));
     let nm_a = a.netmap().unwrap();
     assert_eq!(nm_a["Peers"].as_array().unwrap().len(), 1);
-    assert!(!rule_set(&nm_a["PacketFilterRules"]).is_empty(), "laptop has a filter");
+    assert!(
+        !rule_set(&nm_a["PacketFilterRules"]).is_empty(),
+        "laptop has a filter"
+    );
     let nm_b = b.netmap().unwrap();
-    assert_eq!(nm_b["SSHPolicy"]["rules"].as_array().map_or(0, Vec::len), 1, "server has the SSH rule");
+    assert_eq!(
+        nm_b["SSHPolicy"]["rules"].as_array().map_or(0, Vec::len),
+        1,
+        "server has the SSH rule"
+    );
     assert_eq!(nm_b["SelfNode"]["Tags"], json!(["tag:server"]));
 
     // A policy change reaches both; latency = PUT answered → client shows the new filter.
     let expect_a = server_side(&view(&server, "laptop"));
     let t0 = Instant::now();
-    assert_eq!(server.req("PUT", "/v1/tailnets/acme/policy", k, Some(POLICY_2)).status, 200);
+    assert_eq!(
+        server
+            .req("PUT", "/v1/tailnets/acme/policy", k, Some(POLICY_2))
+            .status,
+        200
+    );
     let put_done = t0.elapsed();
-    let (new_a, new_b) = (server_side(&view(&server, "laptop")), server_side(&view(&server, "server")));
-    assert_ne!(new_a, expect_a, "the policy change changes the laptop's view");
+    let (new_a, new_b) = (
+        server_side(&view(&server, "laptop")),
+        server_side(&view(&server, "server")),
+    );
+    assert_ne!(
+        new_a, expect_a,
+        "the policy change changes the laptop's view"
+    );
     let mut lat = [None, None];
     let t1 = Instant::now();
-    wait_for("the policy change at both clients", Duration::from_secs(30), || {
-        for (i, (c, want)) in [(&a, &new_a), (&b, &new_b)].into_iter().enumerate() {
-            if lat[i].is_none() && c.netmap().is_some_and(|nm| client_side(&nm) == *want) {
-                lat[i] = Some(t1.elapsed() + put_done);
+    wait_for(
+        "the policy change at both clients",
+        Duration::from_secs(30),
+        || {
+            for (i, (c, want)) in [(&a, &new_a), (&b, &new_b)].into_iter().enumerate() {
+                if lat[i].is_none() && c.netmap().is_some_and(|nm| client_side(&nm) == *want) {
+                    lat[i] = Some(t1.elapsed() + put_done);
+                }
             }
-        }
-        (lat[0].is_some() && lat[1].is_some()).then_some(())
-    });
+            (lat[0].is_some() && lat[1].is_some()).then_some(())
+        },
+    );
     eprintln!(
         "control_e2e: policy change visible at laptop after {} ms, at server after {} ms (including the {} ms PUT; polled with `tailscale debug netmap`)",
         lat[0].unwrap().as_millis(),
@@ -357,33 +439,92 @@ fn real_tailscale_clients_join_and_follow_changes() {
     );
 
     // A node added through the API appears at both; removed, it vanishes from both.
-    let r = server.req("PUT", "/v1/tailnets/acme/nodes/printer", k, Some(r#"{"user":"alice"}"#));
+    let r = server.req(
+        "PUT",
+        "/v1/tailnets/acme/nodes/printer",
+        k,
+        Some(r#"{"user":"alice"}"#),
+    );
     assert_eq!(r.status, 201, "{}", r.text());
-    let has_printer = |c: &Client| c.netmap().map(|nm| nm["Peers"].as_array().unwrap().iter().any(|p| p["StableID"] == "printer"));
-    wait_for("printer at both", Duration::from_secs(30), || (has_printer(&a)? && has_printer(&b)?).then_some(()));
+    let has_printer = |c: &Client| {
+        c.netmap().map(|nm| {
+            nm["Peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["StableID"] == "printer")
+        })
+    };
+    wait_for("printer at both", Duration::from_secs(30), || {
+        (has_printer(&a)? && has_printer(&b)?).then_some(())
+    });
     check_both(&server, &a, &b, "views with the printer");
-    assert_eq!(server.req("DELETE", "/v1/tailnets/acme/nodes/printer", k, None).status, 204);
-    wait_for("printer gone at both", Duration::from_secs(30), || (!has_printer(&a)? && !has_printer(&b)?).then_some(()));
+    assert_eq!(
+        server
+            .req("DELETE", "/v1/tailnets/acme/nodes/printer", k, None)
+            .status,
+        204
+    );
+    wait_for("printer gone at both", Duration::from_secs(30), || {
+        (!has_printer(&a)? && !has_printer(&b)?).then_some(())
+    });
 
     // Restart the server: both reconnect (online again) and hold the same netmap.
-    let before = (a.netmap().map(|nm| client_side(&nm)), b.netmap().map(|nm| client_side(&nm)));
-    assert!(server.terminate(Duration::from_secs(20)).is_some(), "server stops on SIGTERM");
+    let before = (
+        a.netmap().map(|nm| client_side(&nm)),
+        b.netmap().map(|nm| client_side(&nm)),
+    );
+    assert!(
+        server.terminate(Duration::from_secs(20)).is_some(),
+        "server stops on SIGTERM"
+    );
     drop(server);
     let server = Server::start_at(&data, &listen, &[]);
-    let online = |n: &str| server.req("GET", &format!("/v1/tailnets/acme/nodes/{n}"), k, None).json()["online"] == json!(true);
+    let online = |n: &str| {
+        server
+            .req("GET", &format!("/v1/tailnets/acme/nodes/{n}"), k, None)
+            .json()["online"]
+            == json!(true)
+    };
     let t2 = Instant::now();
-    wait_for("both clients to reconnect", Duration::from_secs(120), || (online("laptop") && online("server")).then_some(()));
-    eprintln!("control_e2e: both clients reconnected {} ms after the restart", t2.elapsed().as_millis());
+    wait_for(
+        "both clients to reconnect",
+        Duration::from_secs(120),
+        || (online("laptop") && online("server")).then_some(()),
+    );
+    eprintln!(
+        "control_e2e: both clients reconnected {} ms after the restart",
+        t2.elapsed().as_millis()
+    );
     check_both(&server, &a, &b, "the same netmap after the restart");
-    assert_eq!((a.netmap().map(|nm| client_side(&nm)), b.netmap().map(|nm| client_side(&nm))), before);
+    assert_eq!(
+        (
+            a.netmap().map(|nm| client_side(&nm)),
+            b.netmap().map(|nm| client_side(&nm))
+        ),
+        before
+    );
 
     // Kill the tagged client: the laptop sees it offline.
     b.kill();
-    wait_for("server offline at the laptop", Duration::from_secs(60), || {
-        let nm = a.netmap()?;
-        let p = nm["Peers"].as_array()?.iter().find(|p| p["StableID"] == "server")?.clone();
-        (p["Online"] == json!(false)).then_some(())
-    });
-    assert_eq!(server.req("GET", "/v1/tailnets/acme/nodes/server", k, None).json()["online"], json!(false));
+    wait_for(
+        "server offline at the laptop",
+        Duration::from_secs(60),
+        || {
+            let nm = a.netmap()?;
+            let p = nm["Peers"]
+                .as_array()?
+                .iter()
+                .find(|p| p["StableID"] == "server")?
+                .clone();
+            (p["Online"] == json!(false)).then_some(())
+        },
+    );
+    assert_eq!(
+        server
+            .req("GET", "/v1/tailnets/acme/nodes/server", k, None)
+            .json()["online"],
+        json!(false)
+    );
     a.kill();
 }

@@ -74,7 +74,11 @@ async fn upgrade(State(ctl): State<Arc<Control>>, mut req: Request) -> Response 
         .headers()
         .get("x-tailscale-handshake")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.trim()).ok());
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.trim())
+                .ok()
+        });
     let Some(init) = init else {
         return text(
             StatusCode::BAD_REQUEST,
@@ -85,7 +89,10 @@ async fn upgrade(State(ctl): State<Arc<Control>>, mut req: Request) -> Response 
         Ok(x) => x,
         Err(r) => {
             tracing::debug!(error = %r.error, "noise handshake refused");
-            return text(StatusCode::BAD_REQUEST, format!("noise handshake: {}", r.error));
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("noise handshake: {}", r.error),
+            );
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -158,7 +165,10 @@ async fn handle(ctl: Arc<Control>, peer: MachinePublic, req: hyper::Request<Inco
             Ok(r) => map(ctl, peer, r).await,
             Err(e) => text(StatusCode::BAD_REQUEST, format!("MapRequest: {e}")),
         },
-        _ => text(StatusCode::NOT_FOUND, format!("{path}: not supported by netmap serve")),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!("{path}: not supported by netmap serve"),
+        ),
     }
 }
 
@@ -229,7 +239,10 @@ fn hostname_of(h: Option<&Value>) -> String {
 }
 
 fn routes_of(h: Option<&Value>) -> Result<Vec<IpNet>, String> {
-    let Some(list) = h.and_then(|h| h.get("RoutableIPs")).filter(|v| !v.is_null()) else {
+    let Some(list) = h
+        .and_then(|h| h.get("RoutableIPs"))
+        .filter(|v| !v.is_null())
+    else {
         return Ok(Vec::new());
     };
     let list = list
@@ -244,9 +257,16 @@ fn routes_of(h: Option<&Value>) -> Result<Vec<IpNet>, String> {
         .collect()
 }
 
-async fn register(ctl: &Arc<Control>, peer: MachinePublic, r: RegisterRequest) -> Result<RegisterResponse, String> {
+async fn register(
+    ctl: &Arc<Control>,
+    peer: MachinePublic,
+    r: RegisterRequest,
+) -> Result<RegisterResponse, String> {
     // A known node key of this machine: already registered (or logging out).
-    if let Some(m) = ctl.by_node_key(&r.node_key).filter(|m| m.machine_key == peer) {
+    if let Some(m) = ctl
+        .by_node_key(&r.node_key)
+        .filter(|m| m.machine_key == peer)
+    {
         if let Some(h) = ctl.registry.get(&m.tailnet) {
             if m.is_current(&h.current().snapshot) {
                 if is_logout(r.expiry.as_deref()) {
@@ -264,7 +284,10 @@ async fn register(ctl: &Arc<Control>, peer: MachinePublic, r: RegisterRequest) -
     }
     // Key rotation: the old key is this machine's.
     if !r.old_node_key.is_zero() {
-        if let Some(m) = ctl.by_node_key(&r.old_node_key).filter(|m| m.machine_key == peer) {
+        if let Some(m) = ctl
+            .by_node_key(&r.old_node_key)
+            .filter(|m| m.machine_key == peer)
+        {
             if let Some(h) = ctl.registry.get(&m.tailnet) {
                 if m.is_current(&h.current().snapshot) {
                     let mut next = (*m).clone();
@@ -289,7 +312,8 @@ async fn register(ctl: &Arc<Control>, peer: MachinePublic, r: RegisterRequest) -
         .map(|a| a.auth_key.trim().to_string())
         .filter(|k| !k.is_empty())
         .ok_or_else(|| {
-            "netmap serve registers machines with pre-auth keys only: use tailscale up --authkey".to_string()
+            "netmap serve registers machines with pre-auth keys only: use tailscale up --authkey"
+                .to_string()
         })?;
     let store_key = key.clone();
     let store = ctl.registry.store().clone();
@@ -320,7 +344,9 @@ async fn register(ctl: &Arc<Control>, peer: MachinePublic, r: RegisterRequest) -
             let base = label(&hostname);
             let mut name = base.clone();
             let mut i = 2;
-            while snap.tailnet().nodes.contains_key(&name) || ctl.name_taken(&row.tailnet, &name, &peer) {
+            while snap.tailnet().nodes.contains_key(&name)
+                || ctl.name_taken(&row.tailnet, &name, &peer)
+            {
                 name = format!("{base}-{i}");
                 i += 1;
             }
@@ -337,8 +363,14 @@ async fn register(ctl: &Arc<Control>, peer: MachinePublic, r: RegisterRequest) -
         machine_key: peer,
         node_key: r.node_key,
         data: MachineData {
-            disco_key: previous.as_ref().map(|m| m.data.disco_key).unwrap_or_default(),
-            endpoints: previous.as_ref().map(|m| m.data.endpoints.clone()).unwrap_or_default(),
+            disco_key: previous
+                .as_ref()
+                .map(|m| m.data.disco_key)
+                .unwrap_or_default(),
+            endpoints: previous
+                .as_ref()
+                .map(|m| m.data.endpoints.clone())
+                .unwrap_or_default(),
             hostinfo: r.hostinfo.clone().unwrap_or(Value::Null),
             ephemeral: row.ephemeral || r.ephemeral,
             created: created.clone(),
@@ -369,7 +401,10 @@ async fn register(ctl: &Arc<Control>, peer: MachinePublic, r: RegisterRequest) -
 }
 
 async fn map(ctl: Arc<Control>, peer: MachinePublic, r: MapRequest) -> Response {
-    let Some(m) = ctl.by_node_key(&r.node_key).filter(|m| m.machine_key == peer) else {
+    let Some(m) = ctl
+        .by_node_key(&r.node_key)
+        .filter(|m| m.machine_key == peer)
+    else {
         return text(StatusCode::UNAUTHORIZED, "node key not registered");
     };
     let Some(h) = ctl.registry.get(&m.tailnet) else {
@@ -390,7 +425,12 @@ async fn map(ctl: Arc<Control>, peer: MachinePublic, r: MapRequest) -> Response 
     let zstd = match r.compress.as_str() {
         "zstd" => true,
         "" => false,
-        other => return text(StatusCode::BAD_REQUEST, format!("Compress {other:?}: only zstd is supported")),
+        other => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("Compress {other:?}: only zstd is supported"),
+            )
+        }
     };
     if !r.stream {
         if r.omit_peers {
@@ -412,7 +452,12 @@ async fn map(ctl: Arc<Control>, peer: MachinePublic, r: MapRequest) -> Response 
 
 /// Records what a map request says about the machine (disco key, endpoints, hostinfo,
 /// advertised routes) and tells peers.
-async fn update(ctl: &Arc<Control>, h: &TailnetHandle, m: &Arc<Machine>, r: &MapRequest) -> Result<Arc<Machine>, String> {
+async fn update(
+    ctl: &Arc<Control>,
+    h: &TailnetHandle,
+    m: &Arc<Machine>,
+    r: &MapRequest,
+) -> Result<Arc<Machine>, String> {
     let mut next = (**m).clone();
     if !r.disco_key.is_zero() {
         next.data.disco_key = r.disco_key;

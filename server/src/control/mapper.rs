@@ -83,18 +83,33 @@ pub struct MapCtx<'a> {
 }
 
 impl MapCtx<'_> {
-    fn base_node(&self, name: &str, addresses: &[String], allowed: &[String]) -> Option<tailcfg::Node> {
+    fn base_node(
+        &self,
+        name: &str,
+        addresses: &[String],
+        allowed: &[String],
+    ) -> Option<tailcfg::Node> {
         let t = self.snap.tailnet();
         let n = t.nodes.get(name)?;
         let m: Option<Arc<Machine>> = self.ctl.machine_of(self.tailnet, name, self.snap);
         let user = match &n.user {
-            Some(u) if n.tags.is_empty() => t.users.get(u).map_or(0, |u| i64::try_from(u.id).unwrap_or(0)),
+            Some(u) if n.tags.is_empty() => t
+                .users
+                .get(u)
+                .map_or(0, |u| i64::try_from(u.id).unwrap_or(0)),
             _ => TAGGED_USER_ID,
         };
-        let dns = self.snap.dns_name(name).map_or_else(|| label(&n.hostname), str::to_string);
+        let dns = self
+            .snap
+            .dns_name(name)
+            .map_or_else(|| label(&n.hostname), str::to_string);
         let suffix = dns_suffix(self.tailnet);
         let mut hostinfo = json!({"Hostname": n.hostname});
-        if let Some(os) = m.as_ref().and_then(|m| m.data.hostinfo.get("OS")).filter(|v| v.is_string()) {
+        if let Some(os) = m
+            .as_ref()
+            .and_then(|m| m.data.hostinfo.get("OS"))
+            .filter(|v| v.is_string())
+        {
             hostinfo["OS"] = os.clone();
         }
         Some(tailcfg::Node {
@@ -102,12 +117,17 @@ impl MapCtx<'_> {
             stable_id: name.to_string(),
             name: format!("{dns}.{suffix}."),
             user,
-            key: m.as_ref().map_or_else(|| placeholder_key(self.tailnet, name), |m| m.node_key),
+            key: m
+                .as_ref()
+                .map_or_else(|| placeholder_key(self.tailnet, name), |m| m.node_key),
             machine: m.as_ref().map(|m| m.machine_key).unwrap_or_default(),
             disco_key: m.as_ref().map(|m| m.data.disco_key).unwrap_or_default(),
             addresses: addresses.iter().map(|a| host_prefix(a)).collect(),
             allowed_ips: allowed.iter().map(|a| host_prefix(a)).collect(),
-            endpoints: m.as_ref().map(|m| m.data.endpoints.clone()).unwrap_or_default(),
+            endpoints: m
+                .as_ref()
+                .map(|m| m.data.endpoints.clone())
+                .unwrap_or_default(),
             home_derp: 0,
             hostinfo,
             created: n.created.clone(),
@@ -187,9 +207,8 @@ impl MapCtx<'_> {
     pub fn full(&self, name: &str, view: &NodeView, first: bool) -> Option<MapResponse> {
         let self_node = self.self_node(name, view)?;
         let peers: Vec<tailcfg::Node> = view.peers.iter().filter_map(|p| self.peer(p)).collect();
-        let profiles = self.profiles(
-            std::iter::once(name).chain(view.peers.iter().map(|p| p.name.as_str())),
-        );
+        let profiles =
+            self.profiles(std::iter::once(name).chain(view.peers.iter().map(|p| p.name.as_str())));
         Some(MapResponse {
             node: Some(self_node),
             derp_map: first.then(|| json!({"Regions": {}})),

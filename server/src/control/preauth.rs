@@ -82,10 +82,16 @@ fn check(spec: &PreauthSpec) -> Result<Option<Duration>, PreauthError> {
 }
 
 /// Creates a key for `tailnet` (blocking: writes the store). Returns the key, shown once.
-pub fn create(store: &Store, tailnet: &str, spec: &PreauthSpec) -> Result<(String, PreauthRow), PreauthError> {
+pub fn create(
+    store: &Store,
+    tailnet: &str,
+    spec: &PreauthSpec,
+) -> Result<(String, PreauthRow), PreauthError> {
     let lifetime = check(spec)?;
     if !store.tailnet_has(tailnet, None)? {
-        return Err(PreauthError::NotFound(format!("tailnet {tailnet:?} not found")));
+        return Err(PreauthError::NotFound(format!(
+            "tailnet {tailnet:?} not found"
+        )));
     }
     if let Some(u) = &spec.user {
         if !store.tailnet_has(tailnet, Some(u))? {
@@ -107,7 +113,8 @@ pub fn create(store: &Store, tailnet: &str, spec: &PreauthSpec) -> Result<(Strin
         reusable: spec.reusable,
         ephemeral: spec.ephemeral,
         created: now,
-        expires: lifetime.map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
+        expires: lifetime
+            .map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
         used: 0,
     };
     store.insert_preauth(&hash_key(&key), &row)?;

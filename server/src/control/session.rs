@@ -25,7 +25,12 @@ use crate::serve::tailnets::{Event, EventKind, NodePatch, TailnetHandle, WriteOp
 const QUEUE: usize = 8;
 
 /// Opens a stream for `machine`; returns the response body.
-pub fn open(ctl: Arc<Control>, handle: Arc<TailnetHandle>, machine: Arc<Machine>, zstd: bool) -> Body {
+pub fn open(
+    ctl: Arc<Control>,
+    handle: Arc<TailnetHandle>,
+    machine: Arc<Machine>,
+    zstd: bool,
+) -> Body {
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let s = Session {
         events: handle.subscribe(),
@@ -44,7 +49,12 @@ pub fn open(ctl: Arc<Control>, handle: Arc<TailnetHandle>, machine: Arc<Machine>
 }
 
 /// One complete map for a non-streaming request.
-pub fn single(ctl: &Control, handle: &TailnetHandle, machine: &Machine, zstd: bool) -> Option<Bytes> {
+pub fn single(
+    ctl: &Control,
+    handle: &TailnetHandle,
+    machine: &Machine,
+    zstd: bool,
+) -> Option<Bytes> {
     let p = handle.current();
     let view = p.snapshot.view(&machine.node)?;
     let ctx = MapCtx {
@@ -102,7 +112,10 @@ impl Session {
         let p = self.handle.current();
         let node = &self.machine.node;
         let view = p.snapshot.view(node).ok_or(End::Closed)?;
-        let msg = self.ctx(&p.snapshot).full(node, &view, first).ok_or(End::Closed)?;
+        let msg = self
+            .ctx(&p.snapshot)
+            .full(node, &view, first)
+            .ok_or(End::Closed)?;
         self.send(&msg).await?;
         Ok(Sent {
             seq: p.seq,
@@ -129,7 +142,11 @@ impl Session {
             online: Some(online),
             ..NodePatch::default()
         };
-        match self.handle.write(WriteOp::PatchNode(n.clone(), patch)).await {
+        match self
+            .handle
+            .write(WriteOp::PatchNode(n.clone(), patch))
+            .await
+        {
             Ok(_) => self.ctl.emit(
                 t,
                 Patch {
@@ -138,7 +155,9 @@ impl Session {
                     ..Patch::default()
                 },
             ),
-            Err(e) => tracing::debug!(tailnet = %t, node = %n, error = %e, "online state not recorded"),
+            Err(e) => {
+                tracing::debug!(tailnet = %t, node = %n, error = %e, "online state not recorded")
+            }
         }
     }
 
@@ -282,8 +301,12 @@ impl Session {
         }
         if !msg.peers_changed.is_empty() {
             msg.user_profiles = ctx.profiles(
-                std::iter::once(node.as_str())
-                    .chain(d.peers_added.iter().chain(d.peers_changed.iter()).map(|n| &**n)),
+                std::iter::once(node.as_str()).chain(
+                    d.peers_added
+                        .iter()
+                        .chain(d.peers_changed.iter())
+                        .map(|n| &**n),
+                ),
             );
         }
         msg

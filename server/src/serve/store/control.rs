@@ -94,8 +94,7 @@ fn with_tags((mut row, tags): (PreauthRow, String)) -> Result<PreauthRow, StoreE
     Ok(row)
 }
 
-const PREAUTH_COLS: &str =
-    "id, tailnet, user, tags, reusable, ephemeral, created, expires, used";
+const PREAUTH_COLS: &str = "id, tailnet, user, tags, reusable, ephemeral, created, expires, used";
 
 impl Store {
     /// The server's Noise key pair `(private, public)` in text form, created by `make` on
@@ -275,7 +274,11 @@ mod tests {
         let v: String = s
             .r()
             .unwrap()
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(v, "2");
         let row = PreauthRow {
@@ -314,7 +317,10 @@ mod tests {
         let s = Store::open(&dir).unwrap();
         s.w()
             .unwrap()
-            .execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'", [])
+            .execute(
+                "UPDATE meta SET value = '99' WHERE key = 'schema_version'",
+                [],
+            )
             .unwrap();
         drop(s);
         assert!(Store::open(&dir).is_err());

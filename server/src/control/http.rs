@@ -389,6 +389,7 @@ async fn register(
         approved_routes: None,
         online: Some(false),
         created: Some(created),
+        posture: None,
     };
     if let Err(e) = h.write(WriteOp::PutNode(name.clone(), body)).await {
         ctl.forget(&row.tailnet, &name).await;

@@ -251,8 +251,7 @@ impl<'a> Lexer<'a> {
         self.skip_ws();
         let r = self.rest();
         let n = kw.len();
-        let matches = r.len() >= n
-            && r[..n].eq_ignore_ascii_case(kw)
+        let matches = r.get(..n).is_some_and(|p| p.eq_ignore_ascii_case(kw))
             && !r[n..].starts_with(|c: char| c.is_ascii_alphanumeric());
         if matches {
             self.i += n;
@@ -474,6 +473,9 @@ mod tests {
             "node:os < 'macos'",
             "node:os == 'macos' extra",
             "node:os == 'unterminated",
+            "node:os NĂT IN ['a']",
+            "node:os IĂ",
+            "node:os Ă",
         ] {
             assert!(parse_condition(c).is_err(), "{c:?}");
         }

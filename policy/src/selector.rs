@@ -377,7 +377,7 @@ pub fn parse_alias(s: &str, ctx: AliasContext, p: &Policy) -> Result<Alias, Stri
         }
         return Ok(Alias::Group(s.to_string()));
     }
-    if s.len() >= 4 && s[..4].eq_ignore_ascii_case("tag:") {
+    if s.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("tag:")) {
         let tag = s.to_ascii_lowercase();
         if !p.tag_owners.contains_key(&tag) {
             return Err(tag_not_found(s, ctx));
@@ -821,6 +821,14 @@ mod tests {
         assert!(parse_proto("0").is_err());
         assert!(parse_proto("256").is_err());
         assert!(parse_proto("ssh").is_err());
+    }
+
+    #[test]
+    fn multibyte_text_is_an_error_not_a_panic() {
+        let p = Policy::default();
+        for s in ["taĂ:x", "tĂ", "Ă", "autogroup:Ă", "Ăgroup:x", "tag:Ă"] {
+            assert!(parse_alias(s, AliasContext::AclSrc, &p).is_err(), "{s}");
+        }
     }
 
     #[test]

@@ -219,7 +219,7 @@ impl AliasContext {
         use AutoGroup as A;
         match ag {
             A::Member | A::Tagged => !matches!(self, C::SshDst) || ag == A::Tagged,
-            role if role.is_role() => !matches!(self, C::SshDst | C::SshTestDst),
+            role if role.is_role() => self != C::SshDst,
             A::Shared => matches!(self, C::AclSrc | C::GrantSrc),
             A::SelfDevices => matches!(
                 self,

@@ -10,9 +10,13 @@ pub enum CoreError {
     /// A `tests` or `sshTests` entry failed.
     #[error("test(s) failed")]
     TestsFailed(crate::tests_eval::TestReport),
-    /// The state file could not be read.
+    /// The state document could not be read (syntax, unknown or repeated fields, wrong types).
     #[error("invalid state: {0}")]
     State(String),
+    /// A value in the state is invalid or conflicts with another (names the node or user, the
+    /// field and the value).
+    #[error("invalid state: {0}")]
+    Invalid(#[from] crate::validate::StateError),
     /// A change names something that does not exist.
     #[error("{0}")]
     NotFound(String),

@@ -14,6 +14,7 @@ pub use netmap_policy::PostureValue;
 
 /// A user of the tailnet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct User {
     /// Numeric id.
     #[serde(default)]
@@ -31,6 +32,7 @@ pub struct User {
 
 /// A node (device) of the tailnet.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Node {
     /// Hostname the device reported.
     #[serde(default)]
@@ -142,35 +144,15 @@ pub struct Tailnet {
     pub dns_holders: OrdMap<String, String>,
 }
 
-#[derive(Deserialize)]
-struct StateFile {
-    #[serde(default)]
-    users: Vec<User>,
-    #[serde(default)]
-    nodes: BTreeMap<String, Node>,
-    #[serde(default)]
-    tailnet: TailnetSettings,
-}
-
 impl Tailnet {
-    /// Reads the corpus state shape `{"users": [...], "nodes": {name: {...}}, "tailnet": {...}}`.
+    /// Reads the corpus state shape `{"users": [...], "nodes": {name: {...}}, "tailnet": {...}}`
+    /// (optionally with the `dns_names` and `primaries` history) and checks it with
+    /// [`crate::validate_tailnet`]: a bad value is an error naming the node or user, the field
+    /// and the value.
     pub fn from_state_json(text: &str) -> Result<Tailnet, CoreError> {
-        let st: StateFile =
-            serde_json::from_str(text).map_err(|e| CoreError::State(e.to_string()))?;
-        let mut t = Tailnet {
-            settings: st.tailnet,
-            ..Tailnet::default()
-        };
-        for u in st.users {
-            t.users.insert(u.name.clone(), u);
-        }
-        let mut order: Vec<(String, Node)> = st.nodes.into_iter().collect();
-        order.sort_by_key(|(name, n)| (n.created_key(), name.clone()));
-        for (name, n) in order {
-            t.assign_dns_name(&name, &n.hostname);
-            t.nodes.insert(name, Arc::new(n));
-        }
-        Ok(t)
+        let doc = crate::state_file::read_state(text, crate::StateOptions::default())?;
+        crate::validate::validate_tailnet(&doc.tailnet)?;
+        Ok(doc.tailnet)
     }
 
     /// Gives node `key` a unique MagicDNS label derived from `hostname`; keeps its current name
@@ -236,20 +218,18 @@ pub fn dns_label(hostname: &str) -> String {
 }
 
 /// Formats seconds (and nanoseconds) since the Unix epoch as RFC 3339 in UTC; the inverse of
-/// [`parse_rfc3339`]. Nanoseconds are written only when non-zero.
+/// [`parse_rfc3339`]. Nanoseconds are written (9 digits) only when non-zero. Times outside the
+/// years -9999..=9999 are clamped to that range.
 pub fn format_rfc3339(secs: i64, nanos: u32) -> String {
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, s) = (rem / 3_600, rem / 60 % 60, rem % 60);
+    use time::OffsetDateTime;
+    let t = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(if secs < 0 {
+        time::PrimitiveDateTime::MIN.assume_utc()
+    } else {
+        time::PrimitiveDateTime::MAX.assume_utc()
+    });
+    let (year, month, day) = (t.year(), u8::from(t.month()), t.day());
+    let (h, m, s) = (t.hour(), t.minute(), t.second());
+    let nanos = nanos.min(999_999_999);
     if nanos == 0 {
         format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
     } else {
@@ -257,45 +237,12 @@ pub fn format_rfc3339(secs: i64, nanos: u32) -> String {
     }
 }
 
-/// Parses an RFC 3339 timestamp into (seconds since epoch, nanoseconds).
+/// Parses an RFC 3339 timestamp (`2025-01-06T09:00:00Z`, `...09:00:00.5+01:00`) into (seconds
+/// since the epoch, nanoseconds); `None` when it is not one (no offset, impossible dates or
+/// times such as `9999-99-99T99:99:99Z`).
 pub fn parse_rfc3339(s: &str) -> Option<(i64, u32)> {
-    let b = s.as_bytes();
-    if b.len() < 19 {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut i = 19;
-    let mut nanos: u32 = 0;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        let frac = s.get(start..i)?;
-        let padded: String = frac.chars().chain("000000000".chars()).take(9).collect();
-        nanos = padded.parse().ok()?;
-    }
-    let offset = match s.get(i..)? {
-        "Z" | "z" | "" => 0,
-        tz => {
-            let sign = if tz.starts_with('-') { -1 } else { 1 };
-            let oh: i64 = tz.get(1..3)?.parse().ok()?;
-            let om: i64 = tz.get(4..6)?.parse().ok()?;
-            sign * (oh * 3600 + om * 60)
-        }
-    };
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if mo <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((days * 86_400 + h * 3600 + mi * 60 + se - offset, nanos))
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp(), t.nanosecond()))
 }
 
 #[cfg(test)]
@@ -325,6 +272,16 @@ mod tests {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some((0, 0)));
         assert_eq!(parse_rfc3339("1970-01-01T01:00:00+01:00"), Some((0, 0)));
         assert!(parse_rfc3339("nope").is_none());
+        for bad in [
+            "9999-99-99T99:99:99Z",
+            "2025-02-30T00:00:00Z",
+            "2025-01-06T24:00:00Z",
+            "2025-01-06T09:00:00",
+            "yesterday",
+        ] {
+            assert!(parse_rfc3339(bad).is_none(), "{bad}");
+        }
+        assert_eq!(format_rfc3339(i64::MAX, 0), "9999-12-31T23:59:59Z");
         for (secs, nanos) in [(0, 0), (1_776_000_000, 464_877_073), (951_782_400, 0)] {
             assert_eq!(
                 parse_rfc3339(&format_rfc3339(secs, nanos)),

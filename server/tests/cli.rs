@@ -18,8 +18,13 @@ struct Run {
     stderr: String,
 }
 
+/// The binary under test (`NETMAP_TEST_BIN` runs the tests against another build).
+fn bin() -> String {
+    std::env::var("NETMAP_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_netmap").to_string())
+}
+
 fn netmap(args: &[&str]) -> Run {
-    let out: Output = Command::new(env!("CARGO_BIN_EXE_netmap"))
+    let out: Output = Command::new(bin())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -509,4 +514,137 @@ fn conformance_corpus() {
         "conformance dropped below the floor: {summary} (floor {CONFORMANCE_FLOOR})\n{}",
         r.stdout
     );
+}
+
+#[test]
+fn missing_input_files_are_usage_errors() {
+    let policy = example("policy.hujson");
+    let state = example("state.json");
+    for args in [
+        &["policy", "check", "/nonexistent/p.hujson"][..],
+        &["policy", "check", &policy, "--state", "/nonexistent/s.json"][..],
+        &["policy", "test", &policy, "--state", "/nonexistent/s.json"][..],
+        &[
+            "compute",
+            "--policy",
+            "/nonexistent/p.hujson",
+            "--state",
+            &state,
+        ][..],
+        &[
+            "compute",
+            "--policy",
+            &policy,
+            "--state",
+            "/nonexistent/s.json",
+        ][..],
+        &[
+            "compute", "--policy", &policy, "--state", &state, "--node", "nope",
+        ][..],
+    ] {
+        let r = netmap(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("nonexistent") || r.stderr.contains("nope"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn state_file_errors_name_the_node_field_and_value() {
+    let dir = scratch("state-errors");
+    let policy = example("policy.hujson");
+    let st: Value =
+        serde_json::from_str(&std::fs::read_to_string(example("state.json")).unwrap()).unwrap();
+    let cases: Vec<(&str, Value, &[&str])> = vec![
+        (
+            "missing user",
+            json!("nobody"),
+            &["node \"alice-laptop\"", "user", "nobody"],
+        ),
+        (
+            "bad address",
+            json!({"ipv4": "1.2.3"}),
+            &["node \"alice-laptop\"", "line"],
+        ),
+    ];
+    for (what, v, needles) in cases {
+        let mut s = st.clone();
+        if v.is_string() {
+            s["nodes"]["alice-laptop"]["user"] = v;
+        } else {
+            s["nodes"]["alice-laptop"]["ipv4"] = v["ipv4"].clone();
+        }
+        let file = write(&dir.join("s.json"), &s.to_string());
+        for args in [
+            &["compute", "--policy", &policy, "--state", &file][..],
+            &["policy", "test", &policy, "--state", &file][..],
+            &["policy", "check", &policy, "--state", &file][..],
+        ] {
+            let r = netmap(args);
+            assert_eq!(r.code, 1, "{what}: {args:?}: {}", r.stderr);
+            assert!(r.stdout.is_empty(), "{what}: {}", r.stdout);
+            for n in needles {
+                assert!(r.stderr.contains(n), "{what}: {:?} lacks {n:?}", r.stderr);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    // A tailnet whose compute output is far larger than a pipe's buffer.
+    let dir = scratch("pipe");
+    let mut nodes = serde_json::Map::new();
+    for i in 0..300 {
+        nodes.insert(
+            format!("n{i}"),
+            json!({"tags": ["tag:a"], "ipv4": format!("100.64.{}.{}", i / 200, i % 200 + 1)}),
+        );
+    }
+    let state = write(&dir.join("s.json"), &json!({"nodes": nodes}).to_string());
+    let policy = write(&dir.join("p.hujson"), "{}");
+    for args in [
+        &["compute", "--policy", &policy, "--state", &state][..],
+        &["policy", "test", &policy, "--state", &state][..],
+    ] {
+        let mut child = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read a little, then hang up, like `| head -c 100`.
+        let mut out = child.stdout.take().unwrap();
+        let mut buf = [0u8; 100];
+        let _ = std::io::Read::read(&mut out, &mut buf);
+        drop(out);
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+    }
+    // Writing into a closed pipe: nothing at all is read.
+    let mut child = Command::new(bin())
+        .args(["compute", "--policy", &policy, "--state", &state])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = std::io::stdout().flush();
 }

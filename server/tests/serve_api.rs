@@ -575,7 +575,7 @@ fn bad_requests_get_clear_4xx() {
             "/v1/tailnets/acme/nodes/x",
             Some(r#"{"user":"nobody"}"#.into()),
             400,
-            "unknown user",
+            "no such user",
         ),
         (
             "PUT",

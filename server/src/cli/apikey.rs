@@ -40,7 +40,7 @@ pub enum ApikeyCommand {
 
 fn open(data: &std::path::Path) -> Result<Store, ExitCode> {
     Store::open(data).map_err(|e| {
-        eprintln!("netmap apikey: {e}");
+        errln!("netmap apikey: {e}");
         ExitCode::from(1)
     })
 }
@@ -55,13 +55,13 @@ pub fn run(cmd: &ApikeyCommand) -> ExitCode {
             let expires = match expires.as_deref().map(parse_duration).transpose() {
                 Ok(d) => d,
                 Err(e) => {
-                    eprintln!("netmap apikey: --expires: {e}");
+                    errln!("netmap apikey: --expires: {e}");
                     return ExitCode::from(2);
                 }
             };
             if let Some(t) = tailnet {
                 if !crate::serve::tailnets::valid_name(t) {
-                    eprintln!("netmap apikey: invalid tailnet name {t:?}");
+                    errln!("netmap apikey: invalid tailnet name {t:?}");
                     return ExitCode::from(2);
                 }
             }
@@ -72,12 +72,12 @@ pub fn run(cmd: &ApikeyCommand) -> ExitCode {
             match create_key(&store, tailnet.clone(), expires) {
                 Ok((key, row)) => {
                     let scope = row.tailnet.as_deref().unwrap_or("admin (all tailnets)");
-                    eprintln!("created key {} for {scope}; it is shown only once:", row.id);
-                    println!("{key}");
+                    errln!("created key {} for {scope}; it is shown only once:", row.id);
+                    outln!("{key}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("netmap apikey: {e}");
+                    errln!("netmap apikey: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -90,7 +90,7 @@ pub fn run(cmd: &ApikeyCommand) -> ExitCode {
             match store.list_keys() {
                 Ok(keys) => {
                     for k in keys {
-                        println!(
+                        outln!(
                             "{}\t{}\tcreated={}\texpires={}",
                             k.id,
                             k.tailnet.as_deref().unwrap_or("admin"),
@@ -101,7 +101,7 @@ pub fn run(cmd: &ApikeyCommand) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("netmap apikey: {e}");
+                    errln!("netmap apikey: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -113,15 +113,15 @@ pub fn run(cmd: &ApikeyCommand) -> ExitCode {
             };
             match store.revoke_key(id) {
                 Ok(true) => {
-                    eprintln!("revoked key {id}");
+                    errln!("revoked key {id}");
                     ExitCode::SUCCESS
                 }
                 Ok(false) => {
-                    eprintln!("netmap apikey: no key {id:?}");
+                    errln!("netmap apikey: no key {id:?}");
                     ExitCode::from(1)
                 }
                 Err(e) => {
-                    eprintln!("netmap apikey: {e}");
+                    errln!("netmap apikey: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -26,19 +26,16 @@ pub fn run(a: &ComputeArgs) -> ExitCode {
     let (policy, tailnet, report) = match super::policy::load_checked(&a.policy, Some(&a.state)) {
         Ok((p, Some(t), r)) => (p, t, r),
         Ok(_) => return ExitCode::from(2),
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(1);
-        }
+        Err(f) => return f.report(),
     };
     if !report.passed() {
-        eprintln!("{}: {}", a.policy.display(), CoreError::TestsFailed(report));
+        errln!("{}: {}", a.policy.display(), CoreError::TestsFailed(report));
         return ExitCode::from(1);
     }
     for n in &a.nodes {
         if !tailnet.nodes.contains_key(n) {
-            eprintln!("unknown node {n:?}");
-            return ExitCode::from(1);
+            errln!("--node {n:?}: no such node in {}", a.state.display());
+            return ExitCode::from(2);
         }
     }
     drop(policy);
@@ -48,7 +45,7 @@ pub fn run(a: &ComputeArgs) -> ExitCode {
     {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("{}: {e}", a.policy.display());
+            errln!("{}: {e}", a.policy.display());
             return ExitCode::from(1);
         }
     };
@@ -69,7 +66,7 @@ pub fn run(a: &ComputeArgs) -> ExitCode {
             match serde_json::to_value(view) {
                 Ok(v) => v,
                 Err(e) => {
-                    eprintln!("{e}");
+                    errln!("{e}");
                     return ExitCode::from(1);
                 }
             }
@@ -77,6 +74,6 @@ pub fn run(a: &ComputeArgs) -> ExitCode {
         out.insert(name.to_string(), v);
     }
     let doc = serde_json::json!({ "nodes": out });
-    println!("{doc}");
+    outln!("{doc}");
     ExitCode::SUCCESS
 }

@@ -77,7 +77,7 @@ pub fn run(a: &ConformanceArgs) -> ExitCode {
     let files = match case_files(&a.dir) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("{e}");
+            errln!("{e}");
             return ExitCode::from(2);
         }
     };
@@ -120,7 +120,7 @@ pub fn run(a: &ConformanceArgs) -> ExitCode {
         }
     }
     if files.is_empty() {
-        eprintln!("{}: no *.json cases found", a.dir.display());
+        errln!("{}: no *.json cases found", a.dir.display());
     }
     if summary.rejected > 0 {
         let _ = writeln!(

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use netmap_core::{CoreError, Tailnet, TestReport};
 
-use super::read_file;
+use super::{read_input, Failed};
 
 /// Output format of `policy test`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -16,21 +16,23 @@ pub enum Format {
     Json,
 }
 
-/// Reads, validates and (with a state) tests a policy; returns the policy and tailnet.
+/// Reads, validates and (with a state) tests a policy; returns the policy and tailnet. An
+/// unreadable file is a usage error (exit 2); a rejected policy or state exits 1.
 pub(crate) fn load_checked(
     policy_path: &Path,
     state_path: Option<&Path>,
-) -> Result<(netmap_policy::Policy, Option<Tailnet>, TestReport), String> {
-    let text = read_file(policy_path)?;
+) -> Result<(netmap_policy::Policy, Option<Tailnet>, TestReport), Failed> {
+    let text = read_input(policy_path)?;
+    let state_text = state_path.map(read_input).transpose()?;
     let policy = netmap_policy::parse_policy(&text)
-        .map_err(|e| format!("{}: {e}", policy_path.display()))?;
-    let Some(sp) = state_path else {
+        .map_err(|e| Failed::invalid(format!("{}: {e}", policy_path.display())))?;
+    let (Some(sp), Some(state_text)) = (state_path, state_text) else {
         return Ok((policy, None, TestReport::default()));
     };
-    let tailnet =
-        Tailnet::from_state_json(&read_file(sp)?).map_err(|e| format!("{}: {e}", sp.display()))?;
+    let tailnet = Tailnet::from_state_json(&state_text)
+        .map_err(|e| Failed::invalid(format!("{}: {e}", sp.display())))?;
     netmap_core::check_policy_for_tailnet(&policy, &tailnet)
-        .map_err(|e| format!("{}: {e}", policy_path.display()))?;
+        .map_err(|e| Failed::invalid(format!("{}: {e}", policy_path.display())))?;
     let report = netmap_core::run_tests(&policy, &tailnet);
     Ok((policy, Some(tailnet), report))
 }
@@ -38,13 +40,19 @@ pub(crate) fn load_checked(
 fn print_report(report: &TestReport) {
     for o in &report.outcomes {
         let status = if o.passed { "PASS" } else { "FAIL" };
-        println!(
+        outln!(
             "{status} {}[{}] src={} {} {} {}: {}",
-            o.kind, o.index, o.src, o.expect, o.dst, o.what, o.reason
+            o.kind,
+            o.index,
+            o.src,
+            o.expect,
+            o.dst,
+            o.what,
+            o.reason
         );
     }
     let failed = report.outcomes.iter().filter(|o| !o.passed).count();
-    println!(
+    outln!(
         "{} passed, {} failed",
         report.outcomes.len() - failed,
         failed
@@ -53,12 +61,9 @@ fn print_report(report: &TestReport) {
 
 pub fn check(policy: &Path, state: Option<&Path>) -> ExitCode {
     match load_checked(policy, state) {
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::from(1)
-        }
+        Err(f) => f.report(),
         Ok((_, _, report)) if !report.passed() => {
-            eprintln!(
+            errln!(
                 "{}: {}",
                 policy.display(),
                 CoreError::TestsFailed(report.clone())
@@ -68,7 +73,7 @@ pub fn check(policy: &Path, state: Option<&Path>) -> ExitCode {
         }
         Ok((p, _, _)) => {
             print_warnings(policy, &p);
-            println!("{}: valid", policy.display());
+            outln!("{}: valid", policy.display());
             ExitCode::SUCCESS
         }
     }
@@ -77,7 +82,7 @@ pub fn check(policy: &Path, state: Option<&Path>) -> ExitCode {
 /// Accepted-but-odd points of a valid policy, on stderr.
 fn print_warnings(path: &Path, p: &netmap_policy::Policy) {
     for w in &p.warnings {
-        eprintln!(
+        errln!(
             "{}: warning: {} (at {}, line {}, column {})",
             path.display(),
             w.message,
@@ -90,16 +95,13 @@ fn print_warnings(path: &Path, p: &netmap_policy::Policy) {
 
 pub fn test(policy: &Path, state: &Path, format: Format) -> ExitCode {
     match load_checked(policy, Some(state)) {
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::from(1)
-        }
+        Err(f) => f.report(),
         Ok((_, _, report)) => {
             match format {
                 Format::Text => print_report(&report),
                 Format::Json => match serde_json::to_string_pretty(&report) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => eprintln!("{e}"),
+                    Ok(s) => outln!("{s}"),
+                    Err(e) => errln!("{e}"),
                 },
             }
             if report.passed() {

@@ -47,7 +47,7 @@ pub enum PreauthkeyCommand {
 
 fn open(data: &std::path::Path) -> Result<Store, ExitCode> {
     Store::open(data).map_err(|e| {
-        eprintln!("netmap preauthkey: {e}");
+        errln!("netmap preauthkey: {e}");
         ExitCode::from(1)
     })
 }
@@ -82,11 +82,11 @@ pub fn run(cmd: &PreauthkeyCommand) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(PreauthError::Invalid(m)) => {
-                    eprintln!("netmap preauthkey: {m}");
+                    errln!("netmap preauthkey: {m}");
                     ExitCode::from(2)
                 }
                 Err(e) => {
-                    eprintln!("netmap preauthkey: {e}");
+                    errln!("netmap preauthkey: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -107,7 +107,7 @@ pub fn run(cmd: &PreauthkeyCommand) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("netmap preauthkey: {e}");
+                    errln!("netmap preauthkey: {e}");
                     ExitCode::from(1)
                 }
             }

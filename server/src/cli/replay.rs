@@ -115,7 +115,7 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
     let (policy_text, tailnet, steps) = match load(a) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("{e}");
+            errln!("{e}");
             return ExitCode::from(2);
         }
     };
@@ -132,7 +132,7 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
         match result {
             Ok(e) => built = Some(e),
             Err(e) => {
-                eprintln!("{}: {e}", a.policy.display());
+                errln!("{}: {e}", a.policy.display());
                 return ExitCode::from(2);
             }
         }
@@ -148,7 +148,7 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
     };
     let text = a.format == Format::Text;
     if text {
-        println!(
+        outln!(
             "full build: {nodes} nodes in {} (median of {BUILDS}; first {})",
             fmt_dur(build.median),
             fmt_dur(build.first)
@@ -184,7 +184,7 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
             Err(e) => {
                 entry.rejected += 1;
                 if text {
-                    println!("#{index} {op} {subject}: rejected in {}: {e}", fmt_dur(dt));
+                    outln!("#{index} {op} {subject}: rejected in {}: {e}", fmt_dur(dt));
                 }
                 prev.as_ref()
                     .and_then(|p| check_unchanged(p, &engine.snapshot()))
@@ -192,7 +192,7 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
             Ok(cs) => {
                 entry.applied.push((dt, cs.nodes.len()));
                 if text {
-                    println!(
+                    outln!(
                         "#{index} {op} {subject}: {} affected in {}",
                         cs.nodes.len(),
                         fmt_dur(dt)
@@ -227,7 +227,7 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
     }
     match divergence {
         Some(d) => {
-            eprintln!("{d}");
+            errln!("{d}");
             ExitCode::from(1)
         }
         None => ExitCode::SUCCESS,
@@ -623,7 +623,7 @@ fn print_json(
         "all_ops": summary(&all_ops(stats)),
         "divergences": divergences,
     });
-    println!("{doc}");
+    outln!("{doc}");
 }
 
 fn print_table(
@@ -633,17 +633,23 @@ fn print_table(
     verified: bool,
     divergences: usize,
 ) {
-    println!();
-    println!(
+    outln!();
+    outln!(
         "nodes: {nodes}, full build: {} (median of {BUILDS}; first {})",
         fmt_dur(build.median),
         fmt_dur(build.first)
     );
     let full_build = build.median;
     let all = all_ops(stats);
-    println!(
+    outln!(
         "{:<14} {:>6} {:>8} {:>11} {:>11} {:>9} {:>14}",
-        "op", "count", "rejected", "median", "p99", "affected", "build/median"
+        "op",
+        "count",
+        "rejected",
+        "median",
+        "p99",
+        "affected",
+        "build/median"
     );
     let rows = stats.iter().map(|(op, s)| (*op, s));
     for (op, s) in rows.chain([("(all)", &all)]) {
@@ -657,7 +663,7 @@ fn print_table(
                 format!("{r:.0}x")
             }
         });
-        println!(
+        outln!(
             "{:<14} {:>6} {:>8} {:>11} {:>11} {:>9} {:>14}",
             op,
             s.applied.len() + s.rejected,
@@ -669,7 +675,7 @@ fn print_table(
         );
     }
     if verified {
-        println!("verified: {divergences} divergence(s)");
+        outln!("verified: {divergences} divergence(s)");
     }
 }
 

@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "NETMAP_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Start although the database holds fewer commits than were acknowledged (a deleted or
+    /// truncated WAL, an old copy of netmap.db): go on with what it holds.
+    #[arg(long)]
+    accept_data_loss: bool,
 }
 
 pub fn run(a: &ServeArgs) -> ExitCode {
@@ -31,18 +35,19 @@ pub fn run(a: &ServeArgs) -> ExitCode {
         data: a.data.clone(),
         log_level: a.log_level.clone(),
         log_format: a.log_format,
+        accept_data_loss: a.accept_data_loss,
     };
     let cfg = match Config::load(a.config.as_deref(), std::env::vars(), overrides) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("netmap serve: {e}");
+            errln!("netmap serve: {e}");
             return ExitCode::from(2);
         }
     };
     match crate::serve::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("netmap serve: {e}");
+            errln!("netmap serve: {e}");
             ExitCode::from(1)
         }
     }

@@ -1,18 +1,24 @@
-//! HTTP routes, middleware (metrics, concurrency limit, bearer auth, per-key rate limit) and
-//! handlers.
+//! HTTP routes, middleware and handlers.
+//!
+//! Every `/v1` request goes, in order, through: bearer auth (an unknown key costs a store
+//! look-up, rate limited per client IP), the key's rate limit and its cap on requests in
+//! progress, reading the body (size limit, deadline and minimum rate — no concurrency slot is
+//! held meanwhile, so a client that trickles a body delays nobody else), then the server-wide
+//! concurrency limit, then the handler. `/health` and `/metrics` skip all of that.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, RawQuery, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use netmap_core::{Tailnet, TailnetSettings};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -22,11 +28,12 @@ use tokio::sync::{watch, Semaphore};
 use super::config::Limits;
 use super::error::ApiError;
 use super::keys::{AuthFailure, Authenticator, Caller, RateLimiter};
-use super::metrics::{Gauges, Metrics};
+use super::limits::{self, BodyLimits, Caps};
+use super::metrics::{Gauges, Limited, Metrics};
 use super::net::ConnInfo;
 use super::stream::{self, StreamSlot};
 use super::tailnets::{
-    self, node_json, NodeBody, NodePatch, Registry, TailnetHandle, UserBody, WriteOp,
+    self, node_json, Lookup, NodeBody, NodePatch, Registry, TailnetHandle, UserBody, WriteOp,
 };
 
 /// Shared state of the handlers.
@@ -38,9 +45,9 @@ pub struct AppInner {
     /// The tailnets.
     pub registry: Arc<Registry>,
     /// API key checks.
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     /// Per-key rate limit.
-    pub rate: RateLimiter,
+    pub rate: RateLimiter<String>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Limits.
@@ -49,6 +56,12 @@ pub struct AppInner {
     pub concurrency: Arc<Semaphore>,
     /// Open streams.
     pub streams: Arc<AtomicUsize>,
+    /// Requests in progress per API key.
+    pub key_requests: Caps<String>,
+    /// Open streams per API key.
+    pub key_streams: Caps<String>,
+    /// Open streams per client IP.
+    pub ip_streams: Caps<IpAddr>,
     /// Turns true on SIGTERM/SIGINT.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -61,6 +74,23 @@ impl App {
 }
 
 type ApiResult = Result<Response, ApiError>;
+
+/// `Path` whose rejections (invalid percent-encoding, ...) are JSON errors like every other.
+struct P<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for P<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(t)) => Ok(P(t)),
+            Err(e) => Err(ApiError::BadRequest(format!(
+                "invalid path: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
 
 /// The router with every route and middleware.
 pub fn router(app: App) -> Router {
@@ -90,6 +120,9 @@ pub fn router(app: App) -> Router {
             "/v1/tailnets/{t}/preauthkeys",
             axum::routing::post(create_preauthkey),
         )
+        // Innermost last: auth, then the body, then a concurrency slot.
+        .route_layer(middleware::from_fn_with_state(app.clone(), limit))
+        .route_layer(middleware::from_fn_with_state(app.clone(), read_body_first))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     Router::new()
         .route("/health", get(health))
@@ -97,8 +130,12 @@ pub fn router(app: App) -> Router {
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(app.clone(), limit))
         .layer(middleware::from_fn_with_state(app.clone(), track))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::Internal("handler panicked".into()).into_response()
+            },
+        ))
         .with_state(app)
 }
 
@@ -139,19 +176,69 @@ async fn track(State(app): State<App>, req: Request, next: Next) -> Response {
     resp
 }
 
-/// Global concurrency limit: wait up to the queue timeout for a slot, else 503.
+/// Global concurrency limit: wait up to the queue timeout for a slot, else 503. Taken only
+/// once the body is in memory.
 async fn limit(State(app): State<App>, req: Request, next: Next) -> Response {
     let sem = app.0.concurrency.clone();
     let permit = match tokio::time::timeout(app.0.limits.queue_timeout, sem.acquire_owned()).await {
         Ok(Ok(p)) => p,
-        _ => return ApiError::Unavailable("server busy; retry later".into()).into_response(),
+        _ => {
+            app.0.metrics.limited(Limited::Busy);
+            return ApiError::Unavailable("server busy; retry later".into()).into_response();
+        }
     };
     let resp = next.run(req).await;
     drop(permit);
     resp
 }
 
-/// Bearer auth and the per-key rate limit for `/v1`.
+/// The body limit of a route.
+fn body_limit(l: &Limits, method: &Method, route: &str) -> usize {
+    match (method, route) {
+        (&Method::PUT, "/v1/tailnets/{t}/state") => l.max_import_bytes,
+        (&Method::PUT, "/v1/tailnets/{t}/policy") => l.max_policy_bytes,
+        _ => l.max_body_bytes,
+    }
+}
+
+/// Reads the whole body (size limit, deadline, minimum rate) before the request may take a
+/// concurrency slot; handlers then get it from memory.
+async fn read_body_first(State(app): State<App>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let body = if declared.unwrap_or(0) == 0 && !chunked {
+        Body::empty()
+    } else {
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map(|p| p.as_str())
+            .unwrap_or("");
+        let l = &app.0.limits;
+        let bl = BodyLimits {
+            max_bytes: body_limit(l, &parts.method, route),
+            timeout: l.body_read_timeout,
+            min_rate: l.body_min_rate,
+        };
+        match limits::read_body(body, bl, declared).await {
+            Ok(b) => Body::from(b),
+            Err(e) => {
+                if matches!(e, ApiError::BodyTimeout(_)) {
+                    app.0.metrics.body_timeouts.inc();
+                }
+                return e.into_response();
+            }
+        }
+    };
+    next.run(Request::from_parts(parts, body)).await
+}
+
+/// Bearer auth, the per-key rate limit and the per-key cap on requests in progress.
 async fn authenticate(State(app): State<App>, mut req: Request, next: Next) -> Response {
     let token = req
         .headers()
@@ -163,23 +250,45 @@ async fn authenticate(State(app): State<App>, mut req: Request, next: Next) -> R
         })
         .map(str::to_string);
     let Some(token) = token else {
+        app.0.metrics.auth_failures.inc();
         return ApiError::Unauthorized("missing API key: send Authorization: Bearer KEY".into())
             .into_response();
     };
-    let caller = match app.0.auth.check(&token) {
+    let client = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip());
+    let caller = match app.0.auth.check(&token, client) {
         Ok(Ok(c)) => c,
-        Ok(Err(AuthFailure::Unknown)) => {
-            return ApiError::Unauthorized("invalid API key".into()).into_response()
-        }
-        Ok(Err(AuthFailure::Expired)) => {
-            return ApiError::Unauthorized("API key expired".into()).into_response()
+        Ok(Err(f)) => {
+            app.0.metrics.auth_failures.inc();
+            return match f {
+                AuthFailure::Unknown => ApiError::Unauthorized("invalid API key".into()),
+                AuthFailure::Expired => ApiError::Unauthorized("API key expired".into()),
+                AuthFailure::Limited(wait) => {
+                    app.0.metrics.limited(Limited::BadKeys);
+                    ApiError::TooMany(
+                        "too many unknown API keys from this address; retry later".into(),
+                        wait,
+                    )
+                }
+            }
+            .into_response();
         }
         Err(e) => return ApiError::Internal(format!("key lookup: {e}")).into_response(),
     };
     if let Err(wait) = app.0.rate.take(&caller.key_id) {
-        app.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        app.0.metrics.limited(Limited::KeyRate);
         return ApiError::RateLimited(wait).into_response();
     }
+    let Some(_in_progress) = app.0.key_requests.try_take(&caller.key_id) else {
+        app.0.metrics.limited(Limited::KeyRequests);
+        return ApiError::TooMany(
+            format!(
+                "this API key has {} requests in progress (max_requests_per_key); retry later",
+                app.0.key_requests.cap()
+            ),
+            Duration::from_secs(1),
+        )
+        .into_response();
+    };
     req.extensions_mut().insert(caller);
     next.run(req).await
 }
@@ -203,18 +312,24 @@ async fn metrics(State(app): State<App>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         )],
         app.0.metrics.render(g),
     )
         .into_response()
 }
 
-/// Reads a body up to `limit` bytes.
+/// The body, read by [`read_body_first`] within the route's limit.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::TooLarge(limit)),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::TooLarge(limit))
+        }
         Err(e) => Err(ApiError::BadRequest(format!(
             "could not read request body: {e}"
         ))),
@@ -229,15 +344,29 @@ async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, A
 /// The tailnet `t`, if the caller may use it: 403 before 404, so that a scoped key learns
 /// nothing about other tailnets.
 fn tailnet(app: &App, caller: &Caller, t: &str) -> Result<Arc<TailnetHandle>, ApiError> {
+    match lookup(app, caller, t)? {
+        Lookup::Ready(h) => Ok(h),
+        Lookup::Broken(b) => Err(broken(t, &b.reason)),
+        Lookup::Missing => Err(ApiError::NotFound(format!("tailnet {t:?} not found"))),
+    }
+}
+
+/// The tailnet `t` as the registry knows it (broken ones included), if the caller may use it.
+fn lookup(app: &App, caller: &Caller, t: &str) -> Result<Lookup, ApiError> {
     if !caller.can_access(t) {
         return Err(ApiError::Forbidden(format!(
             "this API key may not access tailnet {t:?}"
         )));
     }
-    app.0
-        .registry
-        .get(t)
-        .ok_or_else(|| ApiError::NotFound(format!("tailnet {t:?} not found")))
+    Ok(app.0.registry.lookup(t))
+}
+
+fn broken(t: &str, reason: &str) -> ApiError {
+    ApiError::Unavailable(format!(
+        "tailnet {t:?} is unavailable: its stored state cannot be read ({reason}); replace it \
+         with PUT /v1/tailnets/{t}/state (or PUT .../policy if only the policy is bad), or \
+         delete it"
+    ))
 }
 
 fn check_name(what: &str, s: &str) -> Result<(), ApiError> {
@@ -245,7 +374,8 @@ fn check_name(what: &str, s: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::BadRequest(format!(
-            "invalid {what} {s:?}: use 1-128 characters of A-Z a-z 0-9 - _ . @ +"
+            "invalid {what} {s:?}: {}",
+            netmap_core::NAME_RULE
         )))
     }
 }
@@ -279,7 +409,7 @@ fn summary(h: &TailnetHandle) -> Value {
 }
 
 async fn list_tailnets(State(app): State<App>, Extension(caller): Extension<Caller>) -> ApiResult {
-    let list: Vec<Value> = app
+    let mut list: Vec<Value> = app
         .0
         .registry
         .list()
@@ -287,13 +417,18 @@ async fn list_tailnets(State(app): State<App>, Extension(caller): Extension<Call
         .filter(|h| caller.can_access(h.name()))
         .map(|h| summary(h))
         .collect();
+    for (name, b) in app.0.registry.list_broken() {
+        if caller.can_access(&name) {
+            list.push(json!({"name": name, "broken": b.reason}));
+        }
+    }
     Ok(Json(json!({ "tailnets": list })).into_response())
 }
 
 async fn get_tailnet(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path(t): Path<String>,
+    P(t): P<String>,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
     Ok(Json(summary(&h)).into_response())
@@ -313,7 +448,7 @@ struct TailnetBody {
 async fn put_tailnet(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path(t): Path<String>,
+    P(t): P<String>,
     body: Body,
 ) -> ApiResult {
     if !caller.is_admin() {
@@ -328,6 +463,11 @@ async fn put_tailnet(
     } else {
         serde_json::from_slice(&bytes).map_err(|e| ApiError::from_json(&e))?
     };
+    if b.domain.as_deref() == Some("") {
+        return Err(ApiError::BadRequest(
+            "domain: empty; omit it to use the tailnet name".into(),
+        ));
+    }
     let mut settings = TailnetSettings {
         name: b.domain.unwrap_or_else(|| t.clone()),
         ..TailnetSettings::default()
@@ -335,6 +475,7 @@ async fn put_tailnet(
     if b.ipv6_only {
         settings.extra.insert("ipv6_only".into(), Value::Bool(true));
     }
+    netmap_core::check_settings(&settings)?;
     let _guard = app.0.registry.lifecycle.lock().await;
     let reg = app.0.registry.clone();
     let name = t.clone();
@@ -348,7 +489,7 @@ async fn put_tailnet(
 async fn delete_tailnet(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path(t): Path<String>,
+    P(t): P<String>,
 ) -> ApiResult {
     if !caller.is_admin() {
         return Err(ApiError::Forbidden(
@@ -356,9 +497,20 @@ async fn delete_tailnet(
         ));
     }
     let _guard = app.0.registry.lifecycle.lock().await;
-    let h = tailnet(&app, &caller, &t)?;
-    h.write(WriteOp::DeleteTailnet).await?;
-    app.0.registry.remove(&t);
+    match lookup(&app, &caller, &t)? {
+        Lookup::Ready(h) => {
+            h.write(WriteOp::DeleteTailnet).await?;
+            app.0.registry.remove(&t);
+        }
+        Lookup::Broken(_) => {
+            let reg = app.0.registry.clone();
+            let name = t.clone();
+            tokio::task::spawn_blocking(move || reg.delete_broken(&name))
+                .await
+                .map_err(|e| ApiError::Internal(format!("delete task: {e}")))??;
+        }
+        Lookup::Missing => return Err(ApiError::NotFound(format!("tailnet {t:?} not found"))),
+    }
     app.0.auth.clear_cache();
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -366,7 +518,7 @@ async fn delete_tailnet(
 async fn get_policy(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path(t): Path<String>,
+    P(t): P<String>,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
     let p = h.current();
@@ -384,13 +536,25 @@ async fn get_policy(
 async fn put_policy(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path(t): Path<String>,
+    P(t): P<String>,
     body: Body,
 ) -> ApiResult {
-    let h = tailnet(&app, &caller, &t)?;
+    let found = lookup(&app, &caller, &t)?;
     let bytes = read_body(body, app.0.limits.max_policy_bytes).await?;
     let text = String::from_utf8(bytes.to_vec())
         .map_err(|_| ApiError::BadRequest("policy is not valid UTF-8".into()))?;
+    let h = match found {
+        Lookup::Ready(h) => h,
+        Lookup::Broken(_) => {
+            let h = repair(&app, &t, Some(text), None).await?;
+            let seq = h.current().seq;
+            return Ok(with_seq(
+                Json(json!({"status": "ok", "seq": seq, "repaired": true})).into_response(),
+                seq,
+            ));
+        }
+        Lookup::Missing => return Err(ApiError::NotFound(format!("tailnet {t:?} not found"))),
+    };
     let out = h.write(WriteOp::SetPolicy(text)).await?;
     let seq = out.published.seq;
     Ok(with_seq(
@@ -399,19 +563,25 @@ async fn put_policy(
     ))
 }
 
-/// Body of `PUT .../state`: the corpus state shape plus an optional policy.
-#[derive(Debug, Deserialize)]
-struct ImportBody {
-    #[serde(default)]
+/// Repairs a broken tailnet (see [`Registry::repair`]).
+async fn repair(
+    app: &App,
+    t: &str,
     policy: Option<String>,
-    #[serde(flatten)]
-    state: Value,
+    tailnet: Option<Tailnet>,
+) -> Result<Arc<TailnetHandle>, ApiError> {
+    let _guard = app.0.registry.lifecycle.lock().await;
+    let reg = app.0.registry.clone();
+    let name = t.to_string();
+    tokio::task::spawn_blocking(move || reg.repair(&name, policy, tailnet))
+        .await
+        .map_err(|e| ApiError::Internal(format!("repair task: {e}")))?
 }
 
 async fn get_state(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path(t): Path<String>,
+    P(t): P<String>,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
     let p = h.current();
@@ -431,36 +601,78 @@ async fn get_state(
 async fn put_state(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path(t): Path<String>,
+    P(t): P<String>,
     body: Body,
 ) -> ApiResult {
-    let h = tailnet(&app, &caller, &t)?;
+    let found = lookup(&app, &caller, &t)?;
+    let current = match &found {
+        Lookup::Ready(h) => Some(h.current().snapshot.tailnet().settings.clone()),
+        Lookup::Broken(b) => b.tailnet.as_ref().map(|x| x.settings.clone()),
+        Lookup::Missing => return Err(ApiError::NotFound(format!("tailnet {t:?} not found"))),
+    };
     let bytes = read_body(body, app.0.limits.max_import_bytes).await?;
+    let max_nodes = app.0.limits.max_nodes_per_tailnet;
+    let name = t.clone();
+    // Read straight into the model (no intermediate JSON tree) and check it with the same
+    // validator as node and user writes.
     let (policy, tailnet) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
-        let b: ImportBody = serde_json::from_slice(&bytes).map_err(|e| ApiError::from_json(&e))?;
-        let text =
-            serde_json::to_string(&b.state).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let tailnet = Tailnet::from_state_json(&text)?;
-        for (k, _) in tailnet.nodes.iter() {
-            if !tailnets::valid_name(k) {
-                return Err(ApiError::BadRequest(format!("invalid node name {k:?}")));
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| ApiError::BadRequest("state is not valid UTF-8".into()))?;
+        let doc = netmap_core::read_state(
+            text,
+            netmap_core::StateOptions {
+                extra_keys: &["policy", "seq"],
+                max_nodes: Some(max_nodes),
+            },
+        )?;
+        drop(bytes);
+        let policy = match doc.extra.get("policy") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(p)) => Some(p.clone()),
+            Some(_) => {
+                return Err(ApiError::BadRequest(
+                    "policy: must be a string (the HuJSON text)".into(),
+                ))
             }
+        };
+        if doc.extra.get("seq").is_some_and(|v| !v.is_u64()) {
+            return Err(ApiError::BadRequest(
+                "seq: must be a number (it is ignored)".into(),
+            ));
         }
-        Ok((b.policy, tailnet))
+        let mut tailnet = doc.tailnet;
+        let defaults = TailnetSettings::default();
+        match current {
+            // No settings in the document: keep the tailnet's.
+            Some(cur) if tailnet.settings == defaults => tailnet.settings = cur,
+            Some(cur) if tailnets::ipv6_only(&cur) => {
+                tailnet
+                    .settings
+                    .extra
+                    .insert("ipv6_only".into(), Value::Bool(true));
+            }
+            None if tailnet.settings == defaults => tailnet.settings.name = name,
+            _ => {}
+        }
+        // A document that contradicts itself is a bad request (400), whatever the kind.
+        netmap_core::validate_tailnet(&tailnet).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        Ok((policy, tailnet))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("import task: {e}")))??;
-    let mut tailnet = tailnet;
-    let cur = h.current();
-    let cur_settings = &cur.snapshot.tailnet().settings;
-    if tailnet.settings == TailnetSettings::default() {
-        tailnet.settings = cur_settings.clone();
-    } else if tailnets::ipv6_only(cur_settings) {
-        tailnet
-            .settings
-            .extra
-            .insert("ipv6_only".into(), Value::Bool(true));
-    }
+    let h = match found {
+        Lookup::Ready(h) => h,
+        _ => {
+            let h = repair(&app, &t, policy, Some(tailnet)).await?;
+            let p = h.current();
+            let tn = p.snapshot.tailnet();
+            return Ok(with_seq(
+                Json(json!({"status": "ok", "seq": p.seq, "users": tn.users.len(), "nodes": tn.nodes.len(), "repaired": true}))
+                    .into_response(),
+                p.seq,
+            ));
+        }
+    };
     let out = h
         .write(WriteOp::Import {
             policy,
@@ -483,7 +695,7 @@ async fn put_state(
 async fn list_users(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path(t): Path<String>,
+    P(t): P<String>,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
     let p = h.current();
@@ -497,7 +709,7 @@ async fn list_users(
 async fn get_user(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path((t, name)): Path<(String, String)>,
+    P((t, name)): P<(String, String)>,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
     let p = h.current();
@@ -513,7 +725,7 @@ async fn get_user(
 async fn put_user(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path((t, name)): Path<(String, String)>,
+    P((t, name)): P<(String, String)>,
     body: Body,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
@@ -531,7 +743,7 @@ async fn put_user(
 async fn delete_user(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path((t, name)): Path<(String, String)>,
+    P((t, name)): P<(String, String)>,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
     let out = h.write(WriteOp::DeleteUser(name)).await?;
@@ -544,7 +756,7 @@ async fn delete_user(
 async fn list_nodes(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path(t): Path<String>,
+    P(t): P<String>,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
     let p = h.current();
@@ -564,7 +776,7 @@ async fn list_nodes(
 async fn get_node(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path((t, id)): Path<(String, String)>,
+    P((t, id)): P<(String, String)>,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
     let p = h.current();
@@ -576,7 +788,7 @@ async fn get_node(
 async fn put_node(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path((t, id)): Path<(String, String)>,
+    P((t, id)): P<(String, String)>,
     body: Body,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
@@ -594,7 +806,7 @@ async fn put_node(
 async fn patch_node(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path((t, id)): Path<(String, String)>,
+    P((t, id)): P<(String, String)>,
     body: Body,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
@@ -608,7 +820,7 @@ async fn patch_node(
 async fn delete_node(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path((t, id)): Path<(String, String)>,
+    P((t, id)): P<(String, String)>,
 ) -> ApiResult {
     let h = tailnet(&app, &caller, &t)?;
     let out = h.write(WriteOp::DeleteNode(id)).await?;
@@ -638,7 +850,7 @@ async fn get_netmap(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
     conn: Option<Extension<ConnInfo>>,
-    Path((t, id)): Path<(String, String)>,
+    P((t, id)): P<(String, String)>,
     RawQuery(q): RawQuery,
     method: Method,
 ) -> ApiResult {
@@ -647,6 +859,29 @@ async fn get_netmap(
         if *app.0.shutdown.borrow() {
             return Err(ApiError::Unavailable("server is shutting down".into()));
         }
+        let per_key = app.0.key_streams.try_take(&caller.key_id).ok_or_else(|| {
+            app.0.metrics.limited(Limited::KeyStreams);
+            ApiError::TooMany(
+                format!(
+                    "this API key has {} open streams (max_streams_per_key)",
+                    app.0.key_streams.cap()
+                ),
+                Duration::from_secs(5),
+            )
+        })?;
+        let per_ip = match conn.as_ref().map(|Extension(c)| c.peer.ip()) {
+            Some(ip) => Some(app.0.ip_streams.try_take(&ip).ok_or_else(|| {
+                app.0.metrics.limited(Limited::IpStreams);
+                ApiError::TooMany(
+                    format!(
+                        "{ip} has {} open streams (max_streams_per_ip)",
+                        app.0.ip_streams.cap()
+                    ),
+                    Duration::from_secs(5),
+                )
+            })?),
+            None => None,
+        };
         let slot = StreamSlot::take(&app.0.streams, app.0.limits.max_streams, &app.0.metrics)
             .ok_or_else(|| {
                 ApiError::Unavailable(format!(
@@ -658,6 +893,9 @@ async fn get_netmap(
             handle: h,
             node: id,
             slot,
+            per_key: Some(per_key),
+            per_ip,
+            key_end: Some(app.0.auth.watch(&caller.key_id)),
             active: conn.map(|Extension(c)| c.busy()),
             keepalive: app.0.limits.stream_keepalive,
             shutdown: app.0.shutdown.clone(),
@@ -685,7 +923,7 @@ async fn get_netmap(
 async fn create_preauthkey(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
-    Path(t): Path<String>,
+    P(t): P<String>,
     body: Body,
 ) -> ApiResult {
     use crate::control::preauth::{self, PreauthError, PreauthSpec};

@@ -75,8 +75,30 @@ pub struct Limits {
     pub rate_per_sec: f64,
     /// Burst size per API key (token bucket capacity).
     pub rate_burst: f64,
-    /// Open netmap streams (server-wide); further stream requests get 503.
+    /// Open netmap streams (server-wide, below `max_connections`); further stream requests get
+    /// 503.
     pub max_streams: usize,
+    /// Time a request body may take before `body_min_rate` allowances (else 408).
+    pub body_read_timeout: Duration,
+    /// Bytes per second a request body must keep up: each `body_min_rate` bytes received
+    /// extend its deadline by a second.
+    pub body_min_rate: u64,
+    /// Open TCP connections per client IP; further connections are closed at once. (This and
+    /// the per-IP and per-key stream caps are lowered to the server-wide caps.)
+    pub max_connections_per_ip: usize,
+    /// Open netmap streams per client IP (429 beyond).
+    pub max_streams_per_ip: usize,
+    /// Open netmap streams per API key (429 beyond).
+    pub max_streams_per_key: usize,
+    /// Requests of one API key in progress at once, bodies being read included (429 beyond).
+    pub max_requests_per_key: usize,
+    /// Look-ups of API keys that are not cached (new, unknown, invalid) per client IP and
+    /// second ...
+    pub auth_rate_per_ip: f64,
+    /// ... and their burst; beyond that 429 without a look-up.
+    pub auth_burst_per_ip: f64,
+    /// Most nodes one tailnet may hold (node PUT 409, import 400 beyond).
+    pub max_nodes_per_tailnet: usize,
     /// Change sets buffered per tailnet for streams; a stream further behind is resynced with a
     /// fresh full view.
     pub stream_buffer: usize,
@@ -101,7 +123,16 @@ impl Default for Limits {
             max_connections: 4096,
             rate_per_sec: 100.0,
             rate_burst: 200.0,
-            max_streams: 10_000,
+            max_streams: 2048,
+            body_read_timeout: Duration::from_secs(10),
+            body_min_rate: 16 * 1024,
+            max_connections_per_ip: 1024,
+            max_streams_per_ip: 1024,
+            max_streams_per_key: 1024,
+            max_requests_per_key: 64,
+            auth_rate_per_ip: 10.0,
+            auth_burst_per_ip: 50.0,
+            max_nodes_per_tailnet: 100_000,
             stream_buffer: 256,
             stream_keepalive: Duration::from_secs(15),
             write_queue: 1024,
@@ -123,6 +154,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Limits and timeouts.
     pub limits: Limits,
+    /// Start even when the database holds fewer commits than were acknowledged (after the
+    /// operator decided to go on with what it holds); flag only.
+    pub accept_data_loss: bool,
 }
 
 /// The config file: every key optional.
@@ -151,6 +185,15 @@ struct FileLimits {
     rate_per_sec: Option<f64>,
     rate_burst: Option<f64>,
     max_streams: Option<usize>,
+    body_read_timeout: Option<String>,
+    body_min_rate: Option<u64>,
+    max_connections_per_ip: Option<usize>,
+    max_streams_per_ip: Option<usize>,
+    max_streams_per_key: Option<usize>,
+    max_requests_per_key: Option<usize>,
+    auth_rate_per_ip: Option<f64>,
+    auth_burst_per_ip: Option<f64>,
+    max_nodes_per_tailnet: Option<usize>,
     stream_buffer: Option<usize>,
     stream_keepalive: Option<String>,
     write_queue: Option<usize>,
@@ -169,31 +212,26 @@ pub struct Overrides {
     pub log_level: Option<String>,
     /// `--log-format`.
     pub log_format: Option<LogFormat>,
+    /// `--accept-data-loss`.
+    pub accept_data_loss: bool,
 }
 
-/// Parses a duration: `500ms`, `10s`, `5m`, `2h`, `90d`, `1w`; a bare number is seconds.
+/// Parses a duration with `humantime`: `500ms`, `10s`, `5m`, `2h`, `90d`, `1w`, `1h 30m`; a
+/// bare whole number is seconds. At most 100 years.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| {
-        format!("expected a number with a unit (500ms, 10s, 5m, 2h, 90d), got {s:?}")
-    })?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86_400.0,
-        "w" => n * 7.0 * 86_400.0,
-        u => return Err(format!("unknown unit {u:?} (use ms, s, m, h, d or w)")),
+    let d = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|e| format!("{s:?}: {e}"))?
+    } else {
+        humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?}: {e} (write e.g. 500ms, 10s, 5m, 2h, 90d)"))?
     };
-    if !secs.is_finite() || !(0.0..=1e10).contains(&secs) {
-        return Err(format!("duration out of range: {s:?}"));
+    if d > Duration::from_secs(100 * 365 * 86_400) {
+        return Err(format!("{s:?}: longer than 100 years"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 fn invalid(key: &str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -260,6 +298,15 @@ impl Config {
         file_dur!(queue_timeout);
         file_dur!(stream_keepalive);
         file_dur!(drain_timeout);
+        file_dur!(body_read_timeout);
+        file_val!(body_min_rate);
+        file_val!(max_connections_per_ip);
+        file_val!(max_streams_per_ip);
+        file_val!(max_streams_per_key);
+        file_val!(max_requests_per_key);
+        file_val!(auth_rate_per_ip);
+        file_val!(auth_burst_per_ip);
+        file_val!(max_nodes_per_tailnet);
         file_val!(max_body_bytes);
         file_val!(max_policy_bytes);
         file_val!(max_import_bytes);
@@ -301,6 +348,15 @@ impl Config {
                 "MAX_STREAMS" => l.max_streams = num(&k, &v)?,
                 "STREAM_BUFFER" => l.stream_buffer = num(&k, &v)?,
                 "WRITE_QUEUE" => l.write_queue = num(&k, &v)?,
+                "BODY_READ_TIMEOUT" => l.body_read_timeout = dur(&k, &v)?,
+                "BODY_MIN_RATE" => l.body_min_rate = num(&k, &v)?,
+                "MAX_CONNECTIONS_PER_IP" => l.max_connections_per_ip = num(&k, &v)?,
+                "MAX_STREAMS_PER_IP" => l.max_streams_per_ip = num(&k, &v)?,
+                "MAX_STREAMS_PER_KEY" => l.max_streams_per_key = num(&k, &v)?,
+                "MAX_REQUESTS_PER_KEY" => l.max_requests_per_key = num(&k, &v)?,
+                "AUTH_RATE_PER_IP" => l.auth_rate_per_ip = num(&k, &v)?,
+                "AUTH_BURST_PER_IP" => l.auth_burst_per_ip = num(&k, &v)?,
+                "MAX_NODES_PER_TAILNET" => l.max_nodes_per_tailnet = num(&k, &v)?,
                 _ => {}
             }
         }
@@ -320,6 +376,10 @@ impl Config {
             .parse()
             .map_err(|_| invalid("listen", &listen, "expected HOST:PORT, e.g. 127.0.0.1:8080"))?;
         let data = data.ok_or(ConfigError::NoData)?;
+        // Per-client caps never exceed the server-wide ones.
+        l.max_connections_per_ip = l.max_connections_per_ip.min(l.max_connections);
+        l.max_streams_per_ip = l.max_streams_per_ip.min(l.max_streams);
+        l.max_streams_per_key = l.max_streams_per_key.min(l.max_streams);
         l.validate()?;
         Ok(Config {
             listen,
@@ -327,6 +387,7 @@ impl Config {
             log_level,
             log_format,
             limits: l,
+            accept_data_loss: overrides.accept_data_loss,
         })
     }
 }
@@ -342,11 +403,41 @@ impl Limits {
             ("max_streams", self.max_streams),
             ("stream_buffer", self.stream_buffer),
             ("write_queue", self.write_queue),
+            ("max_connections_per_ip", self.max_connections_per_ip),
+            ("max_streams_per_ip", self.max_streams_per_ip),
+            ("max_streams_per_key", self.max_streams_per_key),
+            ("max_requests_per_key", self.max_requests_per_key),
+            ("max_nodes_per_tailnet", self.max_nodes_per_tailnet),
+            (
+                "body_min_rate",
+                usize::try_from(self.body_min_rate).unwrap_or(usize::MAX),
+            ),
         ];
         for (k, v) in positive {
             if v == 0 {
                 return Err(invalid(k, "0", "must be at least 1"));
             }
+        }
+        // A stream holds a connection: streams alone must not be able to take every one.
+        if self.max_streams >= self.max_connections {
+            return Err(invalid(
+                "max_streams",
+                &self.max_streams.to_string(),
+                format!(
+                    "must be below max_connections ({}), so that API calls still get a connection",
+                    self.max_connections
+                ),
+            ));
+        }
+        if !(self.auth_rate_per_ip > 0.0 && self.auth_burst_per_ip >= 1.0) {
+            return Err(invalid(
+                "auth_rate_per_ip/auth_burst_per_ip",
+                &format!("{}/{}", self.auth_rate_per_ip, self.auth_burst_per_ip),
+                "rate must be > 0 and burst >= 1",
+            ));
+        }
+        if self.body_read_timeout.is_zero() {
+            return Err(invalid("body_read_timeout", "0", "must be positive"));
         }
         if self.rate_per_sec.is_nan()
             || self.rate_per_sec <= 0.0
@@ -391,8 +482,21 @@ mod tests {
             Duration::from_secs(90 * 86_400)
         );
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("10 parsecs").is_err());
-        assert!(parse_duration("").is_err());
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(
+            parse_duration("1w").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        for bad in [
+            "10 parsecs",
+            "",
+            "-5s",
+            "1e400s",
+            "99999999999999999999d",
+            "5 s s",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -423,6 +527,17 @@ mod tests {
         assert_eq!(c.data, PathBuf::from("/b"));
         assert_eq!(c.limits.header_read_timeout, Duration::from_secs(3));
         assert_eq!(c.limits.max_streams, 7);
+        let too_many = vec![("NETMAP_MAX_STREAMS".to_string(), "5000".to_string())];
+        let e = Config::load(
+            None,
+            too_many,
+            Overrides {
+                data: Some("/d".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("max_connections"), "{e}");
         std::fs::write(&f, "bogus = 1\n").unwrap();
         assert!(Config::load(Some(&f), vec![], Overrides::default()).is_err());
         let _ = std::fs::remove_dir_all(&dir);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use netmap_core::CoreError;
+use netmap_core::{CoreError, StateError, StateErrorKind};
 use serde_json::{json, Value};
 
 /// Why a policy was rejected.
@@ -63,6 +63,13 @@ pub enum ApiError {
     /// The key's rate limit is exhausted.
     #[error("rate limit exceeded; retry later")]
     RateLimited(Duration),
+    /// A per-key or per-client cap (requests in progress, streams, invalid-key attempts) is
+    /// reached.
+    #[error("{0}")]
+    TooMany(String, Duration),
+    /// The request body did not arrive in time.
+    #[error("{0}")]
+    BodyTimeout(String),
     /// The server is at a limit (concurrency, streams, write queue) or shutting down.
     #[error("{0}")]
     Unavailable(String),
@@ -84,7 +91,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited(_) | ApiError::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -186,7 +194,17 @@ impl From<CoreError> for ApiError {
                 }))
             }
             CoreError::State(m) => ApiError::BadRequest(m),
+            CoreError::Invalid(e) => ApiError::from(e),
             CoreError::NotFound(m) => ApiError::NotFound(m),
+        }
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> ApiError {
+        match e.kind {
+            StateErrorKind::Conflict => ApiError::Conflict(e.to_string()),
+            StateErrorKind::Invalid | StateErrorKind::Limit => ApiError::BadRequest(e.to_string()),
         }
     }
 }
@@ -198,7 +216,7 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
         match &self {
-            ApiError::RateLimited(wait) => {
+            ApiError::RateLimited(wait) | ApiError::TooMany(_, wait) => {
                 let secs = wait.as_secs() + 1;
                 if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                     resp.headers_mut().insert(header::RETRY_AFTER, v);
@@ -207,6 +225,11 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(_) => {
                 resp.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // The rest of the body is not read: the connection cannot carry another request.
+            ApiError::BodyTimeout(_) | ApiError::TooLarge(_) => {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

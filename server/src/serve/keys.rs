@@ -1,19 +1,29 @@
-//! API keys: generation, hashing, look-up with a short cache, and per-key rate limiting.
+//! API keys: generation, hashing, look-up with a short cache, revocation watched for open
+//! streams, per-key rate limiting, and a per-client-IP limit on look-ups of unknown keys.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
 use super::store::{KeyRow, Store, StoreError};
 
 /// Prefix of every key (lets secret scanners recognise them).
 const PREFIX: &str = "nmk_";
 
-/// How long a successful look-up is trusted before the store is asked again (so a revoked key
-/// stops working within this time).
+/// How long a successful look-up is trusted before the store is asked again. Revocations are
+/// also found by [`Authenticator::poll`] (every second), which evicts revoked keys from the
+/// cache and ends their streams.
 const CACHE_TTL: Duration = Duration::from_secs(5);
+
+/// Why a key stopped being valid, as sent to its open streams.
+pub type KeyEnd = Option<&'static str>;
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +107,10 @@ pub fn create_key(
 pub struct Authenticator {
     store: Arc<Store>,
     cache: Mutex<HashMap<String, (KeyRow, Instant)>>,
+    /// Look-ups that miss the cache (new, unknown or malformed keys), per client IP.
+    lookups: Option<RateLimiter<IpAddr>>,
+    /// Open streams' keys: a key's channel turns `Some(reason)` when it is revoked or expires.
+    watched: Mutex<HashMap<String, watch::Sender<KeyEnd>>>,
 }
 
 /// Why a token was refused.
@@ -106,14 +120,19 @@ pub enum AuthFailure {
     Unknown,
     /// The key has expired.
     Expired,
+    /// Too many look-ups of unknown keys from this client; retry after the duration.
+    Limited(Duration),
 }
 
 impl Authenticator {
-    /// An authenticator over the store's keys.
-    pub fn new(store: Arc<Store>) -> Authenticator {
+    /// An authenticator over the store's keys; `lookups_per_ip` = (rate per second, burst) of
+    /// look-ups that miss the cache, per client IP.
+    pub fn new(store: Arc<Store>, lookups_per_ip: Option<(f64, f64)>) -> Authenticator {
         Authenticator {
             store,
             cache: Mutex::new(HashMap::new()),
+            lookups: lookups_per_ip.map(|(rate, burst)| RateLimiter::new(rate, burst)),
+            watched: Mutex::new(HashMap::new()),
         }
     }
 
@@ -124,11 +143,13 @@ impl Authenticator {
         }
     }
 
-    /// Checks a token (blocking: may read the store).
-    pub fn check(&self, token: &str) -> Result<Result<Caller, AuthFailure>, StoreError> {
-        if !token.starts_with(PREFIX) || token.len() > 128 {
-            return Ok(Err(AuthFailure::Unknown));
-        }
+    /// Checks a token from `client` (blocking: may read the store). A token not in the cache
+    /// costs a look-up, which is rate limited per client IP.
+    pub fn check(
+        &self,
+        token: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Result<Caller, AuthFailure>, StoreError> {
         let hash = hash_key(token);
         let cached = self
             .cache
@@ -139,18 +160,28 @@ impl Authenticator {
             .map(|(row, _)| row);
         let row = match cached {
             Some(r) => r,
-            None => match self.store.lookup_key(&hash)? {
-                Some(r) => {
-                    if let Ok(mut c) = self.cache.lock() {
-                        if c.len() > 10_000 {
-                            c.clear();
-                        }
-                        c.insert(hash, (r.clone(), Instant::now()));
+            None => {
+                if let (Some(l), Some(ip)) = (&self.lookups, client) {
+                    if let Err(wait) = l.take(&ip) {
+                        return Ok(Err(AuthFailure::Limited(wait)));
                     }
-                    r
                 }
-                None => return Ok(Err(AuthFailure::Unknown)),
-            },
+                if !token.starts_with(PREFIX) || token.len() > 128 {
+                    return Ok(Err(AuthFailure::Unknown));
+                }
+                match self.store.lookup_key(&hash)? {
+                    Some(r) => {
+                        if let Ok(mut c) = self.cache.lock() {
+                            if c.len() > 10_000 {
+                                c.clear();
+                            }
+                            c.insert(hash, (r.clone(), Instant::now()));
+                        }
+                        r
+                    }
+                    None => return Ok(Err(AuthFailure::Unknown)),
+                }
+            }
         };
         if row.expires.is_some_and(|e| e <= now_secs()) {
             return Ok(Err(AuthFailure::Expired));
@@ -160,44 +191,87 @@ impl Authenticator {
             tailnet: row.tailnet,
         }))
     }
+
+    /// A channel that turns `Some(reason)` when key `id` is revoked or expires (see
+    /// [`poll`](Self::poll)).
+    pub fn watch(&self, id: &str) -> watch::Receiver<KeyEnd> {
+        let Ok(mut w) = self.watched.lock() else {
+            return watch::channel(None).1;
+        };
+        w.entry(id.to_string())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    /// Reads the keys from the store (blocking): revoked or expired keys leave the cache and
+    /// their watchers learn why. Run it every second or so.
+    pub fn poll(&self) -> Result<(), StoreError> {
+        let rows = self.store.list_keys()?;
+        let now = now_secs();
+        let live: HashMap<&str, Option<i64>> =
+            rows.iter().map(|r| (r.id.as_str(), r.expires)).collect();
+        let end = |id: &str| -> KeyEnd {
+            match live.get(id) {
+                None => Some("API key revoked"),
+                Some(Some(e)) if *e <= now => Some("API key expired"),
+                Some(_) => None,
+            }
+        };
+        if let Ok(mut c) = self.cache.lock() {
+            c.retain(|_, (row, _)| end(&row.id).is_none());
+        }
+        if let Ok(mut w) = self.watched.lock() {
+            w.retain(|id, tx| {
+                if tx.receiver_count() == 0 {
+                    return false;
+                }
+                match end(id) {
+                    Some(why) => {
+                        tx.send_replace(Some(why));
+                        false
+                    }
+                    None => true,
+                }
+            });
+        }
+        if let Some(l) = &self.lookups {
+            l.forget_idle();
+        }
+        Ok(())
+    }
 }
 
-/// Per-key token buckets.
+/// Keyed GCRA rate limits (governor): `rate` per second sustained, `burst` at once.
 #[derive(Debug)]
-pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+pub struct RateLimiter<K: Clone + std::hash::Hash + Eq> {
+    inner: DefaultKeyedRateLimiter<K>,
 }
 
-impl RateLimiter {
-    /// `rate` tokens per second, at most `burst` saved up.
-    pub fn new(rate: f64, burst: f64) -> RateLimiter {
+impl<K: Clone + std::hash::Hash + Eq> RateLimiter<K> {
+    /// `rate` requests per second, at most `burst` at once (both are clamped to sane ranges).
+    pub fn new(rate: f64, burst: f64) -> RateLimiter<K> {
+        let period = Duration::from_secs_f64(1.0 / rate.clamp(1e-6, 1e9));
+        let burst = NonZeroU32::new(burst.clamp(1.0, f64::from(u32::MAX)) as u32)
+            .unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst);
         RateLimiter {
-            rate,
-            burst,
-            buckets: Mutex::new(HashMap::new()),
+            inner: DefaultKeyedRateLimiter::keyed(quota),
         }
     }
 
-    /// Takes a token for `key`; `Err(wait)` when none is left.
-    pub fn take(&self, key: &str) -> Result<(), Duration> {
-        let Ok(mut b) = self.buckets.lock() else {
-            return Ok(());
-        };
-        let now = Instant::now();
-        if b.len() > 100_000 {
-            b.clear();
-        }
-        let (tokens, at) = b.entry(key.to_string()).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
-        }
+    /// Takes one for `key`; `Err(wait)` when none is left.
+    pub fn take(&self, key: &K) -> Result<(), Duration> {
+        self.inner
+            .check_key(key)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Drops the state of keys that are back at their full burst (bounds memory).
+    pub fn forget_idle(&self) {
+        self.inner.retain_recent();
+        self.inner.shrink_to_fit();
     }
 }
 
@@ -209,12 +283,13 @@ mod tests {
     #[test]
     fn buckets_refill() {
         let r = RateLimiter::new(1000.0, 2.0);
-        assert!(r.take("a").is_ok());
-        assert!(r.take("a").is_ok());
-        assert!(r.take("a").is_err());
-        assert!(r.take("b").is_ok());
+        assert!(r.take(&"a").is_ok());
+        assert!(r.take(&"a").is_ok());
+        let wait = r.take(&"a").unwrap_err();
+        assert!(wait <= Duration::from_millis(1), "{wait:?}");
+        assert!(r.take(&"b").is_ok());
         std::thread::sleep(Duration::from_millis(5));
-        assert!(r.take("a").is_ok());
+        assert!(r.take(&"a").is_ok());
     }
 
     #[test]

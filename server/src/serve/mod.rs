@@ -6,7 +6,8 @@
 //!   is applied and committed; readers use snapshots and never wait for the writer.
 //! - [`api`]: routes, bearer auth with tenant scoping, per-key rate limit, concurrency limit.
 //! - [`stream`]: NDJSON netmap streams fed by a bounded broadcast of committed writes.
-//! - [`net`]: the accept loop (header-read and idle timeouts, connection cap, draining).
+//! - [`net`]: the accept loop (header-read and idle timeouts, connection caps, draining).
+//! - [`limits`]: per-key/per-IP caps and request-body reading with a deadline and minimum rate.
 //!
 //! The API is described in `docs/api.md`.
 
@@ -14,6 +15,7 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod store;
@@ -23,7 +25,7 @@ pub mod tailnets;
 use std::io::Write;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -77,12 +79,32 @@ pub fn run(cfg: Config) -> Result<(), ServeError> {
 
 async fn serve(cfg: Config) -> Result<(), ServeError> {
     let t0 = Instant::now();
+    // One server per data directory: a second one would hand out the same addresses and
+    // interleave its writes with ours.
+    let lock = store::DirLock::acquire(&cfg.data)?;
+    // Before opening the store for writing (which would fold what is left of the WAL into the
+    // database): are all acknowledged commits there?
+    let accepted_loss = match store::Store::check_commits(&cfg.data) {
+        Ok(()) => false,
+        Err(e @ store::StoreError::LostCommits { .. }) if cfg.accept_data_loss => {
+            tracing::error!(error = %e, "starting anyway (--accept-data-loss)");
+            true
+        }
+        Err(e) => return Err(e.into()),
+    };
     let store = Arc::new(store::Store::open(&cfg.data)?);
+    if accepted_loss {
+        store.reset_marker()?;
+    }
     let metrics = Arc::new(metrics::Metrics::default());
     let registry = {
         let (store, metrics) = (store.clone(), metrics.clone());
-        let (buf, queue) = (cfg.limits.stream_buffer, cfg.limits.write_queue);
-        tokio::task::spawn_blocking(move || tailnets::Registry::load(store, metrics, buf, queue))
+        let limits = tailnets::RegistryLimits {
+            stream_buffer: cfg.limits.stream_buffer,
+            write_queue: cfg.limits.write_queue,
+            max_nodes: cfg.limits.max_nodes_per_tailnet,
+        };
+        tokio::task::spawn_blocking(move || tailnets::Registry::load(store, metrics, limits))
             .await
             .map_err(|e| ServeError::Task(e.to_string()))??
     };
@@ -90,6 +112,8 @@ async fn serve(cfg: Config) -> Result<(), ServeError> {
     tracing::info!(
         db = %store.path().display(),
         tailnets = registry.list().len(),
+        broken = registry.list_broken().len(),
+        lock = %lock.path().display(),
         elapsed_ms = t0.elapsed().as_millis() as u64,
         "state loaded"
     );
@@ -110,14 +134,23 @@ async fn serve(cfg: Config) -> Result<(), ServeError> {
         // Keep the sender alive so receivers see `true`, not a closed channel.
         std::future::pending::<()>().await;
     });
+    let l = &cfg.limits;
+    let auth = Arc::new(keys::Authenticator::new(
+        store.clone(),
+        Some((l.auth_rate_per_ip, l.auth_burst_per_ip)),
+    ));
+    let poller = tokio::spawn(poll_keys(auth.clone(), stop_rx.clone()));
     let app = api::App::new(api::AppInner {
         registry: registry.clone(),
-        auth: keys::Authenticator::new(store.clone()),
-        rate: keys::RateLimiter::new(cfg.limits.rate_per_sec, cfg.limits.rate_burst),
+        auth,
+        rate: keys::RateLimiter::new(l.rate_per_sec, l.rate_burst),
         metrics: metrics.clone(),
-        limits: cfg.limits.clone(),
-        concurrency: Arc::new(Semaphore::new(cfg.limits.max_concurrency)),
+        limits: l.clone(),
+        concurrency: Arc::new(Semaphore::new(l.max_concurrency)),
         streams: Arc::new(AtomicUsize::new(0)),
+        key_requests: limits::Caps::new(l.max_requests_per_key),
+        key_streams: limits::Caps::new(l.max_streams_per_key),
+        ip_streams: limits::Caps::new(l.max_streams_per_ip),
         shutdown: stop_rx.clone(),
     });
     let control = {
@@ -135,8 +168,38 @@ async fn serve(cfg: Config) -> Result<(), ServeError> {
     tracing::info!(machines = control.machine_count(), key = %control.key.public, "control protocol ready");
     let router = api::router(app).merge(crate::control::router(control));
     net::serve(listener, router, cfg.limits.clone(), metrics, stop_rx).await;
+    poller.abort();
+    // Fold the WAL into the database file: a clean stop leaves nothing that depends on it.
+    let checkpoint = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.checkpoint()).await
+    };
+    match checkpoint {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "final checkpoint failed"),
+        Err(e) => tracing::warn!(error = %e, "final checkpoint task failed"),
+    }
     tracing::info!("stopped");
+    drop(lock);
     Ok(())
+}
+
+/// Every second: revoked or expired keys leave the auth cache and their open streams end.
+async fn poll_keys(auth: Arc<keys::Authenticator>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let a = auth.clone();
+        match tokio::task::spawn_blocking(move || a.poll()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "API key poll failed"),
+            Err(e) => tracing::warn!(error = %e, "API key poll task failed"),
+        }
+    }
 }
 
 async fn wait_for_signal() {

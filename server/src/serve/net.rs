@@ -1,6 +1,8 @@
 //! The accept loop: HTTP/1.1 connections served by hyper with a header-read timeout (slowloris
-//! cut-off, also bounding the wait between kept-alive requests), an idle timeout, a cap on open
-//! connections, and graceful draining on shutdown.
+//! cut-off, also bounding the wait between kept-alive requests), an idle timeout, caps on open
+//! connections (server-wide and per client IP), and graceful draining on shutdown. Request
+//! bodies are not read here: the API reads them with a deadline and a minimum rate before a
+//! request takes a concurrency slot (see `api`).
 
 use std::convert::Infallible;
 use std::io;
@@ -23,7 +25,8 @@ use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 use super::config::Limits;
-use super::metrics::Metrics;
+use super::limits::{CapGuard, Caps};
+use super::metrics::{Limited, Metrics};
 
 /// Per-connection facts handed to handlers (as a request extension).
 #[derive(Debug, Clone)]
@@ -127,6 +130,41 @@ impl AsyncWrite for Tracked {
     }
 }
 
+/// Admission of new connections: the server-wide cap and the per-client-IP cap.
+struct Admission {
+    all: Arc<Semaphore>,
+    per_ip: Caps<std::net::IpAddr>,
+}
+
+/// What an admitted connection holds until it closes.
+struct Admitted {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    _ip: CapGuard<std::net::IpAddr>,
+}
+
+impl Admission {
+    fn new(limits: &Limits) -> Admission {
+        Admission {
+            all: Arc::new(Semaphore::new(limits.max_connections)),
+            per_ip: Caps::new(limits.max_connections_per_ip),
+        }
+    }
+
+    /// Admits a connection from `peer`, or says which cap refused it.
+    fn admit(&self, peer: &SocketAddr) -> Result<Admitted, &'static str> {
+        let all = self
+            .all
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "max_connections")?;
+        let ip = self
+            .per_ip
+            .try_take(&peer.ip())
+            .ok_or("max_connections_per_ip")?;
+        Ok(Admitted { _all: all, _ip: ip })
+    }
+}
+
 /// Accepts and serves connections until `shutdown` turns true, then drains them (at most
 /// `limits.drain_timeout`).
 pub async fn serve(
@@ -136,7 +174,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let conns = Arc::new(Semaphore::new(limits.max_connections));
+    let admission = Admission::new(&limits);
     let limits = Arc::new(limits);
     let mut tasks = JoinSet::new();
     loop {
@@ -152,10 +190,17 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Ok(permit) = conns.clone().try_acquire_owned() else {
-                    metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                    drop(stream);
-                    continue;
+                let permit = match admission.admit(&peer) {
+                    Ok(p) => p,
+                    Err(cap) => {
+                        metrics.connections_refused.inc();
+                        if cap == "max_connections_per_ip" {
+                            metrics.limited(Limited::IpConnections);
+                        }
+                        tracing::debug!(%peer, cap, "connection refused");
+                        drop(stream);
+                        continue;
+                    }
                 };
                 let _ = stream.set_nodelay(true);
                 let (router, limits, metrics, shutdown) =
@@ -191,7 +236,7 @@ async fn serve_conn(
     metrics: &Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    metrics.connections.fetch_add(1, Ordering::Relaxed);
+    metrics.connections.inc();
     let epoch = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
     let active = Arc::new(AtomicUsize::new(0));
@@ -235,7 +280,7 @@ async fn serve_conn(
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     if e.is_timeout() {
-                        metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+                        metrics.timeouts.inc();
                         tracing::debug!(%peer, "header read timeout; connection closed");
                     } else {
                         tracing::debug!(%peer, error = %e, "connection error");
@@ -252,7 +297,7 @@ async fn serve_conn(
                 if active.load(Ordering::Acquire) == 0
                     && now.saturating_sub(last.load(Ordering::Relaxed)) >= idle_ms
                 {
-                    metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+                    metrics.timeouts.inc();
                     tracing::debug!(%peer, "idle timeout; connection closed");
                     conn.as_mut().graceful_shutdown();
                     closing = true;
@@ -260,5 +305,5 @@ async fn serve_conn(
             }
         }
     }
-    metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    metrics.connections.dec();
 }

@@ -8,13 +8,16 @@
 //!   (peer names added/removed/changed, which parts changed), `peers` the new value of every
 //!   added or changed peer, and the changed parts in full;
 //! - `{"type":"keepalive","seq":N}` when nothing else was sent for the keep-alive interval;
-//! - `{"type":"removed","seq":N}` (node removed) or `{"type":"deleted"}` (tailnet deleted),
-//!   after which the stream ends.
+//! - `{"type":"removed","seq":N}` (node removed), `{"type":"deleted"}` (tailnet deleted) or
+//!   `{"type":"unauthorized","error":"API key revoked"}` (the key was revoked or expired: within
+//!   about a second, see [`Authenticator::poll`](super::keys::Authenticator::poll)), after which
+//!   the stream ends.
 //!
 //! Each stream reads the tailnet's bounded broadcast of committed writes; a stream that falls
 //! more than the buffer behind (a slow reader) skips to a fresh full view instead of holding the
 //! writer or other streams back.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +33,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, watch};
 
 use super::error::ApiError;
+use super::keys::KeyEnd;
+use super::limits::CapGuard;
 use super::metrics::Metrics;
 use super::net::ActiveGuard;
 use super::tailnets::{Event, EventKind, TailnetHandle};
@@ -49,7 +54,7 @@ impl StreamSlot {
             open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        metrics.streams.fetch_add(1, Ordering::Relaxed);
+        metrics.streams.inc();
         Some(StreamSlot {
             open: open.clone(),
             metrics: metrics.clone(),
@@ -60,7 +65,7 @@ impl StreamSlot {
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.streams.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.streams.dec();
     }
 }
 
@@ -114,7 +119,11 @@ struct State {
     shutdown: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     done: bool,
+    /// Turns `Some(reason)` when the stream's API key is revoked or expires.
+    key_end: Option<watch::Receiver<KeyEnd>>,
     _slot: StreamSlot,
+    _per_key: Option<CapGuard<String>>,
+    _per_ip: Option<CapGuard<IpAddr>>,
     _active: Option<ActiveGuard>,
 }
 
@@ -149,7 +158,7 @@ impl State {
     }
 
     fn resync(&mut self) -> Step {
-        self.metrics.stream_resyncs.fetch_add(1, Ordering::Relaxed);
+        self.metrics.stream_resyncs.inc();
         // Drop the stale backlog: start from the newest write, then read the state (writes in
         // between are skipped by seq).
         self.rx = self.rx.resubscribe();
@@ -169,6 +178,17 @@ impl State {
             let step = tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => Step::End(None),
+                r = key_end(&mut self.key_end) => match r {
+                    Some(why) => {
+                        self.metrics.streams_revoked.inc();
+                        Step::End(Some(line(&json!({"type": "unauthorized", "error": why}))))
+                    }
+                    // The watch went away without a reason: stop watching.
+                    None => {
+                        self.key_end = None;
+                        Step::Skip
+                    }
+                },
                 r = self.rx.recv() => match r {
                     Ok(ev) => self.on_event(&ev),
                     Err(RecvError::Lagged(_)) => self.resync(),
@@ -193,6 +213,22 @@ impl State {
     }
 }
 
+/// Waits until the key's watch says why it ended; `None` if the watch closed without a reason.
+/// Never resolves without a watch.
+async fn key_end(w: &mut Option<watch::Receiver<KeyEnd>>) -> Option<&'static str> {
+    let Some(rx) = w.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        if let Some(why) = *rx.borrow_and_update() {
+            return Some(why);
+        }
+        if rx.changed().await.is_err() {
+            return *rx.borrow();
+        }
+    }
+}
+
 /// Parameters of one stream.
 pub struct Open {
     /// The tailnet.
@@ -201,6 +237,12 @@ pub struct Open {
     pub node: String,
     /// The stream-count slot.
     pub slot: StreamSlot,
+    /// The slot among the API key's streams.
+    pub per_key: Option<CapGuard<String>>,
+    /// The slot among the client IP's streams.
+    pub per_ip: Option<CapGuard<IpAddr>>,
+    /// The API key's revocation watch.
+    pub key_end: Option<watch::Receiver<KeyEnd>>,
     /// Marks the connection busy while the stream is open (no idle cut-off).
     pub active: Option<ActiveGuard>,
     /// Keep-alive interval.
@@ -233,7 +275,10 @@ pub fn open(o: Open) -> Result<Response, ApiError> {
         shutdown: o.shutdown,
         metrics: o.metrics,
         done: false,
+        key_end: o.key_end,
         _slot: o.slot,
+        _per_key: o.per_key,
+        _per_ip: o.per_ip,
         _active: o.active,
     };
     let rest = stream::unfold(state, |mut st| async move {
@@ -272,7 +317,16 @@ mod tests {
         let store = Arc::new(Store::open(&dir).unwrap());
         let metrics = Arc::new(Metrics::default());
         // A buffer of 4 change sets.
-        let reg = Registry::load(store, metrics.clone(), 4, 64).unwrap();
+        let reg = Registry::load(
+            store,
+            metrics.clone(),
+            crate::serve::tailnets::RegistryLimits {
+                stream_buffer: 4,
+                write_queue: 64,
+                max_nodes: 1000,
+            },
+        )
+        .unwrap();
         assert!(reg.create("t", Default::default()).unwrap());
         let h = reg.get("t").unwrap();
         let allow = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#;
@@ -293,6 +347,9 @@ mod tests {
             handle: h.clone(),
             node: "n".into(),
             slot: StreamSlot::take(&open_streams, 10, &metrics).unwrap(),
+            per_key: None,
+            per_ip: None,
+            key_end: None,
             active: None,
             keepalive: Duration::from_secs(30),
             shutdown,
@@ -317,7 +374,7 @@ mod tests {
         assert_eq!(line["resync"], true);
         assert_eq!(line["seq"], 13);
         assert_eq!(line["view"]["peers"].as_array().unwrap().len(), 10);
-        assert_eq!(metrics.stream_resyncs.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.stream_resyncs.get(), 1);
         // Then deltas again.
         h.write(WriteOp::DeleteNode("p0".into())).await.unwrap();
         let line = next(body.try_next().await.unwrap().unwrap());

@@ -2,16 +2,17 @@
 //! writes in order, commits them to the store, and only then publishes the new snapshot to
 //! readers and the change sets to streams. Readers never wait for the writer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use ipnet::IpNet;
+pub use netmap_core::valid_name;
 use netmap_core::{
-    Change, ChangeSet, CoreError, Engine, Node, PostureValue, Snapshot, Tailnet, TailnetSettings,
-    User,
+    is_ipv6_only, Change, ChangeSet, CoreError, Engine, Node, PostureValue, Snapshot, StateIndex,
+    Tailnet, TailnetSettings, User,
 };
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
@@ -19,11 +20,12 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::store::{Store, StoredTailnet};
+use super::store::{BrokenRow, Store, StoredTailnet};
 
-/// The policy of a new tailnet: nothing is allowed until a policy is set.
+/// The policy of a new tailnet: nothing is allowed until a policy is set. (`{}` would allow
+/// everything: a policy without `acls` and `grants` is allow-all.)
 pub const DEFAULT_POLICY: &str =
-    "// Default policy of a new tailnet: deny everything until a policy is set.\n{}\n";
+    "// Default policy of a new tailnet: deny everything until a policy is set.\n{\"acls\": []}\n";
 
 /// What readers see: the last committed state.
 #[derive(Debug)]
@@ -242,7 +244,7 @@ impl TailnetHandle {
 
 /// Whether a tailnet's settings make it IPv6-only.
 pub fn ipv6_only(s: &TailnetSettings) -> bool {
-    s.extra.get("ipv6_only") == Some(&Value::Bool(true))
+    is_ipv6_only(s)
 }
 
 /// Builds an engine for state loaded from the store. The policy's `tests` and the tailnet
@@ -261,11 +263,11 @@ pub fn now_rfc3339() -> String {
     netmap_core::format_rfc3339(secs, d.subsec_nanos())
 }
 
-/// Which addresses are taken, for allocation and conflict checks.
+/// What is in use in the tailnet (the core validator's index, kept in step with every write)
+/// and where address allocation goes on from.
 #[derive(Debug, Default)]
 struct AddrIndex {
-    v4: HashMap<Ipv4Addr, String>,
-    v6: HashMap<Ipv6Addr, String>,
+    index: StateIndex,
     next_v4: u32,
     next_v6: u128,
 }
@@ -277,39 +279,24 @@ const V6_LAST: u128 = (1u128 << 80) - 2;
 
 fn v4_reserved(a: u32) -> bool {
     let last = a & 0xff;
-    // 100.100.100.100 (the Tailscale service address), 100.115.92.0/23 (not in the tailnet
+    // 100.100.100.0/24 (Tailscale's service addresses), 100.115.92.0/23 (not in the tailnet
     // range), and .0 / .255 (look like network/broadcast addresses to some tools).
-    a == 0x6464_6464 || (a & 0xffff_fe00) == 0x6473_5c00 || last == 0 || last == 0xff
+    (a & 0xffff_ff00) == 0x6464_6400
+        || (a & 0xffff_fe00) == 0x6473_5c00
+        || last == 0
+        || last == 0xff
+}
+
+fn v6_reserved(off: u128) -> bool {
+    // ::53 is Tailscale's DNS service; fd7a:115c:a1e0:b1a::/64 holds 4via6 routes.
+    off == 0x53 || (off >> 64) == 0xb1a
 }
 
 impl AddrIndex {
     fn build(t: &Tailnet) -> AddrIndex {
-        let mut ix = AddrIndex::default();
-        for (k, n) in t.nodes.iter() {
-            ix.add(k, n);
-        }
-        ix
-    }
-
-    fn add(&mut self, key: &str, n: &Node) {
-        if let Some(a) = n.ipv4 {
-            self.v4.insert(a, key.to_string());
-        }
-        if let Some(a) = n.ipv6 {
-            self.v6.insert(a, key.to_string());
-        }
-    }
-
-    fn remove(&mut self, key: &str, n: &Node) {
-        if let Some(a) = n.ipv4 {
-            if self.v4.get(&a).is_some_and(|k| k == key) {
-                self.v4.remove(&a);
-            }
-        }
-        if let Some(a) = n.ipv6 {
-            if self.v6.get(&a).is_some_and(|k| k == key) {
-                self.v6.remove(&a);
-            }
+        AddrIndex {
+            index: StateIndex::new(t),
+            ..AddrIndex::default()
         }
     }
 
@@ -318,7 +305,7 @@ impl AddrIndex {
         for i in 0..span {
             let a = V4_FIRST + (self.next_v4.wrapping_add(i) % span);
             let addr = Ipv4Addr::from(a);
-            if !v4_reserved(a) && !self.v4.contains_key(&addr) {
+            if !v4_reserved(a) && self.index.v4_holder(addr).is_none() {
                 self.next_v4 = a - V4_FIRST + 1;
                 return Some(addr);
             }
@@ -328,10 +315,11 @@ impl AddrIndex {
 
     fn alloc_v6(&mut self) -> Option<Ipv6Addr> {
         // The space is 2^80 addresses: a linear probe from the cursor always ends quickly.
-        for i in 0..(self.v6.len() as u128 + 2) {
+        let used = self.index.address_counts().1 as u128;
+        for i in 0..(used + 3) {
             let off = (self.next_v6.wrapping_add(i) % V6_LAST) + 1;
             let addr = Ipv6Addr::from(V6_BASE | off);
-            if !self.v6.contains_key(&addr) {
+            if !v6_reserved(off) && self.index.v6_holder(addr).is_none() {
                 self.next_v6 = off;
                 return Some(addr);
             }
@@ -342,6 +330,8 @@ impl AddrIndex {
 
 struct Writer {
     name: String,
+    /// Most nodes the tailnet may hold.
+    max_nodes: usize,
     /// At most this many writes per commit (half the stream buffer, so that one batch cannot
     /// push a reading stream out of the buffer).
     max_batch: usize,
@@ -529,6 +519,34 @@ impl Writer {
         self.addrs = AddrIndex::build(self.engine.snapshot().tailnet());
     }
 
+    /// Checks node `name` as it would be after the write and applies it through the engine.
+    fn upsert_node(
+        &mut self,
+        name: String,
+        node: Node,
+        existing: Option<&Node>,
+    ) -> Result<ChangeSet, ApiError> {
+        let snap = self.engine.snapshot();
+        let t = snap.tailnet();
+        if existing.is_none() && t.nodes.len() >= self.max_nodes {
+            return Err(ApiError::Conflict(format!(
+                "tailnet {:?} has {} nodes, its limit (max_nodes_per_tailnet)",
+                self.name,
+                t.nodes.len()
+            )));
+        }
+        self.addrs.index.check_node(&name, &node, &t.users)?;
+        let cs = self.engine.apply(Change::UpsertNode {
+            node: name.clone(),
+            value: node.clone(),
+        })?;
+        if let Some(old) = existing {
+            self.addrs.index.remove_node(&name, old);
+        }
+        self.addrs.index.insert_node(&name, &node);
+        Ok(cs)
+    }
+
     fn apply(&mut self, op: WriteOp) -> Result<Applied, ApiError> {
         let changes = |cs: ChangeSet| EventKind::Changes(cs);
         match op {
@@ -536,14 +554,7 @@ impl Writer {
                 let snap = self.engine.snapshot();
                 let existing = snap.tailnet().nodes.get(&name).cloned();
                 let node = self.node_from_body(&name, body, existing.as_deref(), snap.tailnet())?;
-                let cs = self.engine.apply(Change::UpsertNode {
-                    node: name.clone(),
-                    value: node.clone(),
-                })?;
-                if let Some(old) = &existing {
-                    self.addrs.remove(&name, old);
-                }
-                self.addrs.add(&name, &node);
+                let cs = self.upsert_node(name, node, existing.as_deref())?;
                 Ok(Applied {
                     created: existing.is_none(),
                     kind: changes(cs),
@@ -555,61 +566,68 @@ impl Writer {
                 let Some(old) = snap.tailnet().nodes.get(&name).cloned() else {
                     return Err(ApiError::NotFound(format!("node {name:?} not found")));
                 };
-                let fields = usize::from(p.online.is_some())
-                    + usize::from(p.approved_routes.is_some())
-                    + usize::from(p.routable_ips.is_some())
-                    + usize::from(p.tags.is_some())
-                    + usize::from(p.posture.is_some());
-                if fields == 0 {
+                if p.online.is_none()
+                    && p.approved_routes.is_none()
+                    && p.routable_ips.is_none()
+                    && p.tags.is_none()
+                    && p.posture.is_none()
+                {
                     return Err(bad(
                         "empty patch: give online, approved_routes, routable_ips, tags or posture",
                     ));
                 }
-                if let Some(tags) = &p.tags {
-                    check_tags(tags)?;
+                let mut n = (*old).clone();
+                if let Some(o) = p.online {
+                    n.online = o;
                 }
-                let change = match (&p, fields) {
-                    (
-                        NodePatch {
-                            online: Some(o), ..
-                        },
-                        1,
-                    ) => Change::SetOnline {
-                        node: name,
-                        online: *o,
-                    },
-                    (
-                        NodePatch {
-                            approved_routes: Some(r),
-                            ..
-                        },
-                        1,
-                    ) => Change::ApproveRoutes {
-                        node: name,
-                        routes: r.clone(),
-                    },
-                    _ => {
-                        let mut n = (*old).clone();
-                        if let Some(o) = p.online {
-                            n.online = o;
-                        }
-                        if let Some(r) = p.approved_routes {
-                            n.approved_routes = r;
-                        }
-                        if let Some(r) = p.routable_ips {
-                            n.routable_ips = r;
-                        }
-                        if let Some(t) = p.tags {
-                            n.tags = t;
-                        }
-                        if let Some(a) = p.posture {
-                            n.posture = a;
-                        }
-                        Change::UpsertNode {
-                            node: name,
-                            value: n,
-                        }
+                if let Some(r) = p.approved_routes {
+                    n.approved_routes = r;
+                }
+                if let Some(r) = p.routable_ips {
+                    n.routable_ips = r;
+                }
+                if let Some(t) = p.tags {
+                    // As in Tailscale: a tagged node belongs to its tags, not to a user.
+                    if !t.is_empty() {
+                        n.user = None;
                     }
+                    n.tags = t;
+                }
+                if let Some(a) = p.posture {
+                    n.posture = a;
+                }
+                // The cheaper engine changes when only the online flag or the approvals moved.
+                let only = |same: bool| same && n != *old;
+                let change = if only(
+                    Node {
+                        online: old.online,
+                        ..n.clone()
+                    } == *old,
+                ) {
+                    Change::SetOnline {
+                        node: name.clone(),
+                        online: n.online,
+                    }
+                } else if only(
+                    Node {
+                        approved_routes: old.approved_routes.clone(),
+                        ..n.clone()
+                    } == *old,
+                ) {
+                    self.addrs
+                        .index
+                        .check_node(&name, &n, &snap.tailnet().users)?;
+                    Change::ApproveRoutes {
+                        node: name.clone(),
+                        routes: n.approved_routes.clone(),
+                    }
+                } else {
+                    let cs = self.upsert_node(name, n, Some(&old))?;
+                    return Ok(Applied {
+                        created: false,
+                        kind: changes(cs),
+                        policy_changed: false,
+                    });
                 };
                 let cs = self.engine.apply(change)?;
                 Ok(Applied {
@@ -626,7 +644,7 @@ impl Writer {
                 let cs = self
                     .engine
                     .apply(Change::RemoveNode { node: name.clone() })?;
-                self.addrs.remove(&name, &old);
+                self.addrs.index.remove_node(&name, &old);
                 Ok(Applied {
                     created: false,
                     kind: changes(cs),
@@ -634,31 +652,37 @@ impl Writer {
                 })
             }
             WriteOp::PutUser(name, body) => {
-                check_user(&name, &body)?;
                 let snap = self.engine.snapshot();
                 let users = &snap.tailnet().users;
-                let existing = users.get(&name);
-                let id = match existing {
+                let existing = users.get(&name).cloned();
+                let id = match &existing {
                     Some(u) => u.id,
                     None => users.values().map(|u| u.id).max().unwrap_or(0) + 1,
                 };
-                let created = existing.is_none();
-                let cs = self.engine.apply(Change::UpsertUser {
-                    user: User {
-                        id,
-                        name,
-                        email: body.email,
-                        role: body.role,
-                    },
-                })?;
+                let user = User {
+                    id,
+                    name,
+                    email: body.email,
+                    role: body.role,
+                };
+                self.addrs.index.check_user(&user)?;
+                let cs = self
+                    .engine
+                    .apply(Change::UpsertUser { user: user.clone() })?;
+                self.addrs.index.insert_user(&user, existing.as_ref());
                 Ok(Applied {
-                    created,
+                    created: existing.is_none(),
                     kind: changes(cs),
                     policy_changed: false,
                 })
             }
             WriteOp::DeleteUser(name) => {
+                let Some(old) = self.engine.snapshot().tailnet().users.get(&name).cloned() else {
+                    return Err(ApiError::NotFound(format!("user {name:?} not found")));
+                };
+                self.addrs.index.check_remove_user(&name)?;
                 let cs = self.engine.apply(Change::RemoveUser { name })?;
+                self.addrs.index.remove_user(&old);
                 Ok(Applied {
                     created: false,
                     kind: changes(cs),
@@ -677,6 +701,14 @@ impl Writer {
                 })
             }
             WriteOp::Import { policy, tailnet } => {
+                // The handler checked the state with the validator (validate_tailnet).
+                if tailnet.nodes.len() > self.max_nodes {
+                    return Err(bad(format!(
+                        "{} nodes: more than the limit of {} per tailnet",
+                        tailnet.nodes.len(),
+                        self.max_nodes
+                    )));
+                }
                 let text: Arc<str> = match &policy {
                     Some(p) => Arc::from(p.as_str()),
                     None => self.policy_text.clone(),
@@ -695,6 +727,8 @@ impl Writer {
         }
     }
 
+    /// The node a `PUT` body describes (addresses allocated when omitted); the validator checks
+    /// it before it is applied.
     fn node_from_body(
         &mut self,
         name: &str,
@@ -702,29 +736,9 @@ impl Writer {
         existing: Option<&Node>,
         t: &Tailnet,
     ) -> Result<Node, ApiError> {
-        if let Some(u) = &b.user {
-            if !t.users.contains_key(u) {
-                return Err(bad(format!("unknown user {u:?}; create it first")));
-            }
-        }
-        if b.user.is_none() && b.tags.is_empty() {
-            return Err(bad("a node needs a user or at least one tag"));
-        }
-        check_tags(&b.tags)?;
-        if let Some(c) = &b.created {
-            if netmap_core::parse_rfc3339(c).is_none() {
-                return Err(bad(format!("created: {c:?} is not an RFC 3339 time")));
-            }
-        }
-        let v6_only = ipv6_only(&t.settings);
+        let v6_only = is_ipv6_only(&t.settings);
         let ipv4 = match b.ipv4 {
-            Some(Some(a)) if v6_only => {
-                return Err(bad(format!(
-                    "ipv4: this tailnet is IPv6-only, cannot use {a}"
-                )))
-            }
-            Some(Some(a)) => Some(a),
-            Some(None) => None,
+            Some(a) => a,
             None => match existing {
                 Some(e) => e.ipv4,
                 None if v6_only => None,
@@ -746,29 +760,6 @@ impl Writer {
                 ),
             },
         };
-        if ipv4.is_none() && ipv6.is_none() {
-            return Err(bad("a node needs at least one address"));
-        }
-        if let Some(a) = ipv4 {
-            if !"100.64.0.0/10"
-                .parse::<ipnet::Ipv4Net>()
-                .is_ok_and(|n| n.contains(&a))
-            {
-                return Err(bad(format!("ipv4: {a} is not in 100.64.0.0/10")));
-            }
-            if let Some(other) = self.addrs.v4.get(&a).filter(|k| k.as_str() != name) {
-                return Err(ApiError::Conflict(format!(
-                    "ipv4 {a} is used by node {other:?}"
-                )));
-            }
-        }
-        if let Some(a) = ipv6 {
-            if let Some(other) = self.addrs.v6.get(&a).filter(|k| k.as_str() != name) {
-                return Err(ApiError::Conflict(format!(
-                    "ipv6 {a} is used by node {other:?}"
-                )));
-            }
-        }
         Ok(Node {
             hostname: b.hostname.unwrap_or_else(|| name.to_string()),
             user: b.user,
@@ -791,33 +782,6 @@ impl Writer {
                 .unwrap_or_default(),
         })
     }
-}
-
-fn check_tags(tags: &[String]) -> Result<(), ApiError> {
-    for t in tags {
-        if !t.starts_with("tag:") || t.len() <= 4 {
-            return Err(bad(format!("tags: {t:?} must look like \"tag:NAME\"")));
-        }
-    }
-    Ok(())
-}
-
-fn check_user(name: &str, b: &UserBody) -> Result<(), ApiError> {
-    if !b.email.contains('@') {
-        return Err(bad(format!("email: {:?} is not an email address", b.email)));
-    }
-    if name.is_empty() {
-        return Err(bad("empty user name"));
-    }
-    Ok(())
-}
-
-/// Whether a tailnet, node or user name is acceptable in a URL path and the store.
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '+'))
 }
 
 /// A node as the API shows it.
@@ -848,14 +812,51 @@ pub fn node_json(snap: &Snapshot, name: &str) -> Option<Value> {
     }))
 }
 
+/// A tailnet whose stored state could not be loaded: its routes answer 503 naming the problem
+/// until it is repaired (`PUT .../state`, or `PUT .../policy` when only the policy is bad) or
+/// deleted.
+#[derive(Debug, Clone)]
+pub struct BrokenTailnet {
+    /// Why it is broken (the row or the policy error).
+    pub reason: String,
+    /// Writes committed before it broke.
+    pub seq: u64,
+    /// The stored policy text, when readable.
+    pub policy: Option<String>,
+    /// The stored state, when every row could be read (only the policy is bad).
+    pub tailnet: Option<Tailnet>,
+}
+
+/// A tailnet as the registry knows it.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// Loaded and serving.
+    Ready(Arc<TailnetHandle>),
+    /// Stored but unreadable.
+    Broken(Arc<BrokenTailnet>),
+    /// No such tailnet.
+    Missing,
+}
+
+/// Limits the registry applies to every tailnet.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryLimits {
+    /// Change sets buffered per tailnet for streams.
+    pub stream_buffer: usize,
+    /// Writes queued per tailnet.
+    pub write_queue: usize,
+    /// Most nodes per tailnet.
+    pub max_nodes: usize,
+}
+
 /// Every tailnet the server holds.
 pub struct Registry {
     tailnets: RwLock<BTreeMap<String, Arc<TailnetHandle>>>,
+    broken: RwLock<BTreeMap<String, Arc<BrokenTailnet>>>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-    stream_buffer: usize,
-    write_queue: usize,
-    /// Serialises creation and deletion.
+    limits: RegistryLimits,
+    /// Serialises creation, deletion and repair.
     pub lifecycle: tokio::sync::Mutex<()>,
 }
 
@@ -871,33 +872,39 @@ pub enum LoadError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] super::store::StoreError),
-    /// A stored tailnet could not be rebuilt.
-    #[error("tailnet {name:?}: {source}")]
-    Engine {
-        /// The tailnet.
-        name: String,
-        /// Why.
-        source: CoreError,
-    },
 }
 
 impl Registry {
     /// Loads every stored tailnet and starts its writer (blocking; seconds for large tailnets).
+    /// A tailnet whose rows or policy cannot be read is kept aside as broken (logged with the
+    /// tailnet and the row, counted in `netmap_tailnets_broken`); the others are served.
     pub fn load(
         store: Arc<Store>,
         metrics: Arc<Metrics>,
-        stream_buffer: usize,
-        write_queue: usize,
+        limits: RegistryLimits,
     ) -> Result<Registry, LoadError> {
         let reg = Registry {
             tailnets: RwLock::new(BTreeMap::new()),
+            broken: RwLock::new(BTreeMap::new()),
             store: store.clone(),
             metrics,
-            stream_buffer,
-            write_queue,
+            limits,
             lifecycle: tokio::sync::Mutex::new(()),
         };
-        for st in store.load_all()? {
+        for loaded in store.load_all()? {
+            let st = match loaded {
+                Ok(st) => st,
+                Err(b) => {
+                    let known = BrokenTailnet {
+                        reason: String::new(),
+                        seq: b.seq,
+                        policy: b.policy.clone(),
+                        tailnet: None,
+                    };
+                    reg.mark_broken(&b.tailnet.clone(), &b, Some(known));
+                    continue;
+                }
+            };
             let StoredTailnet {
                 name,
                 policy,
@@ -905,16 +912,27 @@ impl Registry {
                 tailnet,
             } = st;
             let t0 = Instant::now();
-            // One tenant's unloadable state must not keep the others offline: log and skip it
-            // (its rows stay in the store; requests for it answer 404 until it is repaired).
-            let engine = match restore_engine(&policy, tailnet) {
+            let engine = match restore_engine(&policy, tailnet.clone()) {
                 Ok(e) => e,
-                Err(source) => {
-                    let e = LoadError::Engine {
-                        name: name.clone(),
-                        source,
+                Err(e) => {
+                    let row = BrokenRow {
+                        tailnet: name.clone(),
+                        table: "tailnets",
+                        row: format!("{name} (policy)"),
+                        message: e.to_string(),
+                        seq,
+                        policy: None,
                     };
-                    tracing::error!(error = %e, "tailnet not loaded");
+                    reg.mark_broken(
+                        &name,
+                        &row,
+                        Some(BrokenTailnet {
+                            reason: String::new(),
+                            seq,
+                            policy: Some(policy),
+                            tailnet: Some(tailnet),
+                        }),
+                    );
                     continue;
                 }
             };
@@ -924,6 +942,21 @@ impl Registry {
         Ok(reg)
     }
 
+    fn mark_broken(&self, name: &str, row: &BrokenRow, known: Option<BrokenTailnet>) {
+        tracing::error!(tailnet = %name, table = row.table, row = %row.row, error = %row.message, "tailnet not loaded: its stored state cannot be read; repair it with PUT /v1/tailnets/{name}/state (or /policy) or delete it");
+        let mut b = known.unwrap_or(BrokenTailnet {
+            reason: String::new(),
+            seq: 0,
+            policy: None,
+            tailnet: None,
+        });
+        b.reason = row.to_string();
+        if let Ok(mut m) = self.broken.write() {
+            m.insert(name.to_string(), Arc::new(b));
+            self.metrics.set_broken(m.len());
+        }
+    }
+
     fn start(
         &self,
         name: String,
@@ -931,7 +964,7 @@ impl Registry {
         policy_text: Arc<str>,
         seq: u64,
     ) -> Arc<TailnetHandle> {
-        let (events, _) = broadcast::channel(self.stream_buffer);
+        let (events, _) = broadcast::channel(self.limits.stream_buffer);
         let shared = Arc::new(Shared {
             state: RwLock::new(Arc::new(Published {
                 seq,
@@ -940,10 +973,11 @@ impl Registry {
             })),
             events,
         });
-        let (tx, rx) = mpsc::sync_channel(self.write_queue);
+        let (tx, rx) = mpsc::sync_channel(self.limits.write_queue);
         let writer = Writer {
             name: name.clone(),
-            max_batch: (self.stream_buffer / 2).clamp(1, 256),
+            max_nodes: self.limits.max_nodes,
+            max_batch: (self.limits.stream_buffer / 2).clamp(1, 256),
             addrs: AddrIndex::build(engine.snapshot().tailnet()),
             engine,
             policy_text,
@@ -979,6 +1013,17 @@ impl Registry {
         self.tailnets.read().ok()?.get(name).cloned()
     }
 
+    /// A tailnet by name, broken ones included.
+    pub fn lookup(&self, name: &str) -> Lookup {
+        if let Some(h) = self.get(name) {
+            return Lookup::Ready(h);
+        }
+        match self.broken.read().ok().and_then(|m| m.get(name).cloned()) {
+            Some(b) => Lookup::Broken(b),
+            None => Lookup::Missing,
+        }
+    }
+
     /// Every tailnet, by name.
     pub fn list(&self) -> Vec<Arc<TailnetHandle>> {
         self.tailnets
@@ -987,17 +1032,34 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Every broken tailnet, by name.
+    pub fn list_broken(&self) -> Vec<(String, Arc<BrokenTailnet>)> {
+        self.broken
+            .read()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
     /// Creates a tailnet (blocking: writes the store). `Ok(false)` when it exists with the same
     /// settings; `Conflict` when it exists with others.
     pub fn create(&self, name: &str, settings: TailnetSettings) -> Result<bool, ApiError> {
-        if let Some(h) = self.get(name) {
-            return if h.current().snapshot.tailnet().settings == settings {
-                Ok(false)
-            } else {
-                Err(ApiError::Conflict(format!(
-                    "tailnet {name:?} exists with other settings"
+        match self.lookup(name) {
+            Lookup::Ready(h) => {
+                return if h.current().snapshot.tailnet().settings == settings {
+                    Ok(false)
+                } else {
+                    Err(ApiError::Conflict(format!(
+                        "tailnet {name:?} exists with other settings"
+                    )))
+                };
+            }
+            Lookup::Broken(b) => {
+                return Err(ApiError::Conflict(format!(
+                    "tailnet {name:?} exists but is broken ({}); repair it with PUT .../state or delete it",
+                    b.reason
                 )))
-            };
+            }
+            Lookup::Missing => {}
         }
         let tailnet = Tailnet {
             settings: settings.clone(),
@@ -1013,6 +1075,58 @@ impl Registry {
         }
         self.start(name.to_string(), engine, Arc::from(DEFAULT_POLICY), 0);
         Ok(true)
+    }
+
+    /// Repairs a broken tailnet (blocking): builds it from `tailnet` (or the stored state when
+    /// only the policy was bad) and `policy` (or the stored one), checks it as a new write
+    /// would be checked, replaces everything stored for it and starts serving it. Returns the
+    /// handle.
+    pub fn repair(
+        &self,
+        name: &str,
+        policy: Option<String>,
+        tailnet: Option<Tailnet>,
+    ) -> Result<Arc<TailnetHandle>, ApiError> {
+        let Lookup::Broken(b) = self.lookup(name) else {
+            return Err(ApiError::Conflict(format!(
+                "tailnet {name:?} is not broken"
+            )));
+        };
+        let tailnet = tailnet.or_else(|| b.tailnet.clone()).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "tailnet {name:?} is broken ({}): send the whole state with PUT .../state",
+                b.reason
+            ))
+        })?;
+        let policy = policy.or_else(|| b.policy.clone()).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "tailnet {name:?} is broken ({}) and its policy cannot be read: include \"policy\"",
+                b.reason
+            ))
+        })?;
+        let engine = Engine::new(&policy, tailnet)?;
+        let seq = b.seq + 1;
+        self.store
+            .replace(name, engine.snapshot().tailnet(), Some(&policy), seq)
+            .map_err(|e| ApiError::Internal(format!("repair tailnet: {e}")))?;
+        tracing::warn!(tailnet = %name, seq, "broken tailnet repaired");
+        if let Ok(mut m) = self.broken.write() {
+            m.remove(name);
+            self.metrics.set_broken(m.len());
+        }
+        Ok(self.start(name.to_string(), engine, Arc::from(policy), seq))
+    }
+
+    /// Deletes a broken tailnet from the store (blocking).
+    pub fn delete_broken(&self, name: &str) -> Result<(), ApiError> {
+        self.store
+            .delete_tailnet(name)
+            .map_err(|e| ApiError::Internal(format!("delete: {e}")))?;
+        if let Ok(mut m) = self.broken.write() {
+            m.remove(name);
+            self.metrics.set_broken(m.len());
+        }
+        Ok(())
     }
 
     /// Forgets a deleted tailnet.
@@ -1051,9 +1165,17 @@ mod tests {
         let mut ix = AddrIndex::default();
         let a = ix.alloc_v4().unwrap();
         assert_eq!(a, Ipv4Addr::new(100, 64, 0, 1));
-        ix.v4.insert(Ipv4Addr::new(100, 64, 0, 2), "x".into());
+        ix.index.insert_node(
+            "x",
+            &Node {
+                ipv4: Some(Ipv4Addr::new(100, 64, 0, 2)),
+                ..Node::default()
+            },
+        );
         assert_eq!(ix.alloc_v4().unwrap(), Ipv4Addr::new(100, 64, 0, 3));
         assert!(v4_reserved(u32::from(Ipv4Addr::new(100, 100, 100, 100))));
+        assert!(v4_reserved(u32::from(Ipv4Addr::new(100, 100, 100, 7))));
+        assert!(v6_reserved(0x53));
         assert!(v4_reserved(u32::from(Ipv4Addr::new(100, 115, 93, 7))));
         assert!(!v4_reserved(u32::from(Ipv4Addr::new(100, 115, 94, 7))));
         let six = ix.alloc_v6().unwrap();

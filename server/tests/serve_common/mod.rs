@@ -18,8 +18,90 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_netmap")
+/// The binary under test (`NETMAP_TEST_BIN` runs the tests against another build, e.g. an
+/// older one to see a test fail on the bug it covers).
+pub fn bin() -> String {
+    std::env::var("NETMAP_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_netmap").to_string())
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (127.0.0.2, ...), so that one
+/// test can act as several client IPs.
+pub fn connect_from(from: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let local: SocketAddr = format!("{from}:0").parse().map_err(std::io::Error::other)?;
+    sock.bind(&local.into())?;
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    Ok(sock.into())
+}
+
+/// One request on a fresh connection from loopback address `from`.
+pub fn request_from(
+    from: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&[u8]>,
+) -> std::io::Result<Resp> {
+    let mut s = connect_from(from, addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write_request(&mut s, method, path, key, body, true)?;
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r)?;
+    let body = read_body(&mut r, &headers)?;
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Revokes a key with the CLI (its id is the 12 characters after `nmk_`).
+pub fn revoke_key(data: &Path, key: &str) {
+    let out = Command::new(bin())
+        .args(["apikey", "revoke", "--data"])
+        .arg(data)
+        .arg(&key[4..16])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `netmap serve` on `data` expecting it to exit (not to listen); returns its exit code and
+/// stderr, or `None` if it was still running after `within` (it is killed then).
+pub fn serve_expecting_exit(
+    data: &Path,
+    extra: &[&str],
+    within: Duration,
+) -> Option<(i32, String)> {
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .args(extra)
+        .env("NETMAP_LOG_LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            return Some((st.code().unwrap_or(-1), err));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -74,14 +156,25 @@ pub struct Server {
 impl Server {
     /// Starts the server on `data` with extra environment variables; waits until it listens.
     pub fn start(data: &Path, env: &[(&str, &str)]) -> Server {
-        Server::start_at(data, "127.0.0.1:0", env)
+        Server::start_full(data, "127.0.0.1:0", env, &[])
     }
 
     /// Starts the server listening on `listen` (a fixed port survives a restart).
     pub fn start_at(data: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
+        Server::start_full(data, listen, env, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra command-line arguments.
+    pub fn start_with_args(data: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
+        Server::start_full(data, "127.0.0.1:0", env, args)
+    }
+
+    /// Starts the server on `listen` with extra environment variables and arguments.
+    pub fn start_full(data: &Path, listen: &str, env: &[(&str, &str)], args: &[&str]) -> Server {
         let mut cmd = Command::new(bin());
         cmd.args(["serve", "--listen", listen, "--data"])
             .arg(data)
+            .args(args)
             .env("NETMAP_LOG_LEVEL", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -181,7 +274,7 @@ impl Resp {
     }
 }
 
-fn write_request(
+pub fn write_request(
     s: &mut TcpStream,
     method: &str,
     path: &str,

@@ -270,7 +270,7 @@ mod tests {
             .unwrap();
         }
         let s = Store::open(&dir).unwrap();
-        assert_eq!(s.load_all().unwrap()[0].seq, 7);
+        assert_eq!(s.load_all().unwrap()[0].as_ref().unwrap().seq, 7);
         let v: String = s
             .r()
             .unwrap()

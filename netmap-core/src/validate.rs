@@ -220,9 +220,6 @@ fn ipv6_problem(a: Ipv6Addr) -> Option<&'static str> {
     if a == u.network() {
         return Some("the network address of fd7a:115c:a1e0::/48");
     }
-    if a == Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0x53) {
-        return Some("reserved for Tailscale's DNS service");
-    }
     if via6().contains(&a) {
         return Some("inside the 4via6 range fd7a:115c:a1e0:b1a::/64");
     }
@@ -768,7 +765,6 @@ mod tests {
             "fe80::1",
             "::ffff:100.64.0.1",
             "fd7a:115c:a1e0::",
-            "fd7a:115c:a1e0::53",
             "fd7a:115c:a1e0:b1a::5",
         ] {
             assert_eq!(bad(serde_json::json!({"ipv6": a})), "ipv6", "{a}");

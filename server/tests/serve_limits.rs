@@ -91,7 +91,7 @@ fn slow_request_bodies_from_one_key_starve_nobody() {
     let timed_out = statuses.iter().filter(|&&x| x == 408).count();
     let capped = statuses.iter().filter(|&&x| x == 429).count();
     assert_eq!(timed_out + capped, 60, "{statuses:?}");
-    assert!(timed_out >= 1 && timed_out <= 16, "{statuses:?}");
+    assert!((1..=16).contains(&timed_out), "{statuses:?}");
     let m = request(s.addr, "GET", "/metrics", None, None).text();
     assert!(m.contains("netmap_body_timeouts_total"), "{m}");
     assert!(
@@ -202,17 +202,13 @@ fn streams_are_capped_per_key_and_per_ip() {
 #[test]
 fn max_streams_must_stay_below_max_connections() {
     let dir = TempDir::new("streamsconf");
-    let env_streams = [("NETMAP_MAX_STREAMS", "5000")];
-    let mut cmd = std::process::Command::new(bin());
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&dir.0)
-        .stdin(std::process::Stdio::null());
-    for (k, v) in env_streams {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = serve_expecting_exit_env(
+        &dir.0,
+        &[("NETMAP_MAX_STREAMS", "5000")],
+        Duration::from_secs(30),
+    )
+    .expect("the server started with max_streams above max_connections");
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("max_streams") && err.contains("max_connections"),
         "{err}"
@@ -224,7 +220,8 @@ fn every_error_is_json() {
     let (s, _dir, admin) = start_with_admin("jsonerrors", &[("NETMAP_MAX_BODY_BYTES", "100")]);
     let k = Some(admin.as_str());
     assert_eq!(s.req("PUT", "/v1/tailnets/a", k, None).status, 201);
-    let cases: Vec<(&str, &str, Option<&str>, Option<&[u8]>, u16)> = vec![
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a [u8]>, u16);
+    let cases: Vec<Case> = vec![
         ("GET", "/v1/tailnets/%FF", k, None, 400),
         ("GET", "/v1/tailnets/a/nodes/%FF%FE", k, None, 400),
         ("GET", "/v1/tailnets/a/users/%C3%28", k, None, 400),

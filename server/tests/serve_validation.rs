@@ -179,7 +179,7 @@ fn node_user_and_tailnet_writes_close_the_gaps() {
         (node("\"ipv6\":\"::1\""), "ipv6"),
         (node("\"ipv6\":\"fe80::1\""), "ipv6"),
         (node(&v4_mapped), "ipv6"),
-        (node("\"ipv6\":\"fd7a:115c:a1e0::53\""), "ipv6"),
+        (node("\"ipv6\":\"fd7a:115c:a1e0:b1a::1\""), "ipv6"),
         (node("\"ipv4\":\"100.100.100.100\""), "ipv4"),
         (node("\"ipv4\":\"100.64.0.0\""), "ipv4"),
         (node("\"created\":\"9999-99-99T99:99:99Z\""), "created"),

@@ -859,6 +859,13 @@ async fn get_netmap(
         if *app.0.shutdown.borrow() {
             return Err(ApiError::Unavailable("server is shutting down".into()));
         }
+        let slot = StreamSlot::take(&app.0.streams, app.0.limits.max_streams, &app.0.metrics)
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "too many open streams (limit {})",
+                    app.0.limits.max_streams
+                ))
+            })?;
         let per_key = app.0.key_streams.try_take(&caller.key_id).ok_or_else(|| {
             app.0.metrics.limited(Limited::KeyStreams);
             ApiError::TooMany(
@@ -882,13 +889,6 @@ async fn get_netmap(
             })?),
             None => None,
         };
-        let slot = StreamSlot::take(&app.0.streams, app.0.limits.max_streams, &app.0.metrics)
-            .ok_or_else(|| {
-                ApiError::Unavailable(format!(
-                    "too many open streams (limit {})",
-                    app.0.limits.max_streams
-                ))
-            })?;
         return stream::open(stream::Open {
             handle: h,
             node: id,

@@ -80,16 +80,36 @@ pub fn serve_expecting_exit(
     extra: &[&str],
     within: Duration,
 ) -> Option<(i32, String)> {
-    let mut child = Command::new(bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+    serve_expecting_exit_with(data, extra, &[], within)
+}
+
+/// [`serve_expecting_exit`] with environment variables instead of arguments.
+pub fn serve_expecting_exit_env(
+    data: &Path,
+    env: &[(&str, &str)],
+    within: Duration,
+) -> Option<(i32, String)> {
+    serve_expecting_exit_with(data, &[], env, within)
+}
+
+fn serve_expecting_exit_with(
+    data: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    within: Duration,
+) -> Option<(i32, String)> {
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
         .args(extra)
         .env("NETMAP_LOG_LEVEL", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if let Ok(Some(st)) = child.try_wait() {

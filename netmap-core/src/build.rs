@@ -1,11 +1,24 @@
-//! The computation of views, organised for large tailnets and for incremental updates:
-//! rules are resolved once, nodes with the same reachability share one peer list (a
-//! "class"), and shared parts of filters and SSH rules are reference-counted.
+//! The computation of views, organised for large tailnets and for incremental updates.
+//!
+//! What a view is made of is kept as a dependency graph with explicit derived values:
+//! - inputs: the nodes (slots of the [`Resolver`]), the users, the policy's rules (under
+//!   stable ids, [`RuleTable`]), SSH rules, node attributes and auto-approvers;
+//! - derived sets: each rule's resolved sources and destinations, and per node two bit rows
+//!   (which rules have it among their sources, which rules' destinations cover it); each
+//!   rule's source list; per subnet prefix the routers serving it and the primary;
+//! - reachability classes: nodes with the same bit rows (and IPv4 use) see the same peers
+//!   the same way, so they share one persistent peer list;
+//! - views: per node its filter, its class, the peers only it has (its own devices through
+//!   `autogroup:self`, routers of the prefixes it serves itself), SSH rules and capabilities,
+//!   with the shared parts read from [`Tables`].
 //!
 //! [`compute_all`] builds a [`Plan`] from scratch and derives every view; the engine keeps a
-//! `Plan` and brings it up to date with [`Plan::update_node`] when one node changes.
+//! `Plan` and brings it up to date with [`Plan::update`], which recomputes a derived value
+//! only when one it reads changed and stops where a recomputed value equals the old one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+mod update;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -13,12 +26,16 @@ use ipnet::IpNet;
 use netmap_policy::Policy;
 use rayon::prelude::*;
 
-use crate::addr::host_prefix;
-use crate::compute::{exit_usable, filter_for, net_rules, routed_through, NetRule};
+use crate::addr::{self, host_prefix};
+use crate::compute::{filter_for, net_rules, route_reachable};
 use crate::resolve::{Resolved, Resolver};
+use crate::routes::Approvers;
+use crate::rules::RuleTable;
 use crate::ssh::{BoundSshRule, SshPlan};
-use crate::tailnet::{Node, Tailnet};
+use crate::tailnet::Tailnet;
 use crate::wire::{CapMap, FilterRule, NodeView, Peer, PeerList, SharedPeers, SshPrincipal};
+
+pub(crate) use update::{touch, Batch};
 
 /// All views of a tailnet under a policy, computed from scratch.
 pub struct Computed {
@@ -38,23 +55,136 @@ pub fn compute_all(policy: &Policy, tailnet: &Tailnet) -> Computed {
     }
 }
 
-type Bits = Vec<u64>;
-
 fn bit(b: &[u64], i: usize) -> bool {
-    b[i / 64] & (1 << (i % 64)) != 0
+    b.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
 fn intersects(a: &[u64], b: &[u64], mask: &[u64]) -> bool {
     a.iter().zip(b).zip(mask).any(|((x, y), m)| x & y & m != 0)
 }
 
-/// What decides a node's peers: rule membership, its own routes, its use of IPv4.
-type ClassKey = (Bits, Bits, Vec<IpNet>, bool);
+/// One row of bits per node slot, one bit per rule id, in one allocation.
+#[derive(Debug, Clone, Default)]
+struct BitRows {
+    words: usize,
+    data: Vec<u64>,
+}
 
-#[derive(Debug)]
-struct Class {
-    rep: usize,
-    members: BTreeSet<usize>,
+impl BitRows {
+    fn new(words: usize, rows: usize) -> BitRows {
+        BitRows {
+            words,
+            data: vec![0; words * rows],
+        }
+    }
+
+    fn row(&self, i: usize) -> &[u64] {
+        &self.data[i * self.words..(i + 1) * self.words]
+    }
+
+    fn row_mut(&mut self, i: usize) -> &mut [u64] {
+        &mut self.data[i * self.words..(i + 1) * self.words]
+    }
+
+    fn push_row(&mut self) {
+        self.data.extend(std::iter::repeat_n(0, self.words));
+    }
+
+    fn rows(&self) -> usize {
+        self.data.len() / self.words.max(1)
+    }
+
+    fn set(&mut self, i: usize, b: usize, on: bool) {
+        let w = &mut self.data[i * self.words + b / 64];
+        if on {
+            *w |= 1 << (b % 64);
+        } else {
+            *w &= !(1 << (b % 64));
+        }
+    }
+
+    /// The same rows with room for `words` words each.
+    fn widened(&self, words: usize) -> BitRows {
+        let mut out = BitRows::new(words, self.rows());
+        for i in 0..self.rows() {
+            out.row_mut(i)[..self.words].copy_from_slice(self.row(i));
+        }
+        out
+    }
+
+    fn reserve(&mut self, rows: usize) {
+        self.data.reserve(rows * self.words);
+    }
+}
+
+/// What decides how a node sees its peers through the shared list: its bit rows (sources,
+/// destinations) and whether it uses IPv4.
+type ClassKey = (Vec<u64>, Vec<u64>, bool);
+
+/// The reachability classes: their keys, members and shared peer lists, by class id.
+#[derive(Debug, Clone, Default)]
+struct ClassTable {
+    ids: HashMap<ClassKey, usize>,
+    keys: Vec<Option<ClassKey>>,
+    members: Vec<BTreeSet<usize>>,
+    lists: imbl::Vector<SharedPeers>,
+    free: Vec<usize>,
+}
+
+impl ClassTable {
+    fn key(&self, id: usize) -> Option<&ClassKey> {
+        self.keys.get(id).and_then(Option::as_ref)
+    }
+
+    /// Adds a class with its list; returns its id.
+    fn add(&mut self, key: ClassKey, list: SharedPeers) -> usize {
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.keys[id] = Some(key.clone());
+                self.members[id].clear();
+                self.lists.set(id, list);
+                id
+            }
+            None => {
+                self.keys.push(Some(key.clone()));
+                self.members.push(BTreeSet::new());
+                self.lists.push_back(list);
+                self.keys.len() - 1
+            }
+        };
+        self.ids.insert(key, id);
+        id
+    }
+
+    /// Drops an empty class.
+    fn drop_class(&mut self, id: usize) {
+        if let Some(key) = self.keys.get_mut(id).and_then(Option::take) {
+            self.ids.remove(&key);
+            self.lists.set(id, SharedPeers::default());
+            self.free.push(id);
+        }
+    }
+
+    /// Ids of the classes in use.
+    fn live(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.keys.len()).filter(|&c| self.keys[c].is_some())
+    }
+
+    /// Widens every key to `words` words per row.
+    fn widen(&mut self, words: usize) {
+        let widen = |v: &Vec<u64>| {
+            let mut w = v.clone();
+            w.resize(words, 0);
+            w
+        };
+        self.ids.clear();
+        for (id, key) in self.keys.iter_mut().enumerate() {
+            if let Some(k) = key {
+                *k = (widen(&k.0), widen(&k.1), k.2);
+                self.ids.insert(k.clone(), id);
+            }
+        }
+    }
 }
 
 /// The parts of a plan that many stored views read instead of holding copies: each class's
@@ -67,17 +197,26 @@ pub(crate) struct Tables {
     ssh_principals: imbl::Vector<Arc<Vec<SshPrincipal>>>,
 }
 
+impl Tables {
+    /// Class `class`'s peer list.
+    pub(crate) fn class_list(&self, class: usize) -> Option<&SharedPeers> {
+        self.class_peers.get(class)
+    }
+}
+
 /// A node's view as the engine keeps it: its own parts, and references into [`Tables`] for
 /// the parts it shares with other nodes. A change to a shared part is made once, in the
 /// tables, and every view that reads it follows without being touched.
 #[derive(Debug, Clone)]
 pub(crate) struct StoredView {
-    class: usize,
-    filter: Arc<Vec<(FilterRule, Option<usize>)>>,
-    /// Peers only this node has (its owner's other devices through `autogroup:self`).
-    extra: Arc<Vec<Arc<Peer>>>,
-    ssh: Arc<Vec<BoundSshRule>>,
-    cap_map: Arc<CapMap>,
+    pub(crate) class: usize,
+    pub(crate) filter: Arc<Vec<(FilterRule, Option<usize>)>>,
+    /// Peers only this node has, or sees its own way (they take the place of the shared
+    /// list's entries of the same name): its owner's other devices through
+    /// `autogroup:self`, and routers of the subnet prefixes it serves itself.
+    pub(crate) extra: Arc<Vec<Arc<Peer>>>,
+    pub(crate) ssh: Arc<Vec<BoundSshRule>>,
+    pub(crate) cap_map: Arc<CapMap>,
 }
 
 impl StoredView {
@@ -123,88 +262,66 @@ impl StoredView {
     }
 }
 
+/// Who looks at a peer: what its peer entries depend on.
+#[derive(Debug, Clone, Copy)]
+struct Viewer<'a> {
+    src: &'a [u64],
+    dst: &'a [u64],
+    no_ipv4: bool,
+    /// The subnet prefixes the viewer serves itself (empty for a class's shared list).
+    routes: &'a [IpNet],
+}
+
 /// Resolved rules and shared structures for one tailnet state.
 pub(crate) struct Plan {
     pub r: Resolver,
-    pub rules: Vec<NetRule>,
+    pub rules: RuleTable,
+    approvers: Approvers,
     pub primaries: OrdMap<IpNet, String>,
-    words: usize,
+    /// Live slots serving each subnet prefix.
+    routers: BTreeMap<IpNet, BTreeSet<usize>>,
+    /// Live approved exit nodes.
+    exits: BTreeSet<usize>,
     /// Per slot: which rules have it among their sources.
-    src_bits: Vec<Bits>,
+    src_bits: BitRows,
     /// Per slot: which rules' destinations cover it.
-    dst_bits: Vec<Bits>,
+    dst_bits: BitRows,
     /// Rules that are not `autogroup:self` rules.
-    plain_mask: Bits,
+    plain_mask: Vec<u64>,
+    /// Rules that can decide how a viewer routes a prefix (see `NetRule::route_relevant`).
+    route_mask: Vec<u64>,
+    /// Rules that can let a viewer use exit nodes.
+    exit_mask: Vec<u64>,
+    /// Per rule id, its source list (empty for ids not in use).
     pub src_strings: imbl::Vector<Arc<Vec<String>>>,
-    /// Sources of `autogroup:self` rules, per (rule, owner email).
+    /// Sources of `autogroup:self` rules, per (rule id, owner email).
     pub self_src: HashMap<(usize, String), Arc<Vec<String>>>,
-    classes: Vec<Option<Class>>,
-    /// Per class id, its peer list (stale for classes that emptied).
-    class_peers: imbl::Vector<SharedPeers>,
-    class_ids: HashMap<ClassKey, usize>,
+    classes: ClassTable,
+    /// Per slot, its class (`usize::MAX` for dead slots).
     class_of: Vec<usize>,
-    /// Per slot, the peer entry of a node without routes: [viewer uses IPv4, viewer does not].
-    base_peer: Vec<[Arc<Peer>; 2]>,
+    /// Per slot, the peer entry of the node when it serves no routes (IPv4 included).
+    base_peer: Vec<Arc<Peer>>,
     ssh: SshPlan,
     attr_targets: Vec<Resolved>,
+    /// Live slots by the user name their node names (tagged nodes too).
+    by_user: HashMap<String, Vec<usize>>,
     /// What bound entries carry in place of the lists they read from the tables.
     unbound_src: Arc<Vec<String>>,
     unbound_principals: Arc<Vec<SshPrincipal>>,
+    /// Shared empty parts of views.
+    no_extra: Arc<Vec<Arc<Peer>>>,
+    no_ssh: Arc<Vec<BoundSshRule>>,
+    no_caps: Arc<CapMap>,
     /// Every slot (dead ones too), in node name order.
     name_order: Vec<usize>,
-}
-
-/// What an update did to one slot's view (bit flags).
-pub(crate) mod touch {
-    /// The stored view must be recomputed.
-    pub const RECOMPUTE: u8 = 1;
-    /// Its class's peer list changed (see `Affected::class_change`).
-    pub const PEERS: u8 = 2;
-    /// A source list its filter reads from the tables changed.
-    pub const FILTER: u8 = 4;
-    /// Principals its SSH rules read from the tables changed.
-    pub const SSH: u8 = 8;
-}
-
-/// The slots whose views an update may have changed.
-#[derive(Debug, Default)]
-pub(crate) struct Affected {
-    /// Live slots touched, in name order, with [`touch`] flags. Slots without `RECOMPUTE` keep their
-    /// stored view: what changed for them is known from the flags.
-    pub slots: Vec<(usize, u8)>,
-    /// By class id: how the changed node's entry in the class's peer list changed (`None`:
-    /// no change; classes created by the update are past the end).
-    class_change: Vec<Option<PeerChange>>,
-}
-
-impl Affected {
-    /// How the changed node's entry in class `class`'s peer list changed (`None`: no change).
-    pub(crate) fn class_change(&self, class: usize) -> Option<PeerChange> {
-        self.class_change.get(class).copied().flatten()
-    }
-}
-
-/// How a node's entry in a peer list changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PeerChange {
-    Added,
-    Removed,
-    Changed,
 }
 
 impl Plan {
     /// Builds the plan of a tailnet state from scratch.
     pub(crate) fn build(policy: Arc<Policy>, tailnet: &Tailnet) -> Plan {
         let r = Resolver::new(policy, tailnet);
-        let primaries = crate::routes::elect(&r, &tailnet.primaries);
-        let rules = net_rules(&r);
-        let words = rules.len().div_ceil(64).max(1);
-        let mut plain_mask = vec![0u64; words];
-        for (ri, rule) in rules.iter().enumerate() {
-            if !rule.self_rule {
-                plain_mask[ri / 64] |= 1 << (ri % 64);
-            }
-        }
+        let approvers = Approvers::new(&r);
+        let rules = RuleTable::new(net_rules(&r));
         let attr_targets = r
             .policy
             .node_attrs
@@ -212,46 +329,65 @@ impl Plan {
             .map(|na| r.resolve_all(na.target.iter().map(|t| &t.value)))
             .collect();
         let ssh = SshPlan::new(&r);
+        let words = rules.capacity().div_ceil(64).max(1);
+        let n = r.nodes.len();
         let mut plan = Plan {
             r,
             rules,
-            primaries,
-            words,
-            src_bits: Vec::new(),
-            dst_bits: Vec::new(),
-            plain_mask,
+            approvers,
+            primaries: OrdMap::new(),
+            routers: BTreeMap::new(),
+            exits: BTreeSet::new(),
+            src_bits: BitRows::new(words, 0),
+            dst_bits: BitRows::new(words, 0),
+            plain_mask: Vec::new(),
+            route_mask: Vec::new(),
+            exit_mask: Vec::new(),
             src_strings: imbl::Vector::new(),
             self_src: HashMap::new(),
-            classes: Vec::new(),
-            class_peers: imbl::Vector::new(),
-            class_ids: HashMap::new(),
-            class_of: Vec::new(),
+            classes: ClassTable::default(),
+            class_of: vec![usize::MAX; n],
             base_peer: Vec::new(),
             ssh,
             attr_targets,
+            by_user: HashMap::new(),
             unbound_src: Arc::default(),
             unbound_principals: Arc::default(),
+            no_extra: Arc::default(),
+            no_ssh: Arc::default(),
+            no_caps: Arc::default(),
             name_order: Vec::new(),
         };
-        let n = plan.r.nodes.len();
-        let (src_bits, dst_bits): (Vec<Bits>, Vec<Bits>) =
-            (0..n).into_par_iter().map(|i| plan.bits_of(i)).unzip();
-        plan.src_bits = src_bits;
-        plan.dst_bits = dst_bits;
-        plan.src_strings = (0..plan.rules.len())
-            .map(|ri| Arc::new(plan.r.src_strings(&plan.rules[ri].src)))
+        for i in 0..n {
+            plan.index_routes(i);
+            plan.index_user(i, true);
+        }
+        let prefixes: Vec<IpNet> = plan.routers.keys().copied().collect();
+        for p in prefixes {
+            plan.elect(p, tailnet.primaries.get(&p).map(String::as_str));
+        }
+        let rows: Vec<(Vec<u64>, Vec<u64>)> =
+            (0..n).into_par_iter().map(|i| plan.bits_of(i)).collect();
+        plan.src_bits = BitRows::new(words, n);
+        plan.dst_bits = BitRows::new(words, n);
+        for (i, (s, d)) in rows.into_iter().enumerate() {
+            plan.src_bits.row_mut(i).copy_from_slice(&s);
+            plan.dst_bits.row_mut(i).copy_from_slice(&d);
+        }
+        plan.refresh_masks();
+        plan.src_strings = (0..plan.rules.capacity())
+            .map(|ri| plan.src_list(ri))
             .collect();
         let owners: Vec<String> = plan.r.by_email.keys().cloned().collect();
         for email in owners {
             plan.refresh_self_src(&email);
         }
-        plan.base_peer = (0..n).map(|i| plan.base_peers_of(i)).collect();
+        plan.base_peer = (0..n).map(|i| plan.base_peer_of(i)).collect();
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| plan.r.nodes[a].name.cmp(&plan.r.nodes[b].name));
         plan.name_order = order;
         plan.build_classes();
-        // Room for the nodes that will join before the next rebuild: growing these vectors
-        // copies every slot, and a rebuild (a policy change) would leave none spare.
+        // Room for the nodes that will join: growing these vectors copies every slot.
         let spare = n / 8 + 16;
         plan.r.nodes.reserve(spare);
         plan.src_bits.reserve(spare);
@@ -279,19 +415,21 @@ impl Plan {
 
     /// Every live node's stored view, in name order.
     pub(crate) fn all_stored_views(&self) -> Vec<(String, StoredView)> {
-        let live: Vec<usize> = self.live().collect();
-        let mut out: Vec<(String, StoredView)> = live
-            .par_iter()
-            .map(|&v| (self.r.nodes[v].name.clone(), self.stored_view(v)))
+        let live: Vec<usize> = self
+            .name_order
+            .iter()
+            .copied()
+            .filter(|&i| self.r.nodes[i].alive)
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        live.par_iter()
+            .map(|&v| (self.r.nodes[v].name.clone(), self.stored_view(v)))
+            .collect()
     }
 
     /// The shared parts views read (O(1): persistent vectors).
     pub(crate) fn tables(&self) -> Tables {
         Tables {
-            class_peers: self.class_peers.clone(),
+            class_peers: self.classes.lists.clone(),
             rule_src: self.src_strings.clone(),
             ssh_principals: self.ssh.principals.clone(),
         }
@@ -301,11 +439,18 @@ impl Plan {
         (0..self.r.nodes.len()).filter(|&i| self.r.nodes[i].alive)
     }
 
-    fn bits_of(&self, i: usize) -> (Bits, Bits) {
-        let mut s = vec![0u64; self.words];
-        let mut d = vec![0u64; self.words];
+    /// Whether rule `ri`'s destinations cover slot `v`.
+    pub(crate) fn covered_by(&self, v: usize, ri: usize) -> bool {
+        bit(self.dst_bits.row(v), ri)
+    }
+
+    /// Slot `i`'s bit rows computed from the rules.
+    fn bits_of(&self, i: usize) -> (Vec<u64>, Vec<u64>) {
+        let words = self.src_bits.words;
+        let mut s = vec![0u64; words];
+        let mut d = vec![0u64; words];
         if self.r.nodes[i].alive {
-            for (ri, rule) in self.rules.iter().enumerate() {
+            for (ri, rule) in self.rules.ordered() {
                 if self.r.src_contains(&rule.src, i) {
                     s[ri / 64] |= 1 << (ri % 64);
                 }
@@ -317,15 +462,48 @@ impl Plan {
         (s, d)
     }
 
-    fn refresh_self_src(&mut self, email: &str) {
-        for ri in 0..self.rules.len() {
-            if !self.rules[ri].self_rule {
-                continue;
+    /// Recomputes the rule masks from the rules in force.
+    fn refresh_masks(&mut self) {
+        let words = self.src_bits.words;
+        let (mut plain, mut route, mut exit) =
+            (vec![0u64; words], vec![0u64; words], vec![0u64; words]);
+        for (ri, rule) in self.rules.ordered() {
+            let b = 1 << (ri % 64);
+            if !rule.self_rule {
+                plain[ri / 64] |= b;
             }
-            let owned = self.r.by_email.get(email).cloned().unwrap_or_default();
+            if rule.route_relevant() {
+                route[ri / 64] |= b;
+            }
+            if rule.exit_relevant() {
+                exit[ri / 64] |= b;
+            }
+        }
+        (self.plain_mask, self.route_mask, self.exit_mask) = (plain, route, exit);
+    }
+
+    /// Rule `ri`'s source list (empty for an `autogroup:self` rule or an unused id).
+    fn src_list(&self, ri: usize) -> Arc<Vec<String>> {
+        match self.rules.get(ri) {
+            Some(rule) if !rule.self_rule => Arc::new(self.r.src_strings(&rule.src)),
+            _ => Arc::default(),
+        }
+    }
+
+    /// Recomputes the sources of `autogroup:self` rules for one owner.
+    fn refresh_self_src(&mut self, email: &str) {
+        let owned = self.r.by_email.get(email).cloned().unwrap_or_default();
+        let self_rules: Vec<usize> = self
+            .rules
+            .ordered()
+            .filter(|(_, r)| r.self_rule)
+            .map(|(id, _)| id)
+            .collect();
+        self.self_src.retain(|(_, e), _| e != email);
+        for ri in self_rules {
             let mut ips: Vec<String> = owned
                 .iter()
-                .filter(|&&j| self.r.nodes[j].is_member() && bit(&self.src_bits[j], ri))
+                .filter(|&&j| self.r.nodes[j].is_member() && bit(self.src_bits.row(j), ri))
                 .flat_map(|&j| self.r.nodes[j].addr_strings())
                 .collect();
             ips.sort();
@@ -334,146 +512,313 @@ impl Plan {
         }
     }
 
-    fn base_peers_of(&self, i: usize) -> [Arc<Peer>; 2] {
+    fn base_peer_of(&self, i: usize) -> Arc<Peer> {
         let xn = &self.r.nodes[i];
-        let mk = |v4: bool| {
-            let addresses: Vec<String> = xn
-                .addrs
-                .iter()
-                .filter(|a| v4 || a.is_ipv6())
-                .map(|a| host_prefix(*a))
-                .collect();
-            Arc::new(Peer {
-                name: xn.name.clone(),
-                allowed_ips: addresses.clone(),
-                addresses,
-                primary_routes: Vec::new(),
-                tags: xn.node.tags.clone(),
-                user: xn.email.clone(),
-            })
+        let addresses: Vec<String> = xn.addrs.iter().map(|a| host_prefix(*a)).collect();
+        Arc::new(Peer {
+            name: xn.name.clone(),
+            allowed_ips: addresses.clone(),
+            addresses,
+            primary_routes: Vec::new(),
+            tags: xn.node.tags.clone(),
+            user: xn.email.clone(),
+        })
+    }
+
+    /// Node `x`'s entry without routes, for a viewer that does (not) use IPv4.
+    fn base_for(&self, x: usize, no_ipv4: bool) -> Arc<Peer> {
+        let base = &self.base_peer[x];
+        if !no_ipv4 || self.r.nodes[x].addrs.iter().all(|a| a.is_ipv6()) {
+            return base.clone();
+        }
+        let addresses: Vec<String> = self.r.nodes[x]
+            .addrs
+            .iter()
+            .filter(|a| a.is_ipv6())
+            .map(|a| host_prefix(*a))
+            .collect();
+        Arc::new(Peer {
+            allowed_ips: addresses.clone(),
+            addresses,
+            ..(**base).clone()
+        })
+    }
+
+    /// Adds slot `i`'s routes to the route indexes.
+    fn index_routes(&mut self, i: usize) {
+        let n = &self.r.nodes[i];
+        if !n.alive {
+            return;
+        }
+        for rt in &n.routes {
+            self.routers.entry(*rt).or_default().insert(i);
+        }
+        if n.exit {
+            self.exits.insert(i);
+        }
+    }
+
+    /// Removes slot `i` from the route indexes (with the routes it had).
+    fn unindex_routes(&mut self, i: usize, routes: &[IpNet]) {
+        for rt in routes {
+            if let Some(set) = self.routers.get_mut(rt) {
+                set.remove(&i);
+                if set.is_empty() {
+                    self.routers.remove(rt);
+                }
+            }
+        }
+        self.exits.remove(&i);
+    }
+
+    /// Adds (or removes) slot `i` to the index by user name.
+    fn index_user(&mut self, i: usize, add: bool) {
+        let n = &self.r.nodes[i];
+        let Some(user) = n.node.user.clone() else {
+            return;
         };
-        [mk(true), mk(false)]
+        let slots = self.by_user.entry(user.clone()).or_default();
+        slots.retain(|&j| j != i);
+        if add && n.alive {
+            slots.push(i);
+        }
+        if slots.is_empty() {
+            self.by_user.remove(&user);
+        }
+    }
+
+    /// Elects the primary router of `prefix`: the current one (`previous`) while it is online
+    /// and serves the prefix, otherwise the oldest online router. Returns whether it changed.
+    fn elect(&mut self, prefix: IpNet, previous: Option<&str>) -> bool {
+        let nodes = &self.r.nodes;
+        let cands: Vec<usize> = self
+            .routers
+            .get(&prefix)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&i| nodes[i].alive && nodes[i].node.online)
+            .collect();
+        let keep = previous.filter(|p| cands.iter().any(|&i| nodes[i].name == *p));
+        let chosen = match keep {
+            Some(p) => Some(p.to_string()),
+            None => cands
+                .iter()
+                .min_by_key(|&&i| (nodes[i].node.created_key(), nodes[i].name.as_str()))
+                .map(|&i| nodes[i].name.clone()),
+        };
+        let before = self.primaries.get(&prefix).cloned();
+        match &chosen {
+            Some(c) => {
+                self.primaries.insert(prefix, c.clone());
+            }
+            None => {
+                self.primaries.remove(&prefix);
+            }
+        }
+        before != chosen
+    }
+
+    fn viewer_of(&self, v: usize) -> Viewer<'_> {
+        Viewer {
+            src: self.src_bits.row(v),
+            dst: self.dst_bits.row(v),
+            no_ipv4: self.r.nodes[v].no_ipv4,
+            routes: &self.r.nodes[v].routes,
+        }
+    }
+
+    fn key_viewer(key: &ClassKey) -> Viewer<'_> {
+        Viewer {
+            src: &key.0,
+            dst: &key.1,
+            no_ipv4: key.2,
+            routes: &[],
+        }
     }
 
     fn class_key(&self, v: usize) -> ClassKey {
         (
-            self.src_bits[v].clone(),
-            self.dst_bits[v].clone(),
-            self.r.nodes[v].routes.clone(),
+            self.src_bits.row(v).to_vec(),
+            self.dst_bits.row(v).to_vec(),
             self.r.nodes[v].no_ipv4,
         )
     }
 
-    /// Whether nodes of class represented by `v` see node `x` (through non-self rules).
-    fn sees(&self, v: usize, x: usize) -> bool {
+    /// Whether `viewer` sees node `x` (through non-self rules).
+    fn sees(&self, viewer: Viewer<'_>, x: usize) -> bool {
         self.r.nodes[x].alive
-            && (intersects(&self.src_bits[v], &self.dst_bits[x], &self.plain_mask)
-                || intersects(&self.dst_bits[v], &self.src_bits[x], &self.plain_mask))
+            && (intersects(viewer.src, self.dst_bits.row(x), &self.plain_mask)
+                || intersects(viewer.dst, self.src_bits.row(x), &self.plain_mask))
     }
 
-    fn class_peer_list(&self, rep: usize) -> SharedPeers {
+    /// The peer list of the class with key `key`, from scratch.
+    fn class_list(&self, key: &ClassKey) -> SharedPeers {
+        let viewer = Plan::key_viewer(key);
         Arc::new(
-            self.live()
-                .filter(|&x| self.sees(rep, x))
-                .map(|x| (self.r.nodes[x].key.clone(), self.peer_entry(rep, x)))
+            self.name_order
+                .iter()
+                .copied()
+                .filter(|&x| self.sees(viewer, x))
+                .map(|x| (self.r.nodes[x].key.clone(), self.peer_entry(viewer, x)))
                 .collect(),
         )
     }
 
     /// Groups nodes by class and computes one peer list per class.
     fn build_classes(&mut self) {
-        let n = self.r.nodes.len();
-        let mut class_of = vec![usize::MAX; n];
-        let mut reps: Vec<usize> = Vec::new();
+        let mut table = ClassTable::default();
+        let mut class_of = vec![usize::MAX; self.r.nodes.len()];
+        let mut keys: Vec<ClassKey> = Vec::new();
         let mut members: Vec<BTreeSet<usize>> = Vec::new();
-        let mut ids: HashMap<ClassKey, usize> = HashMap::new();
         for v in self.live().collect::<Vec<_>>() {
             let key = self.class_key(v);
-            let next = reps.len();
-            let id = *ids.entry(key).or_insert(next);
+            let next = keys.len();
+            let id = *table.ids.entry(key.clone()).or_insert(next);
             if id == next {
-                reps.push(v);
+                keys.push(key);
                 members.push(BTreeSet::new());
             }
             members[id].insert(v);
             class_of[v] = id;
         }
-        let lists: Vec<SharedPeers> = reps
-            .par_iter()
-            .map(|&rep| self.class_peer_list(rep))
-            .collect();
-        self.class_peers = lists.into_iter().collect();
-        self.classes = reps
-            .into_iter()
-            .zip(members)
-            .map(|(rep, members)| Some(Class { rep, members }))
-            .collect();
-        self.class_ids = ids;
+        let lists: Vec<SharedPeers> = keys.par_iter().map(|k| self.class_list(k)).collect();
+        table.lists = lists.into_iter().collect();
+        table.keys = keys.into_iter().map(Some).collect();
+        table.members = members;
+        self.classes = table;
         self.class_of = class_of;
     }
 
-    /// How viewer `v` sees peer `x`.
-    fn peer_entry(&self, v: usize, x: usize) -> Arc<Peer> {
-        let r = &self.r;
-        let xn = &r.nodes[x];
-        let v4 = !r.nodes[v].no_ipv4;
-        let base = &self.base_peer[x][usize::from(!v4)];
+    /// How `viewer` sees peer `x`.
+    fn peer_entry(&self, viewer: Viewer<'_>, x: usize) -> Arc<Peer> {
+        let xn = &self.r.nodes[x];
+        let base = self.base_for(x, viewer.no_ipv4);
         if xn.routes.is_empty() && !xn.exit {
-            return base.clone();
+            return base;
         }
         let mut allowed_ips = base.addresses.clone();
         let mut primary_routes = Vec::new();
         for rt in &xn.routes {
-            if routed_through(r, &self.rules, &self.primaries, v, x, rt) {
+            if self.routed_through(viewer, x, rt) {
                 allowed_ips.push(rt.to_string());
                 primary_routes.push(rt.to_string());
             }
         }
-        if xn.exit && exit_usable(r, &self.rules, v) {
+        if xn.exit && self.exit_usable(viewer) {
             allowed_ips.push("0.0.0.0/0".into());
             allowed_ips.push("::/0".into());
         }
         if primary_routes.is_empty() && allowed_ips.len() == base.allowed_ips.len() {
-            return base.clone();
+            return base;
         }
         Arc::new(Peer {
             allowed_ips,
             primary_routes,
-            ..(**base).clone()
+            ..(*base).clone()
+        })
+    }
+
+    /// Whether `viewer` routes prefix `rt` through peer `x`. `via` grants steer the prefix
+    /// to the routers carrying a via tag (their primary: the global one if it qualifies,
+    /// else the oldest online); otherwise the prefix goes to its primary router, when the
+    /// viewer may reach it (or is a standby router of the same prefix).
+    fn routed_through(&self, viewer: Viewer<'_>, x: usize, rt: &IpNet) -> bool {
+        let r = &self.r;
+        let mut via_tags: Vec<&String> = Vec::new();
+        for (ri, rule) in self.rules.ordered() {
+            if rule.via.is_empty() || !bit(viewer.src, ri) {
+                continue;
+            }
+            if rule
+                .dsts
+                .iter()
+                .any(|(d, _)| d.nets.iter().any(|n| addr::overlaps(n, rt)))
+            {
+                via_tags.extend(rule.via.iter());
+            }
+        }
+        let primary = self.primaries.get(rt).map(String::as_str);
+        // Access to the prefix without `via` (or being a standby router of it) goes through
+        // the prefix's primary router; `via` steering applies only otherwise.
+        let direct = viewer.routes.contains(rt)
+            || self.rules.ordered().any(|(ri, rule)| {
+                rule.via.is_empty()
+                    && route_reachable(rule, bit(viewer.src, ri), bit(viewer.dst, ri), rt)
+            });
+        if direct {
+            return primary == Some(r.nodes[x].name.as_str());
+        }
+        if via_tags.is_empty() {
+            return false;
+        }
+        let tagged = |i: usize| r.nodes[i].node.tags.iter().any(|t| via_tags.contains(&t));
+        let chosen = match primary.and_then(|p| r.by_name.get(p).copied()) {
+            Some(p) if tagged(p) => Some(p),
+            _ => self
+                .routers
+                .get(rt)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|&i| tagged(i) && r.nodes[i].node.online)
+                .min_by_key(|&i| (r.nodes[i].node.created_key(), r.nodes[i].name.as_str())),
+        };
+        chosen == Some(x)
+    }
+
+    /// Whether `viewer` may use exit nodes (some rule lets it reach the internet).
+    fn exit_usable(&self, viewer: Viewer<'_>) -> bool {
+        self.rules.ordered().any(|(ri, rule)| {
+            rule.caps.is_none()
+                && bit(viewer.src, ri)
+                && rule.dsts.iter().any(|(d, _)| d.internet || d.wildcard)
         })
     }
 
     fn self_rule_ids(&self) -> Vec<usize> {
-        (0..self.rules.len())
-            .filter(|&ri| self.rules[ri].self_rule)
+        self.rules
+            .ordered()
+            .filter(|(_, r)| r.self_rule)
+            .map(|(id, _)| id)
             .collect()
     }
 
-    /// Peers that node `v` has through `autogroup:self` rules (its owner's other devices).
-    fn self_peers(&self, v: usize) -> Vec<Arc<Peer>> {
+    /// Peers node `v` has or sees its own way: its owner's other devices through
+    /// `autogroup:self` rules, and the other routers of the prefixes it serves (a standby
+    /// router routes the prefix through the primary).
+    fn extra_peers(&self, v: usize) -> Vec<Arc<Peer>> {
         let r = &self.r;
-        let Some(email) = r.nodes[v].email.as_ref().filter(|_| r.nodes[v].is_member()) else {
-            return Vec::new();
-        };
-        let self_rules = self.self_rule_ids();
-        if self_rules.is_empty() {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        for &y in r.by_email.get(email).map(Vec::as_slice).unwrap_or(&[]) {
-            if y == v || !r.nodes[y].is_member() {
-                continue;
+        let viewer = self.viewer_of(v);
+        let mut out: Vec<(usize, Arc<Peer>)> = Vec::new();
+        if let Some(email) = r.nodes[v].email.as_ref().filter(|_| r.nodes[v].is_member()) {
+            let self_rules = self.self_rule_ids();
+            if !self_rules.is_empty() {
+                for &y in r.by_email.get(email).map(Vec::as_slice).unwrap_or(&[]) {
+                    if y == v || !r.nodes[y].is_member() {
+                        continue;
+                    }
+                    let (vs, vd) = (self.src_bits.row(v), self.dst_bits.row(v));
+                    let (ys, yd) = (self.src_bits.row(y), self.dst_bits.row(y));
+                    let linked = self_rules
+                        .iter()
+                        .any(|&ri| (bit(vs, ri) && bit(yd, ri)) || (bit(ys, ri) && bit(vd, ri)));
+                    if linked {
+                        out.push((y, self.peer_entry(viewer, y)));
+                    }
+                }
             }
-            let linked = self_rules.iter().any(|&ri| {
-                (bit(&self.src_bits[v], ri) && bit(&self.dst_bits[y], ri))
-                    || (bit(&self.src_bits[y], ri) && bit(&self.dst_bits[v], ri))
-            });
-            if linked {
-                out.push(self.peer_entry(v, y));
+        }
+        for rt in &r.nodes[v].routes {
+            for &x in self.routers.get(rt).into_iter().flatten() {
+                if x != v && self.sees(viewer, x) && !out.iter().any(|(y, _)| *y == x) {
+                    out.push((x, self.peer_entry(viewer, x)));
+                }
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        let mut peers: Vec<Arc<Peer>> = out.into_iter().map(|(_, p)| p).collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        peers
     }
 
     /// Node attributes (`nodeAttrs`) and tailnet-wide switches for node `v`.
@@ -516,16 +861,42 @@ impl Plan {
             .filter(|&i| self.r.nodes[i].alive)
     }
 
+    /// Whether a live node's presence decides anything (it serves subnet routes).
+    pub(crate) fn presence_matters(&self, name: &str) -> bool {
+        self.slot(name)
+            .is_some_and(|s| !self.r.nodes[s].routes.is_empty())
+    }
+
+    /// Records a live node's new record when only its presence changed, which no view
+    /// reads unless the node serves routes.
+    pub(crate) fn set_presence(&mut self, name: &str, node: Arc<crate::tailnet::Node>) {
+        if let Some(s) = self.slot(name) {
+            self.r.nodes[s].node = node;
+        }
+    }
+
+    /// The live nodes whose record names user `name`.
+    pub(crate) fn user_nodes(&self, name: &str) -> Vec<String> {
+        self.by_user
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|&s| self.r.nodes[s].name.clone())
+            .collect()
+    }
+
     /// The class of a live slot.
     pub(crate) fn class_id(&self, slot: usize) -> usize {
         self.class_of[slot]
     }
 
-    /// Records a live node's presence, which no view reads unless the node serves routes.
-    pub(crate) fn set_presence(&mut self, name: &str, online: bool) {
-        if let Some(s) = self.slot(name) {
-            self.r.nodes[s].node.online = online;
-        }
+    /// Parses and checks a policy for the tailnet: validation, domain checks, tests.
+    pub(crate) fn load_policy(
+        &self,
+        text: &str,
+        tailnet: &Tailnet,
+    ) -> Result<Policy, crate::CoreError> {
+        crate::engine::load_policy(text, tailnet)
     }
 
     /// The name of a slot's node, shared.
@@ -560,321 +931,27 @@ impl Plan {
                 None => (f, None),
             })
             .collect();
+        let extra = self.extra_peers(v);
+        let ssh = self.ssh.rules_for(&self.r, v, &self.unbound_principals);
+        let caps = self.caps_for(v);
         StoredView {
             class: self.class_of[v],
             filter: Arc::new(filter),
-            extra: Arc::new(self.self_peers(v)),
-            ssh: Arc::new(self.ssh.rules_for(&self.r, v, &self.unbound_principals)),
-            cap_map: Arc::new(self.caps_for(v)),
-        }
-    }
-
-    /// Brings the plan up to date after node `name` was upserted (`node` = Some) or removed,
-    /// when neither its old nor its new state serves routes. Returns `None` when the change
-    /// needs a rebuild instead (routes involved, or nothing to update incrementally).
-    pub(crate) fn update_node(
-        &mut self,
-        tailnet: &Tailnet,
-        name: &str,
-        node: Option<&Node>,
-    ) -> Option<Affected> {
-        use touch::{FILTER, PEERS, RECOMPUTE, SSH};
-        let old_slot = self.slot(name);
-        if let Some(s) = old_slot {
-            if !self.r.nodes[s].node.routable_ips.is_empty() {
-                return None;
-            }
-        }
-        if node.is_some_and(|n| !n.routable_ips.is_empty()) {
-            return None;
-        }
-        // A session recorder's addresses are written into SSH actions: rebuild.
-        let recorder = |n: &Node| n.tags.iter().any(|t| self.ssh.recorder_tags.contains(t));
-        if old_slot.is_some_and(|s| recorder(&self.r.nodes[s].node)) || node.is_some_and(recorder) {
-            return None;
-        }
-        let mut affected = Affected {
-            slots: Vec::new(),
-            class_change: vec![None; self.classes.len()],
-        };
-        let (old_src, old_dst) = match old_slot {
-            Some(s) => (self.src_bits[s].clone(), self.dst_bits[s].clone()),
-            None => (vec![0; self.words], vec![0; self.words]),
-        };
-        let old_info = old_slot.map(|s| self.r.nodes[s].clone());
-        let x = self.r.set_slot(tailnet, name, node);
-        self.r.tailnet = tailnet.clone();
-        if x >= self.src_bits.len() {
-            self.src_bits.push(vec![0; self.words]);
-            self.dst_bits.push(vec![0; self.words]);
-            self.class_of.push(usize::MAX);
-            let bp = self.base_peers_of(x);
-            self.base_peer.push(bp);
-            let at = self
-                .name_order
-                .partition_point(|&s| self.r.nodes[s].name.as_str() < name);
-            self.name_order.insert(at, x);
-        }
-        let mut flags = vec![0u8; self.r.nodes.len()];
-        let alive = self.r.nodes[x].alive;
-        let addrs_changed = old_info.as_ref().map(|o| &o.addrs) != Some(&self.r.nodes[x].addrs);
-        let ident_changed = old_info.as_ref().is_none_or(|o| {
-            o.addrs != self.r.nodes[x].addrs
-                || o.node.tags != self.r.nodes[x].node.tags
-                || o.email != self.r.nodes[x].email
-                || o.no_ipv4 != self.r.nodes[x].no_ipv4
-        }) || !alive;
-
-        // Identity sets of every selector.
-        let mut src_set_changed = vec![false; self.rules.len()];
-        for (ri, rule) in self.rules.iter_mut().enumerate() {
-            // A source list names x's addresses when x is in the identity set (even when a
-            // wildcard already makes x a source).
-            let was_named = rule.src.nodes.contains(&x);
-            src_set_changed[ri] = self.r.refresh(&mut rule.src, x)
-                || (was_named && rule.src.nodes.contains(&x) && addrs_changed);
-            for (d, _) in &mut rule.dsts {
-                self.r.refresh(d, x);
-            }
-        }
-        for t in &mut self.attr_targets {
-            self.r.refresh(t, x);
-        }
-        let ssh_changed = self.ssh.refresh_node(&self.r, x, ident_changed);
-        (self.src_bits[x], self.dst_bits[x]) = self.bits_of(x);
-        self.base_peer[x] = self.base_peers_of(x);
-
-        // Rules whose sources changed: their SrcIPs, hence the filters of what they cover.
-        let owners: BTreeSet<String> = old_info
-            .iter()
-            .filter_map(|o| o.email.clone())
-            .chain(self.r.nodes[x].email.clone())
-            .collect();
-        // First every changed list, then the filters: whether an entry may follow its rule's
-        // list depends on the other rules' lists before and after.
-        let mut changed_rules: Vec<(usize, Arc<Vec<String>>)> = Vec::new();
-        // A list prints the addresses of the nodes its identity set names, its literal
-        // prefixes and (for `*`) the tailnet ranges and routes: it changes only when x joins
-        // or leaves the identity set or changes addresses while named (routes rebuild).
-        for (ri, set_changed) in src_set_changed.into_iter().enumerate() {
-            if !set_changed {
-                continue;
-            }
-            if self.rules[ri].self_rule {
-                continue;
-            }
-            let old = self.src_strings[ri].clone();
-            let new = Arc::new(self.r.src_strings(&self.rules[ri].src));
-            self.src_strings.set(ri, new);
-            changed_rules.push((ri, old));
-        }
-        // What each changed rule does to the filters that cover it, then one pass over the
-        // nodes those rules cover.
-        let mut covered = vec![0u64; self.words];
-        let mut effects = Vec::with_capacity(changed_rules.len());
-        for (ri, old) in &changed_rules {
-            let ri = *ri;
-            let new = self.src_strings[ri].clone();
-            // Filters whose entry for this rule is bound to it follow the new list without
-            // being recomputed, unless the entry is (or becomes) merged with another rule's
-            // or appears or disappears.
-            let non_empty = !old.is_empty() && !new.is_empty();
-            let (plain, emails) = self.merge_partners(ri, old, &new, &changed_rules);
-            let content = if **old != *new { FILTER } else { 0 };
-            covered[ri / 64] |= 1 << (ri % 64);
-            effects.push((ri, non_empty, plain, emails, content));
-        }
-        if !effects.is_empty() {
-            for v in self.live() {
-                let dst = &self.dst_bits[v];
-                if !dst.iter().zip(&covered).any(|(d, c)| d & c != 0) {
-                    continue;
-                }
-                for (ri, non_empty, plain, emails, content) in &effects {
-                    if !bit(dst, *ri) {
-                        continue;
-                    }
-                    let merged = plain.iter().any(|&rj| bit(dst, rj))
-                        || (self.r.nodes[v].is_member()
-                            && self.r.nodes[v]
-                                .email
-                                .as_ref()
-                                .is_some_and(|e| emails.contains(e)));
-                    flags[v] |= if *non_empty && !merged {
-                        *content
-                    } else {
-                        RECOMPUTE
-                    };
-                }
-            }
-        }
-        // Self rules, self peers: the owner's devices.
-        for email in &owners {
-            self.refresh_self_src(email);
-            for &y in self.r.by_email.get(email).map(Vec::as_slice).unwrap_or(&[]) {
-                flags[y] |= RECOMPUTE;
-            }
-        }
-        if let Some(o) = &old_info {
-            // The old owner's devices (by_email no longer lists x under a changed owner).
-            if let Some(e) = &o.email {
-                for &y in self.r.by_email.get(e).map(Vec::as_slice).unwrap_or(&[]) {
-                    flags[y] |= RECOMPUTE;
-                }
-            }
-        }
-        // SSH rules whose principals changed: the nodes they apply to. Entries bound to the
-        // rule's principals follow them while the rule keeps some (it stays in their list).
-        for (k, before, after) in ssh_changed {
-            let (all, dsts) = self.ssh.identity_dsts(k);
-            let flag = if !self.ssh.binds(k) || before.is_empty() || after.is_empty() {
-                RECOMPUTE
-            } else if before != after {
-                SSH
+            extra: if extra.is_empty() {
+                self.no_extra.clone()
             } else {
-                0
-            };
-            if flag == 0 {
-                continue;
-            }
-            if all {
-                for v in self.live().collect::<Vec<_>>() {
-                    flags[v] |= flag;
-                }
+                Arc::new(extra)
+            },
+            ssh: if ssh.is_empty() {
+                self.no_ssh.clone()
             } else {
-                for v in dsts {
-                    flags[v] |= flag;
-                }
-            }
+                Arc::new(ssh)
+            },
+            cap_map: if caps.is_empty() {
+                self.no_caps.clone()
+            } else {
+                Arc::new(caps)
+            },
         }
-
-        // Classes: move x, then update every class's view of x.
-        if let Some(c) = self.class_of.get(x).copied().filter(|&c| c != usize::MAX) {
-            if let Some(class) = self.classes[c].as_mut() {
-                class.members.remove(&x);
-                if class.members.is_empty() {
-                    self.classes[c] = None;
-                    self.class_ids.retain(|_, id| *id != c);
-                } else if class.rep == x {
-                    class.rep = *class.members.iter().next().unwrap_or(&x);
-                }
-            }
-            self.class_of[x] = usize::MAX;
-        }
-        let old_sees = |plan: &Plan, rep: usize| {
-            old_info.as_ref().is_some_and(|o| o.alive)
-                && (intersects(&plan.src_bits[rep], &old_dst, &plan.plain_mask)
-                    || intersects(&plan.dst_bits[rep], &old_src, &plan.plain_mask))
-        };
-        for c in 0..self.classes.len() {
-            let Some(class) = self.classes[c].as_ref() else {
-                continue;
-            };
-            let rep = class.rep;
-            let was = old_sees(self, rep);
-            let now = self.sees(rep, x);
-            if !was && !now {
-                continue;
-            }
-            if was && now && !ident_changed {
-                continue;
-            }
-            let entry = now.then(|| self.peer_entry(rep, x));
-            let Some(current) = self.class_peers.get(c) else {
-                continue;
-            };
-            // Edit a copy (sharing all but one path) and keep it only if the entry changed.
-            let mut list = current.as_ref().clone();
-            let before = match &entry {
-                Some(e) => list.insert(self.r.nodes[x].key.clone(), e.clone()),
-                None => list.remove(name),
-            };
-            let kind = match (before, &entry) {
-                (Some(old), Some(e)) => (*old != **e).then_some(PeerChange::Changed),
-                (Some(_), None) => Some(PeerChange::Removed),
-                (None, Some(_)) => Some(PeerChange::Added),
-                (None, None) => None,
-            };
-            if let Some(kind) = kind {
-                self.class_peers.set(c, Arc::new(list));
-                affected.class_change[c] = Some(kind);
-                for &m in &class.members {
-                    flags[m] |= PEERS;
-                }
-            }
-        }
-        if alive {
-            let key = self.class_key(x);
-            let id = match self.class_ids.get(&key) {
-                Some(&id) => id,
-                None => {
-                    let peers = self.class_peer_list(x);
-                    self.classes.push(Some(Class {
-                        rep: x,
-                        members: BTreeSet::new(),
-                    }));
-                    self.class_peers.push_back(peers);
-                    let id = self.classes.len() - 1;
-                    self.class_ids.insert(key, id);
-                    id
-                }
-            };
-            if let Some(class) = self.classes[id].as_mut() {
-                class.members.insert(x);
-            }
-            self.class_of[x] = id;
-            flags[x] |= RECOMPUTE;
-        }
-        affected.slots = self
-            .name_order
-            .iter()
-            .map(|&s| (s, flags[s]))
-            .filter(|&(s, f)| f != 0 && self.r.nodes[s].alive)
-            .collect();
-        Some(affected)
-    }
-
-    /// The rules whose filter entries may merge with rule `ri`'s before (`old` sources) or
-    /// after (`new`): network rules with the same protocols and equal sources, then or now.
-    /// Plain rules are returned by index (a filter merges them where both cover it);
-    /// `autogroup:self` rules have per-owner sources, so for them the owners whose list
-    /// equals `old` or `new` are returned. `changed` holds the rules whose sources this
-    /// change replaced, with their previous lists.
-    fn merge_partners(
-        &self,
-        ri: usize,
-        old: &Arc<Vec<String>>,
-        new: &Arc<Vec<String>>,
-        changed: &[(usize, Arc<Vec<String>>)],
-    ) -> (Vec<usize>, HashSet<String>) {
-        let rule = &self.rules[ri];
-        let mut plain = Vec::new();
-        let mut emails = HashSet::new();
-        if rule.caps.is_some() {
-            return (plain, emails);
-        }
-        let same = |a: &Arc<Vec<String>>, b: &Arc<Vec<String>>| Arc::ptr_eq(a, b) || a == b;
-        for (rj, o) in self.rules.iter().enumerate() {
-            if rj == ri || o.caps.is_some() || o.protos != rule.protos {
-                continue;
-            }
-            if o.self_rule {
-                for ((rk, email), list) in &self.self_src {
-                    if *rk == rj && (same(list, old) || same(list, new)) {
-                        emails.insert(email.clone());
-                    }
-                }
-                continue;
-            }
-            let now = &self.src_strings[rj];
-            let before = changed
-                .iter()
-                .find(|(c, _)| *c == rj)
-                .map_or(now, |(_, b)| b);
-            if same(before, old) || same(now, new) {
-                plain.push(rj);
-            }
-        }
-        (plain, emails)
     }
 }

@@ -4,15 +4,19 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use imbl::OrdMap;
 use ipnet::IpNet;
-use netmap_policy::PortRange;
+use netmap_policy::{Alias, AutoGroup, Policy, PortRange};
 
 use crate::addr::{self, fmt_net, host_prefix};
 use crate::resolve::{Resolved, Resolver};
 use crate::wire::{CapGrant, DstPort, FilterRule, Ports};
 
 /// A network or application rule with its selectors resolved.
+///
+/// A rule is also its own compiled form: the aliases each [`Resolved`] was resolved from,
+/// the ports, protocols, capabilities and `via` tags. [`rule_specs`] makes rules whose sets
+/// are not resolved yet; the engine compares those with the rules in force by value and
+/// resolves only the ones that differ.
 #[derive(Debug, Clone)]
 pub(crate) struct NetRule {
     pub src: Resolved,
@@ -24,32 +28,44 @@ pub(crate) struct NetRule {
     pub self_rule: bool,
     /// `via` tags: the destination prefixes are reached only through routers with these tags.
     pub via: Vec<String>,
+    /// The postures sources must satisfy (`srcPosture`, else `defaultSrcPosture`), by name.
+    pub src_posture: Vec<String>,
+    /// The postures destinations must satisfy (a companion capability goes back to a
+    /// grant's sources, posture included).
+    pub dst_posture: Vec<String>,
+}
+
+/// A selector set not resolved yet: only the aliases it names.
+fn unresolved<'a>(aliases: impl IntoIterator<Item = &'a Alias>) -> Resolved {
+    Resolved {
+        aliases: aliases.into_iter().cloned().collect(),
+        ..Resolved::default()
+    }
 }
 
 fn default_allow_all() -> Vec<NetRule> {
     vec![NetRule {
-        src: Resolved {
-            wildcard: true,
-            ..Resolved::default()
-        },
-        dsts: vec![(
-            Resolved {
-                wildcard: true,
-                ..Resolved::default()
-            },
-            vec![PortRange::ALL],
-        )],
+        src: unresolved([&Alias::Wildcard]),
+        dsts: vec![(unresolved([&Alias::Wildcard]), vec![PortRange::ALL])],
         protos: Vec::new(),
         caps: None,
         self_rule: false,
         via: Vec::new(),
+        src_posture: Vec::new(),
+        dst_posture: Vec::new(),
     }]
 }
 
-/// Splits resolved destinations into `autogroup:self` ones and the rest, making one rule each.
+fn is_self_dst(d: &Resolved) -> bool {
+    d.aliases
+        .iter()
+        .any(|a| *a == Alias::AutoGroup(AutoGroup::SelfDevices))
+}
+
+/// Splits destinations into `autogroup:self` ones and the rest, making one rule each.
 fn push_split(out: &mut Vec<NetRule>, base: NetRule) {
     let (selfs, others): (Vec<_>, Vec<_>) =
-        base.dsts.iter().cloned().partition(|(d, _)| d.self_devices);
+        base.dsts.iter().cloned().partition(|(d, _)| is_self_dst(d));
     if !others.is_empty() {
         out.push(NetRule {
             dsts: others,
@@ -66,9 +82,8 @@ fn push_split(out: &mut Vec<NetRule>, base: NetRule) {
     }
 }
 
-/// Resolves the policy's `acls` and `grants` into rules.
-pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
-    let p = &*r.policy;
+/// The policy's `acls` and `grants` as rules, in order, their selectors not resolved yet.
+pub(crate) fn rule_specs(p: &Policy) -> Vec<NetRule> {
     if !p.has_rules {
         return default_allow_all();
     }
@@ -77,14 +92,11 @@ pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
         if acl.src.is_empty() {
             continue;
         }
-        let src = r.with_postures(
-            r.resolve_all(acl.src.iter().map(|s| &s.value)),
-            p.rule_postures(&acl.src_posture),
-        );
+        let src = unresolved(acl.src.iter().map(|s| &s.value));
         let dsts = acl
             .dst
             .iter()
-            .map(|d| (r.resolve(&d.value.0), d.value.1.clone()))
+            .map(|d| (unresolved([&d.value.0]), d.value.1.clone()))
             .collect();
         push_split(
             &mut out,
@@ -95,6 +107,8 @@ pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
                 caps: None,
                 self_rule: false,
                 via: Vec::new(),
+                src_posture: p.rule_postures(&acl.src_posture).to_vec(),
+                dst_posture: Vec::new(),
             },
         );
     }
@@ -102,11 +116,8 @@ pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
         if g.src.is_empty() {
             continue;
         }
-        let src = r.with_postures(
-            r.resolve_all(g.src.iter().map(|s| &s.value)),
-            p.rule_postures(&g.src_posture),
-        );
-        let resolved: Vec<Resolved> = g.dst.iter().map(|d| r.resolve(&d.value)).collect();
+        let src = unresolved(g.src.iter().map(|s| &s.value));
+        let dst_sets: Vec<Resolved> = g.dst.iter().map(|d| unresolved([&d.value])).collect();
         // One rule per distinct protocol set, ports of all `ip` entries with that set.
         let mut by_proto: Vec<(Vec<u8>, Vec<PortRange>)> = Vec::new();
         for spec in &g.ip {
@@ -120,7 +131,7 @@ pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
                 &mut out,
                 NetRule {
                     src: src.clone(),
-                    dsts: resolved
+                    dsts: dst_sets
                         .iter()
                         .map(|d| (d.clone(), ports.clone()))
                         .collect(),
@@ -128,6 +139,8 @@ pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
                     caps: None,
                     self_rule: false,
                     via: g.via.clone(),
+                    src_posture: p.rule_postures(&g.src_posture).to_vec(),
+                    dst_posture: Vec::new(),
                 },
             );
         }
@@ -146,33 +159,140 @@ pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
                 .map(|c| (c.to_string(), serde_json::Value::Null))
                 .collect();
             if !companions.is_empty() {
-                let mut back_src = Resolved::default();
-                for d in &resolved {
-                    back_src.union(d.clone());
-                }
                 out.push(NetRule {
-                    src: back_src,
+                    src: unresolved(g.dst.iter().map(|d| &d.value)),
                     dsts: vec![(src.clone(), Vec::new())],
                     protos: Vec::new(),
                     caps: Some(companions),
                     self_rule: false,
                     via: Vec::new(),
+                    src_posture: Vec::new(),
+                    dst_posture: p.rule_postures(&g.src_posture).to_vec(),
                 });
             }
             push_split(
                 &mut out,
                 NetRule {
                     src: src.clone(),
-                    dsts: resolved.iter().map(|d| (d.clone(), Vec::new())).collect(),
+                    dsts: dst_sets.iter().map(|d| (d.clone(), Vec::new())).collect(),
                     protos: Vec::new(),
                     caps: Some(caps),
                     self_rule: false,
                     via: g.via.clone(),
+                    src_posture: p.rule_postures(&g.src_posture).to_vec(),
+                    dst_posture: Vec::new(),
                 },
             );
         }
     }
     out
+}
+
+/// Resolves the policy's `acls` and `grants` into rules.
+pub(crate) fn net_rules(r: &Resolver) -> Vec<NetRule> {
+    rule_specs(&r.policy)
+        .into_iter()
+        .map(|spec| spec.resolved(r))
+        .collect()
+}
+
+impl NetRule {
+    /// This rule with its selector sets resolved against `r`.
+    pub(crate) fn resolved(mut self, r: &Resolver) -> NetRule {
+        self.resolve_in_place(r);
+        self
+    }
+
+    /// Resolves (again) every selector set of this rule against `r`.
+    pub(crate) fn resolve_in_place(&mut self, r: &Resolver) {
+        self.src = r.with_postures(
+            r.resolve_all(&std::mem::take(&mut self.src.aliases)),
+            &self.src_posture,
+        );
+        for (d, _) in &mut self.dsts {
+            *d = r.with_postures(
+                r.resolve_all(&std::mem::take(&mut d.aliases)),
+                &self.dst_posture,
+            );
+        }
+    }
+
+    /// Every posture the rule names.
+    pub(crate) fn posture_names(&self) -> impl Iterator<Item = &String> + '_ {
+        self.src_posture.iter().chain(self.dst_posture.iter())
+    }
+
+    /// Every alias the rule names.
+    pub(crate) fn aliases(&self) -> impl Iterator<Item = &Alias> + '_ {
+        self.src
+            .aliases
+            .iter()
+            .chain(self.dsts.iter().flat_map(|(d, _)| d.aliases.iter()))
+    }
+
+    /// The rule as written, as a key: equal keys compile to equal rules (given equal
+    /// definitions of the groups, hosts and ipsets they name).
+    pub(crate) fn spec_key(&self) -> String {
+        format!(
+            "{:?}",
+            (
+                &self.src.aliases,
+                self.dsts
+                    .iter()
+                    .map(|(d, p)| (&d.aliases, p))
+                    .collect::<Vec<_>>(),
+                &self.protos,
+                &self.caps,
+                self.self_rule,
+                &self.via,
+                &self.src_posture,
+                &self.dst_posture,
+            )
+        )
+    }
+
+    /// What decides which nodes the rule links (its sources and destinations), as a key;
+    /// rules with equal keys differ at most in ports, protocols or capability values.
+    pub(crate) fn membership_key(&self) -> String {
+        format!(
+            "{:?}",
+            (
+                &self.src.aliases,
+                self.dsts
+                    .iter()
+                    .map(|(d, _)| &d.aliases)
+                    .collect::<Vec<_>>(),
+                self.caps.is_some(),
+                self.self_rule,
+                &self.via,
+                &self.src_posture,
+                &self.dst_posture,
+            )
+        )
+    }
+
+    /// Whether the rule can decide how a viewer routes a subnet prefix (it names `*` or
+    /// prefixes, or steers through `via` routers).
+    pub(crate) fn route_relevant(&self) -> bool {
+        !self.via.is_empty()
+            || self.src.wildcard
+            || self.src.all_nodes
+            || !self.src.nets.is_empty()
+            || self
+                .dsts
+                .iter()
+                .any(|(d, _)| d.wildcard || !d.nets.is_empty())
+    }
+
+    /// Whether the rule can let a viewer use exit nodes.
+    pub(crate) fn exit_relevant(&self) -> bool {
+        self.caps.is_none() && self.dsts.iter().any(|(d, _)| d.internet || d.wildcard)
+    }
+
+    /// Whether node `i` passes the rule's `via` restriction.
+    fn via_ok(&self, r: &Resolver, i: usize) -> bool {
+        self.via.is_empty() || r.nodes[i].node.tags.iter().any(|t| self.via.contains(t))
+    }
 }
 
 /// The capability a destination grants back to the source when granted `cap`.
@@ -209,37 +329,47 @@ fn entries_covering(r: &Resolver, dst: &Resolved, i: usize, by_route: bool) -> V
     out
 }
 
+/// Whether [`entries_covering`] would return anything, without building the entries.
+fn dst_covers(r: &Resolver, dst: &Resolved, i: usize, by_route: bool) -> bool {
+    let n = &r.nodes[i];
+    dst.wildcard
+        || (dst.internet && n.exit)
+        || ((dst.nodes.contains(&i) || (dst.self_devices && n.is_member())) && !n.addrs.is_empty())
+        || dst.nets.iter().any(|net| {
+            n.addrs.iter().any(|a| net.contains(a))
+                || (by_route && n.routes.iter().any(|rt| addr::overlaps(net, rt)))
+        })
+}
+
 impl NetRule {
     /// The entries of destination `dst` of this rule that node `i` receives. Capability
     /// grants reach nodes, not the subnets behind them; `via` rules reach subnets only
     /// through routers carrying a via tag.
     pub(crate) fn entries_for(&self, r: &Resolver, dst: &Resolved, i: usize) -> Vec<String> {
-        let via_ok =
-            self.via.is_empty() || r.nodes[i].node.tags.iter().any(|t| self.via.contains(t));
-        entries_covering(r, dst, i, self.caps.is_none() && via_ok)
+        entries_covering(r, dst, i, self.caps.is_none() && self.via_ok(r, i))
     }
 
     /// Whether any destination of this rule covers node `i` (for visibility).
     /// Capability grants to a subnet make its routers visible without filtering there.
     pub(crate) fn covers(&self, r: &Resolver, i: usize) -> bool {
-        let via_ok =
-            self.via.is_empty() || r.nodes[i].node.tags.iter().any(|t| self.via.contains(t));
+        let via_ok = self.via_ok(r, i);
         (!self.self_rule || r.nodes[i].is_member())
-            && self
-                .dsts
-                .iter()
-                .any(|(d, _)| !entries_covering(r, d, i, via_ok).is_empty())
+            && self.dsts.iter().any(|(d, _)| dst_covers(r, d, i, via_ok))
     }
 }
 
-/// The packet filter of node `d`: every rule whose destinations cover it, narrowed to what
-/// it serves; rules with the same sources and protocols merge.
-/// Node `d`'s packet filter. An entry made of one non-self rule alone is bound to it
-/// (`Some(rule index)`): its sources are that rule's current source list.
+/// Node `d`'s packet filter: every rule whose destinations cover it, narrowed to what it
+/// serves, in policy order; rules with the same sources and protocols merge. An entry made
+/// of one non-self rule alone is bound to it (`Some(rule id)`): its sources are that rule's
+/// current source list.
 pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule, Option<usize>)> {
     let r = &plan.r;
     let mut out: Vec<(FilterRule, Option<usize>)> = Vec::new();
-    for (ri, rule) in plan.rules.iter().enumerate() {
+    for (ri, rule) in plan.rules.ordered() {
+        // Only rules that cover the node can give it entries.
+        if !plan.covered_by(d, ri) {
+            continue;
+        }
         if rule.self_rule && !r.nodes[d].is_member() {
             continue;
         }
@@ -281,7 +411,10 @@ pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule
                 None => continue,
             }
         } else {
-            plan.src_strings[ri].clone()
+            match plan.src_strings.get(ri) {
+                Some(s) => s.clone(),
+                None => continue,
+            }
         };
         if let Some(caps) = &rule.caps {
             if cap_dsts.is_empty() {
@@ -328,9 +461,11 @@ pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule
     out
 }
 
-/// Whether `rule` lets node `v` reach prefix `route`, or lets `route` reach `v`.
-fn route_reachable(r: &Resolver, rule: &NetRule, v: usize, route: &IpNet) -> bool {
-    let forward = r.src_contains(&rule.src, v)
+/// Whether `rule` (id `ri`) lets a viewer reach prefix `route`, or lets `route` reach it:
+/// the viewer is among the sources and a destination is `*` or overlaps the prefix, or the
+/// sources are `*` or overlap the prefix and the rule covers the viewer.
+pub(crate) fn route_reachable(rule: &NetRule, src: bool, dst: bool, route: &IpNet) -> bool {
+    let forward = src
         && rule
             .dsts
             .iter()
@@ -338,66 +473,7 @@ fn route_reachable(r: &Resolver, rule: &NetRule, v: usize, route: &IpNet) -> boo
     if forward {
         return true;
     }
-    let src_overlaps = rule.src.wildcard
+    dst && (rule.src.wildcard
         || rule.src.all_nodes
-        || rule.src.nets.iter().any(|n| addr::overlaps(n, route));
-    src_overlaps && rule.covers(r, v)
-}
-
-/// Whether viewer `v` routes prefix `rt` through peer `x`. `via` grants steer the prefix to
-/// the routers carrying a via tag (their primary: the global one if it qualifies, else the
-/// oldest online); otherwise the prefix goes to its primary router, when `v` may reach it
-/// (or is a standby router of the same prefix).
-pub(crate) fn routed_through(
-    r: &Resolver,
-    rules: &[NetRule],
-    primaries: &OrdMap<IpNet, String>,
-    v: usize,
-    x: usize,
-    rt: &IpNet,
-) -> bool {
-    let mut via_tags: Vec<&String> = Vec::new();
-    for rule in rules {
-        if rule.via.is_empty() || !r.src_contains(&rule.src, v) {
-            continue;
-        }
-        if rule
-            .dsts
-            .iter()
-            .any(|(d, _)| d.nets.iter().any(|n| addr::overlaps(n, rt)))
-        {
-            via_tags.extend(rule.via.iter());
-        }
-    }
-    let primary = primaries.get(rt).map(String::as_str);
-    // Access to the prefix without `via` (or being a standby router of it) goes through the
-    // prefix's primary router; `via` steering applies only otherwise.
-    let direct = r.nodes[v].routes.contains(rt)
-        || rules
-            .iter()
-            .filter(|rule| rule.via.is_empty())
-            .any(|rule| route_reachable(r, rule, v, rt));
-    if direct {
-        return primary == Some(r.nodes[x].name.as_str());
-    }
-    if via_tags.is_empty() {
-        return false;
-    }
-    let tagged = |i: usize| r.nodes[i].node.tags.iter().any(|t| via_tags.contains(&t));
-    let chosen = match primary.and_then(|p| r.by_name.get(p).copied()) {
-        Some(p) if tagged(p) => Some(p),
-        _ => (0..r.nodes.len())
-            .filter(|&i| tagged(i) && r.nodes[i].node.online && r.nodes[i].routes.contains(rt))
-            .min_by_key(|&i| (r.nodes[i].node.created_key(), r.nodes[i].name.as_str())),
-    };
-    chosen == Some(x)
-}
-
-/// Whether node `v` may use exit nodes (some rule lets it reach the internet).
-pub(crate) fn exit_usable(r: &Resolver, rules: &[NetRule], v: usize) -> bool {
-    rules.iter().any(|rule| {
-        rule.caps.is_none()
-            && r.src_contains(&rule.src, v)
-            && rule.dsts.iter().any(|(d, _)| d.internet || d.wildcard)
-    })
+        || rule.src.nets.iter().any(|n| addr::overlaps(n, route)))
 }

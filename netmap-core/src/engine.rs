@@ -14,7 +14,7 @@ use crate::error::CoreError;
 use crate::tailnet::{Node, Tailnet, User};
 use rayon::prelude::*;
 
-use crate::build::{touch, PeerChange, Plan, StoredView, Tables};
+use crate::build::{touch, Batch, Plan, StoredView, Tables};
 use crate::wire::{NodeView, Peer, SharedPeers};
 
 /// A change to the tailnet or its policy.
@@ -284,6 +284,18 @@ fn shared_diff(old: &SharedPeers, new: &SharedPeers) -> PeerDelta {
     (added.into(), removed.into(), changed.into())
 }
 
+/// `names` without the viewer's own name and the peers it sees its own way (`extra`, which
+/// take the place of shared entries); shared when nothing is left out.
+fn masked(names: &PeerNames, own: &str, extra: &[Arc<Peer>]) -> PeerNames {
+    let hidden =
+        |n: &Arc<str>| &**n == own || extra.binary_search_by(|p| p.name.as_str().cmp(n)).is_ok();
+    if names.iter().any(hidden) {
+        names.iter().filter(|n| !hidden(n)).cloned().collect()
+    } else {
+        names.clone()
+    }
+}
+
 /// Diffs views, comparing shared parts (peer lists, source lists) once per pair.
 struct Differ {
     peers: HashMap<(usize, usize), Arc<PeerDelta>>,
@@ -304,6 +316,15 @@ impl Differ {
         }
         let key = (Arc::as_ptr(a) as usize, Arc::as_ptr(b) as usize);
         *self.lists.entry(key).or_insert_with(|| a == b)
+    }
+
+    /// The names that differ between two shared peer lists, compared once per pair.
+    fn list_delta(&mut self, old: &SharedPeers, new: &SharedPeers) -> Arc<PeerDelta> {
+        let key = (Arc::as_ptr(old) as usize, Arc::as_ptr(new) as usize);
+        self.peers
+            .entry(key)
+            .or_insert_with(|| Arc::new(shared_diff(old, new)))
+            .clone()
     }
 
     fn same_filter(
@@ -469,197 +490,212 @@ impl Engine {
         let mut policy_text = self.current.policy_text.clone();
         let not_found =
             |what: &str, name: &str| CoreError::NotFound(format!("{what} {name:?} not found"));
-        // Which node changed, for the incremental path; `None` = rebuild.
-        let mut incremental: Option<(String, Option<Node>)> = None;
-        let mut unchanged_views = false;
+        let mut batch = Batch::default();
         match change {
-            Change::UpsertNode { node, value }
-                if tailnet.nodes.get(&node).is_some_and(|old| {
-                    // The same node again, its presence aside (which only routers' peers read).
-                    (old.online == value.online || value.routable_ips.is_empty())
+            Change::UpsertNode { node, value } => {
+                // The same node again, its presence aside (which only routers' peers read).
+                let same = tailnet.nodes.get(&node).is_some_and(|old| {
+                    (old.online == value.online || !self.plan.presence_matters(&node))
                         && Node {
                             online: value.online,
                             ..(**old).clone()
                         } == value
-                }) =>
-            {
-                unchanged_views = true;
-                self.plan.set_presence(&node, value.online);
-                tailnet.nodes.insert(node, Arc::new(value));
-            }
-            Change::UpsertNode { node, value } => {
-                tailnet.assign_dns_name(&node, &value.hostname);
-                tailnet.nodes.insert(node.clone(), Arc::new(value.clone()));
-                incremental = Some((node, Some(value)));
+                });
+                let value = Arc::new(value);
+                if same {
+                    self.plan.set_presence(&node, value.clone());
+                } else {
+                    tailnet.assign_dns_name(&node, &value.hostname);
+                    batch.nodes.push(node.clone());
+                }
+                tailnet.nodes.insert(node, value);
             }
             Change::RemoveNode { node } => {
                 if tailnet.nodes.remove(&node).is_none() {
                     return Err(not_found("node", &node));
                 }
                 tailnet.release_dns_name(&node);
-                incremental = Some((node, None));
+                batch.nodes.push(node);
             }
             Change::SetOnline { node, online } => {
                 let Some(n) = tailnet.nodes.get_mut(&node) else {
                     return Err(not_found("node", &node));
                 };
-                Arc::make_mut(n).online = online;
-                // Only routers' presence matters (primary election); nothing else reads it.
-                if n.routable_ips.is_empty() {
-                    unchanged_views = true;
-                    self.plan.set_presence(&node, online);
+                if n.online != online {
+                    Arc::make_mut(n).online = online;
+                    // Only routers' presence matters (primary election); nothing else reads it.
+                    if self.plan.presence_matters(&node) {
+                        batch.nodes.push(node);
+                    } else {
+                        self.plan.set_presence(&node, n.clone());
+                    }
                 }
             }
             Change::UpsertUser { user } => {
-                let referenced = tailnet
-                    .nodes
-                    .values()
-                    .any(|n| n.user.as_deref() == Some(&user.name));
-                unchanged_views = !referenced;
-                tailnet.users.insert(user.name.clone(), user);
+                if tailnet.users.get(&user.name) != Some(&user) {
+                    batch.nodes = self.plan.user_nodes(&user.name);
+                    tailnet.users.insert(user.name.clone(), user);
+                }
             }
             Change::RemoveUser { name } => {
                 if tailnet.users.remove(&name).is_none() {
                     return Err(not_found("user", &name));
                 }
-                unchanged_views = !tailnet
-                    .nodes
-                    .values()
-                    .any(|n| n.user.as_deref() == Some(&name));
+                batch.nodes = self.plan.user_nodes(&name);
             }
             Change::SetPolicy { policy: text } => {
-                policy = Arc::new(load_policy(&text, &tailnet)?);
+                let new = self.plan.load_policy(&text, &tailnet)?;
                 policy_text = Arc::from(text.as_str());
+                if new != *policy {
+                    policy = Arc::new(new);
+                    batch.policy = Some(policy.clone());
+                }
             }
             Change::ApproveRoutes { node, routes } => match tailnet.nodes.get_mut(&node) {
-                Some(n) => Arc::make_mut(n).approved_routes = routes,
+                Some(n) => {
+                    if n.approved_routes != routes {
+                        Arc::make_mut(n).approved_routes = routes;
+                        batch.nodes.push(node);
+                    }
+                }
                 None => return Err(not_found("node", &node)),
             },
         }
-        if unchanged_views {
+        if batch.nodes.is_empty() && batch.policy.is_none() {
             self.plan.r.tailnet = tailnet.clone();
             self.current = Snapshot {
                 tailnet,
+                policy,
+                policy_text,
                 ..self.current.clone()
             };
             return Ok(ChangeSet::default());
         }
-        let old_views = self.current.views.clone();
-        let old_tables = self.current.tables.clone();
+        let old_views = &self.current.views;
+        let old_tables = &self.current.tables;
+        let affected = self.plan.update(&tailnet, batch);
+        let new_tables = self.plan.tables();
         let mut differ = Differ::new();
-        let mut cs = ChangeSet::default();
-        let affected = incremental
-            .as_ref()
-            .and_then(|(name, node)| self.plan.update_node(&tailnet, name, node.as_ref()));
-        let views = match (affected, &incremental) {
-            (Some(affected), Some((name, node))) => {
-                let new_tables = self.plan.tables();
-                let recompute: Vec<usize> = affected
-                    .slots
-                    .iter()
-                    .filter(|(_, f)| f & touch::RECOMPUTE != 0)
-                    .map(|&(s, _)| s)
-                    .collect();
-                // A handful of views is not worth handing to the thread pool.
-                let fresh: Vec<(usize, StoredView)> = if recompute.len() < 64 {
-                    recompute
-                        .into_iter()
-                        .map(|s| (s, self.plan.stored_view(s)))
-                        .collect()
-                } else {
-                    recompute
-                        .into_par_iter()
-                        .map(|s| (s, self.plan.stored_view(s)))
-                        .collect()
-                };
-                let mut views = old_views.clone();
-                // Collected in a vector and turned into the map once: cheaper than growing it.
-                let mut deltas: Vec<(Arc<str>, NodeDelta)> =
-                    Vec::with_capacity(affected.slots.len() + 1);
-                if node.is_none() {
-                    views.remove(name);
-                    deltas.push((
-                        Arc::from(name.as_str()),
-                        NodeDelta {
-                            removed: true,
-                            ..NodeDelta::default()
-                        },
-                    ));
-                }
-                for (s, sv) in fresh {
-                    let n = self.plan.name(s);
-                    let old = old_views.get(n).map(|o| o.materialize(&old_tables, n));
-                    let new = sv.materialize(&new_tables, n);
-                    let d = differ.diff(n, old.as_ref(), Some(&new));
-                    if !d.is_empty() {
-                        deltas.push((self.plan.key(s).clone(), d));
-                    }
-                    views.insert(n.to_string(), sv);
-                }
-                // The other touched views keep their stored form: they read what changed from
-                // the tables, and their delta is known from how they were touched.
-                let just_changed: PeerNames = Arc::new([Arc::from(name.as_str())]);
-                for &(s, f) in &affected.slots {
-                    if f & touch::RECOMPUTE != 0 {
-                        continue;
-                    }
-                    let mut d = NodeDelta {
-                        filter_changed: f & touch::FILTER != 0,
-                        ssh_changed: f & touch::SSH != 0,
-                        ..NodeDelta::default()
-                    };
-                    if f & touch::PEERS != 0 {
-                        match affected.class_change(self.plan.class_id(s)) {
-                            Some(PeerChange::Added) => d.peers_added = just_changed.clone(),
-                            Some(PeerChange::Removed) => d.peers_removed = just_changed.clone(),
-                            Some(PeerChange::Changed) => d.peers_changed = just_changed.clone(),
-                            None => {}
-                        }
-                    }
-                    if !d.is_empty() {
-                        deltas.push((self.plan.key(s).clone(), d));
-                    }
-                }
-                // Sorted runs (the recomputed views', then the others', both in name order):
-                // the map's stable sort merges them in linear time.
-                cs.nodes = deltas.into_iter().collect();
-                views
-            }
-            _ => {
-                self.plan = Plan::build(policy.clone(), &tailnet);
-                let new_tables = self.plan.tables();
-                let views: OrdMap<String, StoredView> =
-                    self.plan.all_stored_views().into_iter().collect();
-                let mut names: Vec<&String> = old_views.keys().chain(views.keys()).collect();
-                names.sort_unstable();
-                names.dedup();
-                let pairs: Vec<(&String, Option<NodeView>, Option<NodeView>)> = names
-                    .into_par_iter()
-                    .map(|n| {
-                        (
-                            n,
-                            old_views.get(n).map(|v| v.materialize(&old_tables, n)),
-                            views.get(n).map(|v| v.materialize(&new_tables, n)),
-                        )
-                    })
-                    .collect();
-                for (name, old, new) in pairs {
-                    let d = differ.diff(name, old.as_ref(), new.as_ref());
-                    if !d.is_empty() {
-                        cs.nodes.insert(Arc::from(name.as_str()), d);
-                    }
-                }
-                views
-            }
+        let recompute: Vec<usize> = affected
+            .slots
+            .iter()
+            .filter(|(_, f)| f & touch::RECOMPUTE != 0)
+            .map(|&(s, _)| s)
+            .collect();
+        // A handful of views is not worth handing to the thread pool.
+        let plan = &self.plan;
+        let fresh: Vec<(usize, StoredView)> = if recompute.len() < 64 {
+            recompute
+                .into_iter()
+                .map(|s| (s, plan.stored_view(s)))
+                .collect()
+        } else {
+            recompute
+                .into_par_iter()
+                .map(|s| (s, plan.stored_view(s)))
+                .collect()
         };
+        let mut views = old_views.clone();
+        // Collected in a vector and turned into the map once: cheaper than growing it.
+        let mut deltas: Vec<(Arc<str>, NodeDelta)> = Vec::with_capacity(affected.slots.len() + 1);
+        for name in &affected.removed {
+            views.remove(&**name);
+            deltas.push((
+                name.clone(),
+                NodeDelta {
+                    removed: true,
+                    ..NodeDelta::default()
+                },
+            ));
+        }
+        let recomputed: Vec<(Arc<str>, NodeDelta)> = fresh
+            .into_iter()
+            .filter_map(|(s, sv)| {
+                let n = plan.name(s);
+                let old = old_views.get(n).map(|o| o.materialize(old_tables, n));
+                let new = sv.materialize(&new_tables, n);
+                let d = differ.diff(n, old.as_ref(), Some(&new));
+                views.insert(n.to_string(), sv);
+                (!d.is_empty()).then(|| (plan.key(s).clone(), d))
+            })
+            .collect();
+        deltas.extend(recomputed);
+        // The other touched views keep their stored form (with their new class): they read
+        // what changed from the tables, and their delta is known from how they were touched.
+        let class_deltas: HashMap<usize, PeerDelta> = affected
+            .class_delta
+            .iter()
+            .map(|(&c, d)| {
+                (
+                    c,
+                    (
+                        d.0.as_slice().into(),
+                        d.1.as_slice().into(),
+                        d.2.as_slice().into(),
+                    ),
+                )
+            })
+            .collect();
+        for &(s, f) in &affected.slots {
+            if f & touch::RECOMPUTE != 0 {
+                continue;
+            }
+            let n = plan.name(s);
+            let Some(old) = old_views.get(n) else {
+                continue;
+            };
+            let mut d = NodeDelta {
+                filter_changed: f & touch::FILTER != 0,
+                ssh_changed: f & touch::SSH != 0,
+                ..NodeDelta::default()
+            };
+            let peers = if f & touch::CLASS != 0 {
+                let class = plan.class_id(s);
+                let delta = match (
+                    old_tables.class_list(old.class),
+                    new_tables.class_list(class),
+                ) {
+                    (Some(a), Some(b)) => Some(differ.list_delta(a, b)),
+                    _ => None,
+                };
+                views.insert(
+                    n.to_string(),
+                    StoredView {
+                        class,
+                        ..old.clone()
+                    },
+                );
+                delta
+            } else if f & touch::PEERS != 0 {
+                class_deltas.get(&old.class).cloned().map(Arc::new)
+            } else {
+                None
+            };
+            if let Some(pd) = peers {
+                let own = |v: &PeerNames| masked(v, n, &old.extra);
+                (d.peers_added, d.peers_removed, d.peers_changed) =
+                    (own(&pd.0), own(&pd.1), own(&pd.2));
+            }
+            if !d.is_empty() {
+                deltas.push((plan.key(s).clone(), d));
+            }
+        }
+        let mut cs = ChangeSet::default();
+        cs.nodes = deltas.into_iter().collect();
         tailnet.primaries = self.plan.primaries.clone();
         self.current = Snapshot {
             policy_text,
             policy,
             tailnet,
             views,
-            tables: self.plan.tables(),
+            tables: new_tables,
         };
         Ok(cs)
+    }
+
+    /// The policy as it would be set by [`Change::SetPolicy`] (parsed, checked and its tests
+    /// run), without changing anything.
+    pub fn check_policy(&self, text: &str) -> Result<Policy, CoreError> {
+        self.plan.load_policy(text, &self.current.tailnet)
     }
 }

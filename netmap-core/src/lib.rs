@@ -9,6 +9,7 @@ mod engine;
 mod error;
 mod resolve;
 mod routes;
+mod rules;
 mod ssh;
 mod state_file;
 mod tailnet;

@@ -16,7 +16,7 @@ pub(crate) struct NodeInfo {
     pub name: String,
     /// The name again, shared: the key of the node's entry in shared peer lists.
     pub key: Arc<str>,
-    pub node: Node,
+    pub node: Arc<Node>,
     /// Whether the slot holds a node (the engine keeps slots of removed nodes).
     pub alive: bool,
     pub addrs: Vec<IpAddr>,
@@ -65,7 +65,7 @@ fn effective_role<'a>(u: &'a crate::tailnet::User, tailnet: &Tailnet) -> &'a str
 }
 
 /// Builds the resolution record of one node (routes and IPv4 use are filled in later).
-pub(crate) fn node_info(tailnet: &Tailnet, name: &str, node: &Node) -> NodeInfo {
+pub(crate) fn node_info(tailnet: &Tailnet, name: &str, node: &Arc<Node>) -> NodeInfo {
     let (email, role) = if node.is_tagged() {
         (None, None)
     } else {
@@ -80,7 +80,7 @@ pub(crate) fn node_info(tailnet: &Tailnet, name: &str, node: &Node) -> NodeInfo 
     NodeInfo {
         name: name.to_string(),
         key: Arc::from(name),
-        node: node.clone(),
+        node: Arc::clone(node),
         alive: true,
         addr_text: node.addrs().map(|a| a.to_string()).collect(),
         addrs: node.addrs().collect(),
@@ -179,19 +179,9 @@ impl Resolver {
             by_name,
             v4_off: Vec::new(),
         };
-        let policy = r.policy.clone();
-        let v4_off_targets: Vec<Resolved> = policy
-            .node_attrs
-            .iter()
-            .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
-            .map(|na| r.resolve_all(na.target.iter().map(|t| &t.value)))
-            .collect();
-        let no_v4: Vec<bool> = (0..r.nodes.len())
-            .map(|i| policy.disable_ipv4 || v4_off_targets.iter().any(|t| r.src_contains(t, i)))
-            .collect();
-        r.v4_off = v4_off_targets;
-        for (i, off) in no_v4.into_iter().enumerate() {
-            if off {
+        r.refresh_v4_targets();
+        for i in 0..r.nodes.len() {
+            if r.ipv4_disabled(&r.nodes[i]) {
                 r.nodes[i].drop_ipv4();
             }
         }
@@ -268,6 +258,31 @@ impl Resolver {
         }
     }
 
+    /// Resolves the targets of `disable-ipv4` node attributes (again).
+    pub fn refresh_v4_targets(&mut self) {
+        let policy = self.policy.clone();
+        self.v4_off = policy
+            .node_attrs
+            .iter()
+            .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
+            .map(|na| self.resolve_all(na.target.iter().map(|t| &t.value)))
+            .collect();
+    }
+
+    /// Whether `disableIPv4` or a `disable-ipv4` node attribute applies to a node, judged by
+    /// its record (its addresses as assigned).
+    pub fn ipv4_disabled(&self, n: &NodeInfo) -> bool {
+        self.policy.disable_ipv4
+            || (n.alive
+                && self.v4_off.iter().any(|t| {
+                    t.wildcard
+                        || t.aliases.iter().any(|a| self.alias_names_info(a, n))
+                        || t.nets
+                            .iter()
+                            .any(|net| n.node.addrs().any(|a| net.contains(&a)))
+                }))
+    }
+
     /// Re-evaluates node `i`'s identity membership in `set`; returns whether it changed.
     pub fn refresh(&self, set: &mut Resolved, i: usize) -> bool {
         let n = &self.nodes[i];
@@ -284,13 +299,13 @@ impl Resolver {
     /// Puts a node (new or changed) into its slot, or marks the slot dead (`node` = None).
     /// Routes are not computed here; callers only use this for nodes without routes.
     /// Returns the slot.
-    pub fn set_slot(&mut self, tailnet: &Tailnet, name: &str, node: Option<&Node>) -> usize {
+    pub fn set_slot(&mut self, tailnet: &Tailnet, name: &str, node: Option<&Arc<Node>>) -> usize {
         let slot = match self.by_name.get(name) {
             Some(&s) => s,
             None => {
                 self.nodes.push(NodeInfo {
                     alive: false,
-                    ..node_info(tailnet, name, &Node::default())
+                    ..node_info(tailnet, name, &Arc::default())
                 });
                 self.by_name.insert(name.to_string(), self.nodes.len() - 1);
                 self.nodes.len() - 1
@@ -305,14 +320,7 @@ impl Resolver {
         match node {
             Some(node) => {
                 let mut info = node_info(tailnet, name, node);
-                let off = self.policy.disable_ipv4
-                    || self.v4_off.iter().any(|t| {
-                        t.aliases.iter().any(|a| self.alias_names_info(a, &info))
-                            || t.nets
-                                .iter()
-                                .any(|net| info.addrs.iter().any(|a| net.contains(a)))
-                    });
-                if off {
+                if self.ipv4_disabled(&info) {
                     info.drop_ipv4();
                 }
                 if let (false, Some(e)) = (info.node.is_tagged(), &info.email) {

@@ -31,6 +31,16 @@ impl Approvers {
     }
 }
 
+impl Approvers {
+    /// Re-evaluates node `x`'s membership in every approver set (after it changed).
+    pub(crate) fn refresh(&mut self, r: &Resolver, x: usize) {
+        for (_, who) in &mut self.routes {
+            r.refresh(who, x);
+        }
+        r.refresh(&mut self.exit_node, x);
+    }
+}
+
 /// The routes node `i` serves: advertised and approved, by hand or by `autoApprovers`
 /// (subnet routes through `routes`, exit routes through `exitNode`); exit routes are reported
 /// as a flag. Approving either exit route approves both.

@@ -1,9 +1,9 @@
 //! SSH policy compiled per destination node into tailcfg `SSHRule`s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use netmap_policy::{Alias, AutoGroup, SshAction, SshUser};
+use netmap_policy::{Alias, AutoGroup, Policy, SshAction, SshRule, SshUser};
 
 use crate::resolve::{Resolved, Resolver};
 use crate::wire::{SshActionWire, SshPrincipal, SshRecorderFailureAction, SshRuleWire};
@@ -104,20 +104,155 @@ pub(crate) type BoundSshRule = (SshRuleWire, Option<usize>);
 /// How one SSH rule's identity principals changed: (rule, before, after).
 pub(crate) type PrincipalsSwap = (usize, Arc<Vec<SshPrincipal>>, Arc<Vec<SshPrincipal>>);
 
+/// How a new policy's SSH rules differ from the ones in force.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) enum SshEdit {
+    /// The same rules, resolving the same way.
+    #[default]
+    Same,
+    /// The same rules; these (by match order) name a group, host or ipset defined
+    /// differently now.
+    Redefined(Vec<usize>),
+    /// Different rules.
+    Rebuild,
+}
+
+/// Check rules come before accept rules; within each, policy order.
+fn match_order(p: &Policy) -> impl Iterator<Item = &SshRule> + '_ {
+    p.ssh
+        .iter()
+        .filter(|x| x.action == SshAction::Check)
+        .chain(p.ssh.iter().filter(|x| x.action == SshAction::Accept))
+}
+
+/// An SSH rule as written (positions aside), as a key.
+fn spec_key(rule: &SshRule) -> String {
+    // Every field, so that a new one cannot be left out of the comparison.
+    let SshRule {
+        action,
+        src,
+        dst,
+        users,
+        check_period_secs,
+        accept_env,
+        src_posture,
+        recorder,
+        enforce_recorder,
+    } = rule;
+    format!(
+        "{:?}",
+        (
+            action,
+            src.iter().map(|a| &a.value).collect::<Vec<_>>(),
+            dst.iter().map(|a| &a.value).collect::<Vec<_>>(),
+            users,
+            check_period_secs,
+            accept_env,
+            src_posture,
+            recorder,
+            enforce_recorder,
+        )
+    )
+}
+
 impl SshPlan {
-    pub(crate) fn new(r: &Resolver) -> SshPlan {
-        // Check rules come before accept rules; within each, policy order.
-        let ordered = r
-            .policy
-            .ssh
+    /// How `new`'s SSH rules differ from `old`'s.
+    pub(crate) fn edit(old: &Policy, new: &Policy) -> SshEdit {
+        let (a, b): (Vec<&SshRule>, Vec<&SshRule>) =
+            (match_order(old).collect(), match_order(new).collect());
+        if a.len() != b.len() || a.iter().zip(&b).any(|(x, y)| spec_key(x) != spec_key(y)) {
+            return SshEdit::Rebuild;
+        }
+        let redefined: Vec<usize> = b
             .iter()
-            .filter(|x| x.action == SshAction::Check)
-            .chain(
-                r.policy
-                    .ssh
+            .enumerate()
+            .filter(|(_, rule)| {
+                rule.src
                     .iter()
-                    .filter(|x| x.action == SshAction::Accept),
-            );
+                    .chain(rule.dst.iter())
+                    .any(|a| crate::rules::redefined(old, new, &a.value))
+                    || rule
+                        .src_posture
+                        .iter()
+                        .any(|p| crate::rules::posture_redefined(old, new, p))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        if redefined.is_empty() {
+            SshEdit::Same
+        } else {
+            SshEdit::Redefined(redefined)
+        }
+    }
+
+    /// Resolves rule `k`'s selectors again (the policy redefined one). Returns how its
+    /// identity principals changed, for the views that bind them, and the nodes whose SSH
+    /// rules must be recomputed (`None`: every node).
+    pub(crate) fn redefine(
+        &mut self,
+        r: &Resolver,
+        k: usize,
+    ) -> (Option<PrincipalsSwap>, Option<Vec<usize>>) {
+        let Some(rule) = match_order(&r.policy).nth(k) else {
+            return (None, None);
+        };
+        let dst = r.resolve_all(rule.dst.iter().map(|x| &x.value));
+        let src = r.with_postures(
+            r.resolve_all(rule.src.iter().map(|x| &x.value)),
+            &rule.src_posture,
+        );
+        let Some(planned) = self.rules.get_mut(k) else {
+            return (None, None);
+        };
+        let mut recompute: BTreeSet<usize> = BTreeSet::new();
+        let same_flags = |a: &Resolved, b: &Resolved| {
+            a.wildcard == b.wildcard && a.self_devices == b.self_devices && a.nets == b.nets
+        };
+        if !same_flags(&planned.dst, &dst) {
+            planned.dst = dst;
+            planned.src = src;
+            planned.srcs = (0..r.nodes.len())
+                .filter(|&j| r.src_contains(&planned.src, j))
+                .collect();
+            sort_principal_order(r, &mut planned.srcs);
+            let after = principals(r, &with_tag_repeats(r, &planned.srcs, planned.tagged_src));
+            self.principals.set(k, after);
+            return (None, None);
+        }
+        recompute.extend(planned.dst.nodes.symmetric_difference(&dst.nodes).copied());
+        planned.dst = dst;
+        let mut srcs: Vec<usize> = (0..r.nodes.len())
+            .filter(|&j| r.src_contains(&src, j))
+            .collect();
+        sort_principal_order(r, &mut srcs);
+        planned.src = src;
+        if srcs == planned.srcs {
+            return (None, Some(recompute.into_iter().collect()));
+        }
+        if planned.has_localpart || planned.dst.self_devices {
+            // Entries that are not bound to the rule's principals: every node it reaches.
+            if planned.dst.wildcard || planned.dst.self_devices {
+                planned.srcs = srcs;
+                let after = principals(r, &with_tag_repeats(r, &planned.srcs, planned.tagged_src));
+                self.principals.set(k, after);
+                return (None, None);
+            }
+            recompute.extend(planned.dst.nodes.iter().copied());
+            recompute.extend(planned.srcs.iter().copied());
+            recompute.extend(srcs.iter().copied());
+        }
+        planned.srcs = srcs;
+        let before = self.principals[k].clone();
+        let after = principals(r, &with_tag_repeats(r, &planned.srcs, planned.tagged_src));
+        self.principals.set(k, after.clone());
+        (
+            Some((k, before, after)),
+            Some(recompute.into_iter().collect()),
+        )
+    }
+
+    pub(crate) fn new(r: &Resolver) -> SshPlan {
+        let ordered = match_order(&r.policy);
         let mut rules = Vec::new();
         let mut all = imbl::Vector::new();
         for rule in ordered {
@@ -308,6 +443,43 @@ impl SshPlan {
             }
         }
         changed
+    }
+
+    /// Recomputes the actions of rules that list session recorders (after nodes carrying a
+    /// recorder tag changed). Returns the rules whose action changed.
+    pub(crate) fn refresh_recorders(&mut self, r: &Resolver) -> Vec<usize> {
+        let mut changed = Vec::new();
+        for (k, rule) in match_order(&r.policy).enumerate() {
+            if rule.recorder.is_empty() {
+                continue;
+            }
+            let action = action_wire(r, rule);
+            if let Some(planned) = self.rules.get_mut(k) {
+                if planned.action != action {
+                    planned.action = action;
+                    changed.push(k);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Whether node `x`'s record (tags) makes it a session recorder of some rule.
+    pub(crate) fn is_recorder(&self, x: &crate::tailnet::Node) -> bool {
+        x.tags.iter().any(|t| self.recorder_tags.contains(t))
+    }
+
+    /// The nodes that may receive rule `k` (`None`: any node).
+    pub(crate) fn receivers(&self, k: usize) -> Option<Vec<usize>> {
+        let rule = self.rules.get(k)?;
+        if rule.dst.wildcard || rule.dst.self_devices {
+            return None;
+        }
+        let mut out: Vec<usize> = rule.dst.nodes.iter().copied().collect();
+        if rule.has_localpart {
+            out.extend(rule.srcs.iter().copied());
+        }
+        Some(out)
     }
 
     /// The nodes that receive rule `k` by identity (all nodes when it names `*`).

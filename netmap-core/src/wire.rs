@@ -195,29 +195,35 @@ pub struct NodeView {
 pub type SharedPeers = Arc<imbl::OrdMap<Arc<str>, Arc<Peer>>>;
 
 /// A node's peers, sorted by name. Nodes with the same reachability share one list (`shared`);
-/// a node's own entry is skipped and peers only it has (its own devices) are kept aside, so
-/// large tailnets do not hold one copy of every peer per node.
+/// a node's own entry is skipped, and peers only it has or sees its own way (its own devices,
+/// the other routers of a prefix it serves) are kept aside in `extra`, where they take the
+/// place of the shared entry of the same name. Large tailnets thus do not hold one copy of
+/// every peer per node.
 #[derive(Debug, Clone, Default)]
 pub struct PeerList {
     shared: SharedPeers,
     /// The viewer's own entry in `shared`, if it has one.
     skip: Option<Arc<str>>,
     extra: Vec<Arc<Peer>>,
+    /// How many names of `extra` the shared list also has.
+    overlap: usize,
 }
 
 impl PeerList {
     /// A list from a shared sorted list, skipping the viewer's own entry, plus extra peers
-    /// (sorted; entries already in the shared list are dropped).
+    /// (sorted by name) that take the place of shared entries of the same name.
     pub fn new(shared: SharedPeers, own_name: &str, extra: Vec<Arc<Peer>>) -> PeerList {
         let skip = shared.get_key_value(own_name).map(|(k, _)| k.clone());
-        let extra = extra
-            .into_iter()
-            .filter(|p| !shared.contains_key(p.name.as_str()))
-            .collect();
+        let extra: Vec<Arc<Peer>> = extra.into_iter().filter(|p| p.name != own_name).collect();
+        let overlap = extra
+            .iter()
+            .filter(|p| shared.contains_key(p.name.as_str()))
+            .count();
         PeerList {
             shared,
             skip,
             extra,
+            overlap,
         }
     }
 
@@ -232,6 +238,7 @@ impl PeerList {
             ),
             skip: None,
             extra: Vec::new(),
+            overlap: 0,
         }
     }
 
@@ -240,7 +247,7 @@ impl PeerList {
         &self.shared
     }
 
-    /// Peers only this node has (not in the shared part).
+    /// Peers only this node has or sees its own way (they take the place of shared ones).
     pub fn extra(&self) -> &[Arc<Peer>] {
         &self.extra
     }
@@ -266,13 +273,14 @@ impl PeerList {
             .peekable();
         let mut b = self.extra.iter().peekable();
         std::iter::from_fn(move || match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) => {
-                if x.name <= y.name {
-                    a.next()
-                } else {
+            (Some(x), Some(y)) => match x.name.cmp(&y.name) {
+                std::cmp::Ordering::Less => a.next(),
+                std::cmp::Ordering::Greater => b.next(),
+                std::cmp::Ordering::Equal => {
+                    a.next();
                     b.next()
                 }
-            }
+            },
             (Some(_), None) => a.next(),
             (None, Some(_)) => b.next(),
             (None, None) => None,
@@ -281,7 +289,7 @@ impl PeerList {
 
     /// Number of peers.
     pub fn len(&self) -> usize {
-        self.shared.len() - usize::from(self.skip.is_some()) + self.extra.len()
+        self.shared.len() - usize::from(self.skip.is_some()) + self.extra.len() - self.overlap
     }
 
     /// Whether there are no peers.

@@ -1,0 +1,1210 @@
+//! Bringing a [`Plan`] up to date after a change, by propagation through its derived values.
+//!
+//! A change is a [`Batch`]: nodes whose record changed (an upsert, a removal, a route
+//! approval, a router going on/offline, or a user their node names) and maybe a new policy.
+//! [`Plan::update`] recomputes, in dependency order, only the derived values that read what
+//! changed, and stops wherever a recomputed value equals the old one:
+//!
+//! 1. policy parts: the rules are matched with the rules in force by value ([`RuleTable::
+//!    replace`]); `disableIPv4` targets and `autoApprovers` that changed make the nodes they
+//!    concern changed nodes;
+//! 2. node facts (addresses, owner, tags, effective routes) of the changed nodes, and the route
+//!    indexes;
+//! 3. selector sets: every rule's sets for the changed nodes; the sets of new rules and of
+//!    rules naming a redefined group, host or ipset;
+//! 4. bit rows: the changed nodes' rows, and the columns of added, removed and redefined rules;
+//! 5. primaries of the prefixes whose routers changed;
+//! 6. source lists of rules whose identity set (or, for `*`, the set of routes) changed;
+//! 7. classes: nodes whose rows changed move; every class's list is edited only for the nodes
+//!    whose visibility or entry may have changed; a new class derives its list from the class
+//!    its first member left, edited only for the nodes the differing rules link;
+//! 8. which views read what changed ([`touch`] flags).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use netmap_policy::Policy;
+
+use super::{bit, intersects, ClassKey, Plan};
+use crate::compute::rule_specs;
+use crate::resolve::{NodeInfo, Resolved};
+use crate::routes::Approvers;
+use crate::rules::redefined;
+use crate::ssh::{SshEdit, SshPlan};
+use crate::tailnet::Tailnet;
+use crate::wire::{Peer, SharedPeers};
+
+/// What an update did to one slot's view (bit flags).
+pub(crate) mod touch {
+    /// The stored view must be recomputed.
+    pub const RECOMPUTE: u8 = 1;
+    /// Its class's peer list changed (see [`super::Affected::class_delta`]).
+    pub const PEERS: u8 = 2;
+    /// A source list its filter reads from the tables changed.
+    pub const FILTER: u8 = 4;
+    /// Principals its SSH rules read from the tables changed.
+    pub const SSH: u8 = 8;
+    /// It moved to another class (its stored view takes the new class).
+    pub const CLASS: u8 = 16;
+}
+
+/// A change to apply to a plan.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    /// Nodes whose record changed or whose user changed; their records are read from the
+    /// tailnet (absent = removed).
+    pub nodes: Vec<String>,
+    /// The new policy, if it changed.
+    pub policy: Option<Arc<Policy>>,
+}
+
+/// Names that differ between two peer lists: (added, removed, changed).
+pub(crate) type PeerDelta = (Vec<Arc<str>>, Vec<Arc<str>>, Vec<Arc<str>>);
+
+/// The slots whose views an update may have changed.
+#[derive(Debug, Default)]
+pub(crate) struct Affected {
+    /// Live slots touched, in name order, with [`touch`] flags. Slots without `RECOMPUTE`
+    /// keep their stored view (with their new class under `CLASS`): what changed for them is
+    /// known from the flags.
+    pub slots: Vec<(usize, u8)>,
+    /// How the peer list of each class that existed before and changed changed.
+    pub class_delta: HashMap<usize, Arc<PeerDelta>>,
+    /// Nodes that were live and are gone.
+    pub removed: Vec<Arc<str>>,
+}
+
+/// A node whose facts changed, with its record before.
+struct ChangedNode {
+    slot: usize,
+    before: Option<NodeInfo>,
+    /// Its addresses, tags, owner or IPv4 use changed (or it appeared or went).
+    ident_changed: bool,
+    addrs_changed: bool,
+}
+
+/// What the new policy changes besides the rules.
+#[derive(Debug, Default)]
+struct PolicyParts {
+    ssh: SshEdit,
+    attrs: bool,
+}
+
+/// The working state of one update.
+struct Work {
+    flags: Vec<u8>,
+    /// Slots whose rows may have changed: rows and liveness before.
+    old_rows: HashMap<usize, (Vec<u64>, Vec<u64>, bool)>,
+    old_plain: Vec<u64>,
+    changed: Vec<ChangedNode>,
+    /// Slots whose peer entries may have changed though their facts did not.
+    entry_changed: BTreeSet<usize>,
+    /// Owners whose `autogroup:self` sources and devices' views are refreshed.
+    owners: BTreeSet<String>,
+    /// Prefixes whose routers or their presence changed.
+    prefixes: BTreeSet<IpNet>,
+    /// Rules whose source identity set may have changed.
+    src_dirty: BTreeSet<usize>,
+    /// Rules whose source list changed, with the list before.
+    changed_lists: Vec<(usize, Arc<Vec<String>>)>,
+    /// Changed rules decide routing: all prefixes (`None`) or these prefixes' routers.
+    route_rules: Option<Option<Vec<IpNet>>>,
+    /// Changed rules decide exit node use.
+    exit_rules: bool,
+    self_rules_changed: bool,
+    routes_set_changed: bool,
+    recompute_all: bool,
+}
+
+impl Work {
+    fn mark(&mut self, slot: usize, flag: u8) {
+        if let Some(f) = self.flags.get_mut(slot) {
+            *f |= flag;
+        }
+    }
+
+    fn route_rule_changed(&mut self, rule: &crate::compute::NetRule) {
+        if rule.route_relevant() {
+            let nets: Option<Vec<IpNet>> = if rule.src.wildcard
+                || rule.dsts.iter().any(|(d, _)| d.wildcard)
+                || !rule.via.is_empty()
+            {
+                None
+            } else {
+                Some(
+                    rule.src
+                        .nets
+                        .iter()
+                        .chain(rule.dsts.iter().flat_map(|(d, _)| d.nets.iter()))
+                        .copied()
+                        .collect(),
+                )
+            };
+            self.route_rules = match (self.route_rules.take(), nets) {
+                (None, nets) => Some(nets),
+                (Some(None), _) | (_, None) => Some(None),
+                (Some(Some(mut a)), Some(b)) => {
+                    a.extend(b);
+                    Some(Some(a))
+                }
+            };
+        }
+        if rule.exit_relevant() {
+            self.exit_rules = true;
+        }
+    }
+}
+
+/// A resolved set's content (without the aliases it came from).
+fn same_set(a: &Resolved, b: &Resolved) -> bool {
+    a.wildcard == b.wildcard
+        && a.danger_all == b.danger_all
+        && a.self_devices == b.self_devices
+        && a.internet == b.internet
+        && a.nodes == b.nodes
+        && a.nets == b.nets
+}
+
+/// Whether two policies' `nodeAttrs` (and tailnet-wide switches that become capabilities)
+/// give the same capabilities to the same selectors.
+fn attrs_key(p: &Policy) -> String {
+    format!(
+        "{:?}",
+        (
+            p.node_attrs
+                .iter()
+                .map(|na| {
+                    (
+                        na.target.iter().map(|t| &t.value).collect::<Vec<_>>(),
+                        &na.attr,
+                        &na.app,
+                        &na.ip_pool,
+                    )
+                })
+                .collect::<Vec<_>>(),
+            p.randomize_client_port,
+        )
+    )
+}
+
+/// What decides which nodes lose IPv4.
+fn v4_key(p: &Policy) -> String {
+    format!(
+        "{:?}",
+        (
+            p.disable_ipv4,
+            p.node_attrs
+                .iter()
+                .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
+                .map(|na| na.target.iter().map(|t| &t.value).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+        )
+    )
+}
+
+fn approvers_key(p: &Policy) -> String {
+    format!(
+        "{:?}",
+        (
+            p.auto_approvers
+                .routes
+                .iter()
+                .map(|(n, who)| (n, who.iter().map(|a| &a.value).collect::<Vec<_>>()))
+                .collect::<Vec<_>>(),
+            p.auto_approvers
+                .exit_node
+                .iter()
+                .map(|a| &a.value)
+                .collect::<Vec<_>>(),
+        )
+    )
+}
+
+impl Plan {
+    /// Brings the plan up to date with `tailnet` (whose records the batch names changed)
+    /// and the batch's policy, and says which views that may have changed and how.
+    pub(crate) fn update(&mut self, tailnet: &Tailnet, batch: Batch) -> Affected {
+        use super::touch::{CLASS, PEERS, RECOMPUTE};
+        self.r.tailnet = tailnet.clone();
+        let mut w = Work {
+            flags: vec![0; self.r.nodes.len()],
+            old_rows: HashMap::new(),
+            old_plain: self.plain_mask.clone(),
+            changed: Vec::new(),
+            entry_changed: BTreeSet::new(),
+            owners: BTreeSet::new(),
+            prefixes: BTreeSet::new(),
+            src_dirty: BTreeSet::new(),
+            changed_lists: Vec::new(),
+            route_rules: None,
+            exit_rules: false,
+            self_rules_changed: false,
+            routes_set_changed: false,
+            recompute_all: false,
+        };
+        let mut names: BTreeSet<String> = batch.nodes.into_iter().collect();
+
+        // 1. Policy parts that make nodes change: IPv4 use and auto-approval.
+        let mut old_policy = None;
+        let mut parts = PolicyParts::default();
+        if let Some(new) = batch.policy {
+            let old = std::mem::replace(&mut self.r.policy, new);
+            let new = self.r.policy.clone();
+            let aliases_redefined = |aliases: &mut dyn Iterator<Item = &netmap_policy::Alias>| {
+                let mut any = false;
+                for a in aliases {
+                    any |= redefined(&old, &new, a);
+                }
+                any
+            };
+            let v4_targets = |p: &Policy| -> Vec<netmap_policy::Alias> {
+                p.node_attrs
+                    .iter()
+                    .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
+                    .flat_map(|na| na.target.iter().map(|t| t.value.clone()))
+                    .collect()
+            };
+            if v4_key(&old) != v4_key(&new) || aliases_redefined(&mut v4_targets(&new).iter()) {
+                self.r.refresh_v4_targets();
+                for s in self.live().collect::<Vec<_>>() {
+                    if self.r.ipv4_disabled(&self.r.nodes[s]) != self.r.nodes[s].no_ipv4 {
+                        names.insert(self.r.nodes[s].name.clone());
+                    }
+                }
+            }
+            let approver_aliases = |p: &Policy| -> Vec<netmap_policy::Alias> {
+                p.auto_approvers
+                    .routes
+                    .iter()
+                    .flat_map(|(_, who)| who.iter())
+                    .chain(p.auto_approvers.exit_node.iter())
+                    .map(|a| a.value.clone())
+                    .collect()
+            };
+            if approvers_key(&old) != approvers_key(&new)
+                || aliases_redefined(&mut approver_aliases(&new).iter())
+            {
+                self.approvers = Approvers::new(&self.r);
+                for s in self.live().collect::<Vec<_>>() {
+                    if !self.r.nodes[s].node.routable_ips.is_empty() {
+                        names.insert(self.r.nodes[s].name.clone());
+                    }
+                }
+            }
+            parts.attrs = attrs_key(&old) != attrs_key(&new)
+                || new
+                    .node_attrs
+                    .iter()
+                    .any(|na| aliases_redefined(&mut na.target.iter().map(|t| &t.value)));
+            parts.ssh = SshPlan::edit(&old, &new);
+            old_policy = Some(old);
+        }
+
+        // 2. Node facts.
+        for name in &names {
+            self.update_facts(tailnet, name, &mut w);
+        }
+        w.flags.resize(self.r.nodes.len(), 0);
+
+        // 3. Selector sets and 4. bit columns of the rules the policy changed.
+        if let Some(old) = &old_policy {
+            self.apply_rule_edit(old, &mut w);
+        }
+        let changed_slots: Vec<(usize, bool)> = w
+            .changed
+            .iter()
+            .map(|c| (c.slot, c.addrs_changed))
+            .collect();
+        for &(x, addrs_changed) in &changed_slots {
+            let order: Vec<usize> = self.rules.order().to_vec();
+            for ri in order {
+                let Some(rule) = self.rules.get_mut(ri) else {
+                    continue;
+                };
+                // A source list names x's addresses when x is in the identity set (even
+                // when a wildcard already makes x a source).
+                let was_named = rule.src.nodes.contains(&x);
+                let set_changed = self.r.refresh(&mut rule.src, x)
+                    || (was_named && rule.src.nodes.contains(&x) && addrs_changed);
+                for (d, _) in &mut rule.dsts {
+                    self.r.refresh(d, x);
+                }
+                if set_changed {
+                    w.src_dirty.insert(ri);
+                }
+            }
+            for t in &mut self.attr_targets {
+                self.r.refresh(t, x);
+            }
+        }
+        // 4. Rows of the changed nodes.
+        for &(x, _) in &changed_slots {
+            let (s, d) = self.bits_of(x);
+            self.set_row(x, &s, &d, &mut w);
+        }
+
+        // 5. Primaries of the prefixes whose routers changed, and who else routes them.
+        for p in std::mem::take(&mut w.prefixes) {
+            let previous = self.primaries.get(&p).cloned();
+            self.elect(p, previous.as_deref());
+            w.entry_changed
+                .extend(self.routers.get(&p).into_iter().flatten().copied());
+        }
+        match &w.route_rules {
+            Some(None) => w
+                .entry_changed
+                .extend(self.routers.values().flatten().copied()),
+            Some(Some(nets)) => {
+                for (p, set) in &self.routers {
+                    if nets.iter().any(|n| crate::addr::overlaps(n, p)) {
+                        w.entry_changed.extend(set.iter().copied());
+                    }
+                }
+            }
+            None => {}
+        }
+        if w.exit_rules {
+            w.entry_changed.extend(self.exits.iter().copied());
+        }
+
+        // 6. Source lists.
+        if w.routes_set_changed {
+            for (ri, rule) in self.rules.ordered() {
+                if rule.src.wildcard {
+                    w.src_dirty.insert(ri);
+                }
+            }
+        }
+        for ri in std::mem::take(&mut w.src_dirty) {
+            if self.rules.get(ri).is_none_or(|r| r.self_rule) {
+                continue;
+            }
+            if w.changed_lists.iter().any(|(c, _)| *c == ri) {
+                continue;
+            }
+            let new = self.src_list(ri);
+            let Some(old) = self.src_strings.get(ri).cloned() else {
+                continue;
+            };
+            if *old != *new {
+                self.src_strings.set(ri, new);
+                w.changed_lists.push((ri, old));
+            }
+        }
+        self.filter_effects(&mut w);
+
+        // Nodes whose facts changed, nodes whose rows changed.
+        for c in &w.changed {
+            if self.r.nodes[c.slot].alive {
+                w.flags[c.slot] |= RECOMPUTE;
+            }
+            for e in c
+                .before
+                .iter()
+                .filter_map(|b| b.email.clone())
+                .chain(self.r.nodes[c.slot].email.clone())
+            {
+                w.owners.insert(e);
+            }
+        }
+        let moved: Vec<usize> = self.moved_slots(&w);
+        let self_mask: Vec<u64> = self.plain_mask.iter().map(|m| !m).collect();
+        let has_self_rules = self.rules.ordered().any(|(_, r)| r.self_rule);
+        for &s in &moved {
+            let Some((os, od, _)) = w.old_rows.get(&s) else {
+                continue;
+            };
+            if !self.r.nodes[s].alive {
+                continue;
+            }
+            let (ns, nd) = (self.src_bits.row(s), self.dst_bits.row(s));
+            let dst_changed = od.as_slice() != nd;
+            let self_changed = os
+                .iter()
+                .zip(ns)
+                .chain(od.iter().zip(nd))
+                .zip(self_mask.iter().chain(self_mask.iter()))
+                .any(|((a, b), m)| (a ^ b) & m != 0);
+            let n = &self.r.nodes[s];
+            if dst_changed || !n.routes.is_empty() || n.exit || (n.is_member() && has_self_rules) {
+                w.flags[s] |= RECOMPUTE;
+            }
+            if self_changed {
+                if let Some(e) = n.email.clone() {
+                    w.owners.insert(e);
+                }
+            }
+        }
+        for &x in &w.entry_changed {
+            if let Some(e) = self.r.nodes[x].email.clone() {
+                w.owners.insert(e);
+            }
+        }
+        if w.self_rules_changed {
+            w.owners.extend(self.r.by_email.keys().cloned());
+        }
+        for email in std::mem::take(&mut w.owners) {
+            self.refresh_self_src(&email);
+            for &y in self
+                .r
+                .by_email
+                .get(&email)
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+            {
+                w.flags[y] |= RECOMPUTE;
+            }
+        }
+
+        // SSH rules and capabilities.
+        let ssh_swaps = match &parts.ssh {
+            SshEdit::Same => Vec::new(),
+            SshEdit::Rebuild => {
+                self.ssh = SshPlan::new(&self.r);
+                w.recompute_all = true;
+                Vec::new()
+            }
+            SshEdit::Redefined(ks) => {
+                let mut swaps = Vec::new();
+                for &k in ks {
+                    let (swap, recompute) = self.ssh.redefine(&self.r, k);
+                    swaps.extend(swap);
+                    match recompute {
+                        Some(nodes) => {
+                            for d in nodes {
+                                w.mark(d, RECOMPUTE);
+                            }
+                        }
+                        None => w.recompute_all = true,
+                    }
+                }
+                swaps
+            }
+        };
+        // Session recorders' addresses are part of the actions of the rules that list them.
+        let recorders_changed = parts.ssh != SshEdit::Rebuild
+            && w.changed.iter().any(|c| {
+                c.before
+                    .as_ref()
+                    .is_some_and(|b| self.ssh.is_recorder(&b.node))
+                    || self.ssh.is_recorder(&self.r.nodes[c.slot].node)
+            });
+        if recorders_changed {
+            for k in self.ssh.refresh_recorders(&self.r) {
+                match self.ssh.receivers(k) {
+                    Some(nodes) => {
+                        for d in nodes {
+                            w.mark(d, RECOMPUTE);
+                        }
+                    }
+                    None => w.recompute_all = true,
+                }
+            }
+        }
+        let mut swaps = ssh_swaps;
+        for c in &w.changed {
+            swaps.extend(self.ssh.refresh_node(&self.r, c.slot, c.ident_changed));
+        }
+        self.ssh_effects(swaps, &mut w);
+        if parts.attrs {
+            self.attr_targets = self
+                .r
+                .policy
+                .node_attrs
+                .iter()
+                .map(|na| self.r.resolve_all(na.target.iter().map(|t| &t.value)))
+                .collect();
+            w.recompute_all = true;
+        }
+
+        // 7. Classes.
+        let class_delta = self.update_classes(&moved, &mut w);
+
+        // Routers see the other routers of their prefixes their own way.
+        let mut router_slots: BTreeSet<usize> = BTreeSet::new();
+        if w.route_rules.is_some() || w.exit_rules {
+            router_slots.extend(self.routers.values().flatten().copied());
+        } else {
+            let touched = w
+                .changed
+                .iter()
+                .map(|c| c.slot)
+                .chain(moved.iter().copied())
+                .chain(w.entry_changed.iter().copied());
+            let mut prefixes: BTreeSet<IpNet> = BTreeSet::new();
+            for x in touched {
+                prefixes.extend(self.r.nodes[x].routes.iter().copied());
+            }
+            for c in &w.changed {
+                if let Some(b) = &c.before {
+                    prefixes.extend(b.routes.iter().copied());
+                }
+            }
+            for p in prefixes {
+                router_slots.extend(self.routers.get(&p).into_iter().flatten().copied());
+            }
+        }
+        for s in router_slots {
+            w.flags[s] |= RECOMPUTE;
+        }
+
+        if w.recompute_all {
+            for s in self.live().collect::<Vec<_>>() {
+                w.flags[s] |= RECOMPUTE;
+            }
+        }
+        // Members of classes whose lists changed.
+        for (&c, _) in class_delta.iter() {
+            for &m in &self.classes.members[c] {
+                if self.class_of[m] == c {
+                    w.flags[m] |= PEERS;
+                }
+            }
+        }
+        let removed = w
+            .changed
+            .iter()
+            .filter(|c| c.before.as_ref().is_some_and(|b| b.alive) && !self.r.nodes[c.slot].alive)
+            .map(|c| self.r.nodes[c.slot].key.clone())
+            .collect();
+        let _ = CLASS;
+        Affected {
+            slots: self
+                .name_order
+                .iter()
+                .map(|&s| (s, w.flags[s]))
+                .filter(|&(s, f)| f != 0 && self.r.nodes[s].alive)
+                .collect(),
+            class_delta,
+            removed,
+        }
+    }
+
+    /// Sets slot `x`'s rows, remembering the rows before.
+    fn set_row(&mut self, x: usize, s: &[u64], d: &[u64], w: &mut Work) {
+        if self.src_bits.row(x) == s && self.dst_bits.row(x) == d {
+            return;
+        }
+        self.remember_row(x, w);
+        self.src_bits.row_mut(x).copy_from_slice(s);
+        self.dst_bits.row_mut(x).copy_from_slice(d);
+    }
+
+    fn remember_row(&self, x: usize, w: &mut Work) {
+        if !w.old_rows.contains_key(&x) {
+            let alive = w
+                .changed
+                .iter()
+                .find(|c| c.slot == x)
+                .map_or(self.r.nodes[x].alive, |c| {
+                    c.before.as_ref().is_some_and(|b| b.alive)
+                });
+            w.old_rows.insert(
+                x,
+                (
+                    self.src_bits.row(x).to_vec(),
+                    self.dst_bits.row(x).to_vec(),
+                    alive,
+                ),
+            );
+        }
+    }
+
+    /// Slots whose rows or liveness changed, in name order.
+    fn moved_slots(&self, w: &Work) -> Vec<usize> {
+        let mut out: Vec<usize> = w
+            .old_rows
+            .iter()
+            .filter(|(&s, (os, od, alive))| {
+                *alive != self.r.nodes[s].alive
+                    || os.as_slice() != self.src_bits.row(s)
+                    || od.as_slice() != self.dst_bits.row(s)
+            })
+            .map(|(&s, _)| s)
+            .collect();
+        out.sort_by(|&a, &b| self.r.nodes[a].name.cmp(&self.r.nodes[b].name));
+        out
+    }
+
+    /// Recomputes node `name`'s facts from its record in `tailnet` (absent = removed).
+    fn update_facts(&mut self, tailnet: &Tailnet, name: &str, w: &mut Work) {
+        let old_slot = self.slot(name);
+        let record = tailnet.nodes.get(name).cloned();
+        if old_slot.is_none() && record.is_none() {
+            return;
+        }
+        let before = old_slot.map(|s| self.r.nodes[s].clone());
+        if let Some(s) = old_slot {
+            let routes = self.r.nodes[s].routes.clone();
+            let had = self.routers.len();
+            self.unindex_routes(s, &routes);
+            if self.routers.len() != had {
+                w.routes_set_changed = true;
+            }
+            self.index_user(s, false);
+        }
+        let x = self.r.set_slot(tailnet, name, record.as_ref());
+        if x >= self.base_peer.len() {
+            self.src_bits.push_row();
+            self.dst_bits.push_row();
+            self.class_of.push(usize::MAX);
+            let placeholder = self.base_peer_of(x);
+            self.base_peer.push(placeholder);
+            let at = self
+                .name_order
+                .partition_point(|&s| self.r.nodes[s].name.as_str() < name);
+            self.name_order.insert(at, x);
+            w.flags.resize(self.r.nodes.len(), 0);
+        }
+        if self.r.nodes[x].alive {
+            self.approvers.refresh(&self.r, x);
+            let (routes, exit) = crate::routes::effective_routes(&self.r, &self.approvers, x);
+            self.r.nodes[x].routes = routes;
+            self.r.nodes[x].exit = exit;
+        }
+        let had = self.routers.len();
+        self.index_routes(x);
+        if self.routers.len() != had {
+            w.routes_set_changed = true;
+        }
+        self.index_user(x, true);
+        let now = &self.r.nodes[x];
+        let uid = |n: &NodeInfo| {
+            n.node
+                .user
+                .as_ref()
+                .and_then(|u| tailnet.users.get(u))
+                .map(|u| u.id)
+        };
+        // The same record and facts, presence aside: only routers' presence matters.
+        let same = before.as_ref().is_some_and(|b| {
+            b.alive
+                && now.alive
+                && crate::tailnet::Node {
+                    online: now.node.online,
+                    ..(*b.node).clone()
+                } == *now.node
+                && b.addrs == now.addrs
+                && b.email == now.email
+                && b.role == now.role
+                && b.routes == now.routes
+                && b.exit == now.exit
+                && b.no_ipv4 == now.no_ipv4
+                && uid(b) == uid(now)
+        });
+        if same {
+            if before
+                .as_ref()
+                .is_some_and(|b| b.node.online != now.node.online)
+            {
+                w.prefixes.extend(now.routes.iter().copied());
+            }
+            return;
+        }
+        w.prefixes.extend(now.routes.iter().copied());
+        if let Some(b) = &before {
+            w.prefixes.extend(b.routes.iter().copied());
+        }
+        self.base_peer[x] = self.base_peer_of(x);
+        let addrs_changed = before.as_ref().map(|o| &o.addrs) != Some(&now.addrs);
+        let ident_changed = !now.alive
+            || before.as_ref().is_none_or(|o| {
+                o.addrs != now.addrs
+                    || o.node.tags != now.node.tags
+                    || o.email != now.email
+                    || o.no_ipv4 != now.no_ipv4
+                    || uid(o) != uid(now)
+                    || o.node.created != now.node.created
+            });
+        w.changed.push(ChangedNode {
+            slot: x,
+            before,
+            ident_changed,
+            addrs_changed,
+        });
+    }
+
+    /// Applies the new policy's rules: matches them with the rules in force, resolves the new
+    /// and redefined ones, and updates the bit columns of every rule that changed.
+    fn apply_rule_edit(&mut self, old: &Policy, w: &mut Work) {
+        use super::touch::RECOMPUTE;
+        let new = self.r.policy.clone();
+        let specs = rule_specs(&new);
+        let r = &self.r;
+        let edit = self.rules.replace(
+            specs,
+            |spec| spec.resolved(r),
+            |rule| crate::rules::rule_redefined(old, &new, rule),
+        );
+        if edit.is_empty() {
+            return;
+        }
+        let words = self.rules.capacity().div_ceil(64).max(1);
+        if words > self.src_bits.words {
+            self.widen(words, w);
+        }
+        while self.src_strings.len() < self.rules.capacity() {
+            self.src_strings.push_back(Arc::default());
+        }
+        let live: Vec<usize> = self.live().collect();
+        for (id, rule) in &edit.removed {
+            for &v in &live {
+                if self.covered_by(v, *id) {
+                    w.flags[v] |= RECOMPUTE;
+                }
+                self.set_bits(v, *id, false, false, w);
+            }
+            self.src_strings.set(*id, Arc::default());
+            self.self_src.retain(|(ri, _), _| ri != id);
+            w.self_rules_changed |= rule.self_rule;
+            w.route_rule_changed(rule);
+        }
+        for &id in &edit.added {
+            self.set_column(id, &live, w);
+            for &v in &live {
+                if self.covered_by(v, id) {
+                    w.flags[v] |= RECOMPUTE;
+                }
+            }
+            let list = self.src_list(id);
+            self.src_strings.set(id, list);
+            if let Some(rule) = self.rules.get(id).cloned() {
+                w.self_rules_changed |= rule.self_rule;
+                w.route_rule_changed(&rule);
+            }
+        }
+        for &id in &edit.restated {
+            for &v in &live {
+                if self.covered_by(v, id) {
+                    w.flags[v] |= RECOMPUTE;
+                }
+            }
+        }
+        for (id, before) in &edit.redefined {
+            let Some(rule) = self.rules.get_mut(*id) else {
+                continue;
+            };
+            rule.resolve_in_place(&self.r);
+            let after = rule.clone();
+            let src_changed = !same_set(&before.src, &after.src);
+            let dst_changed = before
+                .dsts
+                .iter()
+                .zip(&after.dsts)
+                .any(|((a, _), (b, _))| !same_set(a, b));
+            if !src_changed && !dst_changed {
+                continue;
+            }
+            if dst_changed {
+                for &v in &live {
+                    if self.covered_by(v, *id) {
+                        w.flags[v] |= RECOMPUTE;
+                    }
+                }
+            }
+            self.set_column(*id, &live, w);
+            if dst_changed {
+                for &v in &live {
+                    if self.covered_by(v, *id) {
+                        w.flags[v] |= RECOMPUTE;
+                    }
+                }
+            }
+            if src_changed {
+                w.self_rules_changed |= after.self_rule;
+                if !after.self_rule {
+                    let list = self.src_list(*id);
+                    if let Some(old) = self.src_strings.get(*id).cloned() {
+                        if *old != *list {
+                            self.src_strings.set(*id, list);
+                            w.changed_lists.push((*id, old));
+                        }
+                    }
+                }
+            }
+            w.route_rule_changed(before);
+            w.route_rule_changed(&after);
+        }
+        if edit.reordered {
+            w.recompute_all = true;
+        }
+        self.refresh_masks();
+    }
+
+    /// Widens every row (and class key) to `words` words.
+    fn widen(&mut self, words: usize, w: &mut Work) {
+        self.src_bits = self.src_bits.widened(words);
+        self.dst_bits = self.dst_bits.widened(words);
+        for (s, d, _) in w.old_rows.values_mut() {
+            s.resize(words, 0);
+            d.resize(words, 0);
+        }
+        w.old_plain.resize(words, 0);
+        self.plain_mask.resize(words, 0);
+        self.route_mask.resize(words, 0);
+        self.exit_mask.resize(words, 0);
+        self.classes.widen(words);
+    }
+
+    /// Sets rule `ri`'s bits of slot `v`.
+    fn set_bits(&mut self, v: usize, ri: usize, src: bool, dst: bool, w: &mut Work) {
+        if bit(self.src_bits.row(v), ri) == src && bit(self.dst_bits.row(v), ri) == dst {
+            return;
+        }
+        self.remember_row(v, w);
+        self.src_bits.set(v, ri, src);
+        self.dst_bits.set(v, ri, dst);
+    }
+
+    /// Recomputes rule `ri`'s column for the live slots.
+    fn set_column(&mut self, ri: usize, live: &[usize], w: &mut Work) {
+        let Some(rule) = self.rules.get(ri) else {
+            return;
+        };
+        let bits: Vec<(usize, bool, bool)> = live
+            .iter()
+            .map(|&v| {
+                (
+                    v,
+                    self.r.src_contains(&rule.src, v),
+                    rule.covers(&self.r, v),
+                )
+            })
+            .collect();
+        for (v, s, d) in bits {
+            self.set_bits(v, ri, s, d, w);
+        }
+    }
+
+    /// Marks the filters that read a changed source list: entries bound to the rule follow
+    /// the table unless they are (or become) merged with another rule's or appear or go.
+    fn filter_effects(&self, w: &mut Work) {
+        use super::touch::{FILTER, RECOMPUTE};
+        let words = self.src_bits.words;
+        let mut covered = vec![0u64; words];
+        let mut effects = Vec::with_capacity(w.changed_lists.len());
+        for (ri, old) in &w.changed_lists {
+            let ri = *ri;
+            let Some(new) = self.src_strings.get(ri).cloned() else {
+                continue;
+            };
+            let non_empty = !old.is_empty() && !new.is_empty();
+            let (plain, emails) = self.merge_partners(ri, old, &new, &w.changed_lists);
+            let content = if **old != *new { FILTER } else { 0 };
+            covered[ri / 64] |= 1 << (ri % 64);
+            effects.push((ri, non_empty, plain, emails, content));
+        }
+        if effects.is_empty() {
+            return;
+        }
+        for v in self.live() {
+            let dst = self.dst_bits.row(v);
+            if !dst.iter().zip(&covered).any(|(d, c)| d & c != 0) {
+                continue;
+            }
+            for (ri, non_empty, plain, emails, content) in &effects {
+                if !bit(dst, *ri) {
+                    continue;
+                }
+                let merged = plain.iter().any(|&rj| bit(dst, rj))
+                    || (self.r.nodes[v].is_member()
+                        && self.r.nodes[v]
+                            .email
+                            .as_ref()
+                            .is_some_and(|e| emails.contains(e)));
+                w.flags[v] |= if *non_empty && !merged {
+                    *content
+                } else {
+                    RECOMPUTE
+                };
+            }
+        }
+    }
+
+    /// The rules whose filter entries may merge with rule `ri`'s before (`old` sources) or
+    /// after (`new`): network rules with the same protocols and equal sources, then or now.
+    /// Plain rules are returned by id (a filter merges them where both cover it);
+    /// `autogroup:self` rules have per-owner sources, so for them the owners whose list
+    /// equals `old` or `new` are returned. `changed` holds the rules whose sources this
+    /// change replaced, with their previous lists.
+    fn merge_partners(
+        &self,
+        ri: usize,
+        old: &Arc<Vec<String>>,
+        new: &Arc<Vec<String>>,
+        changed: &[(usize, Arc<Vec<String>>)],
+    ) -> (Vec<usize>, HashSet<String>) {
+        let mut plain = Vec::new();
+        let mut emails = HashSet::new();
+        let Some(rule) = self.rules.get(ri) else {
+            return (plain, emails);
+        };
+        if rule.caps.is_some() {
+            return (plain, emails);
+        }
+        let same = |a: &Arc<Vec<String>>, b: &Arc<Vec<String>>| Arc::ptr_eq(a, b) || a == b;
+        for (rj, o) in self.rules.ordered() {
+            if rj == ri || o.caps.is_some() || o.protos != rule.protos {
+                continue;
+            }
+            if o.self_rule {
+                for ((rk, email), list) in &self.self_src {
+                    if *rk == rj && (same(list, old) || same(list, new)) {
+                        emails.insert(email.clone());
+                    }
+                }
+                continue;
+            }
+            let Some(now) = self.src_strings.get(rj) else {
+                continue;
+            };
+            let before = changed
+                .iter()
+                .find(|(c, _)| *c == rj)
+                .map_or(now, |(_, b)| b);
+            if same(before, old) || same(now, new) {
+                plain.push(rj);
+            }
+        }
+        (plain, emails)
+    }
+
+    /// Marks the views that read SSH rules whose principals changed: entries bound to the
+    /// rule's principals follow them while the rule keeps some (it stays in their list).
+    fn ssh_effects(&self, swaps: Vec<crate::ssh::PrincipalsSwap>, w: &mut Work) {
+        use super::touch::{RECOMPUTE, SSH};
+        for (k, before, after) in swaps {
+            let (all, dsts) = self.ssh.identity_dsts(k);
+            let flag = if !self.ssh.binds(k) || before.is_empty() || after.is_empty() {
+                RECOMPUTE
+            } else if before != after {
+                SSH
+            } else {
+                0
+            };
+            if flag == 0 {
+                continue;
+            }
+            if all {
+                for v in self.live().collect::<Vec<_>>() {
+                    w.flags[v] |= flag;
+                }
+            } else {
+                for v in dsts {
+                    w.mark(v, flag);
+                }
+            }
+        }
+    }
+
+    /// Moves the slots whose rows changed between classes and edits every class's peer
+    /// list where it may have changed. Returns how the lists of classes that existed before
+    /// changed.
+    fn update_classes(
+        &mut self,
+        moved: &[usize],
+        w: &mut Work,
+    ) -> HashMap<usize, Arc<super::update::PeerDelta>> {
+        use super::touch::CLASS;
+        // Nodes whose visibility or entry may have changed, in name order.
+        let mut candidates: BTreeSet<usize> = moved.iter().copied().collect();
+        candidates.extend(w.changed.iter().map(|c| c.slot));
+        candidates.extend(w.entry_changed.iter().copied());
+        let mut cands: Vec<usize> = candidates.into_iter().collect();
+        cands.sort_by(|&a, &b| self.r.nodes[a].name.cmp(&self.r.nodes[b].name));
+        let entry_may_change: HashSet<usize> = w
+            .changed
+            .iter()
+            .map(|c| c.slot)
+            .chain(w.entry_changed.iter().copied())
+            .collect();
+        // Leave the old classes.
+        let mut movers: Vec<usize> = moved.to_vec();
+        for c in &w.changed {
+            if !movers.contains(&c.slot) {
+                movers.push(c.slot);
+            }
+        }
+        let mut left: HashMap<usize, usize> = HashMap::new();
+        for &s in &movers {
+            let c = self.class_of[s];
+            if c != usize::MAX {
+                self.classes.members[c].remove(&s);
+                left.insert(s, c);
+            }
+            self.class_of[s] = usize::MAX;
+        }
+        // Edit every class's list for the candidates.
+        let mut deltas: HashMap<usize, Arc<super::update::PeerDelta>> = HashMap::new();
+        let class_ids: Vec<usize> = self.classes.live().collect();
+        let old_plain = w.old_plain.clone();
+        let edited: Vec<(usize, SharedPeers, super::update::PeerDelta)> = class_ids
+            .iter()
+            .filter_map(|&c| {
+                let key = self.classes.key(c)?;
+                let list = self.classes.lists.get(c)?;
+                self.edit_list(key, list, &cands, &entry_may_change, w, &old_plain)
+                    .map(|(l, d)| (c, l, d))
+            })
+            .collect();
+        for (c, list, delta) in edited {
+            self.classes.lists.set(c, list);
+            deltas.insert(c, Arc::new(delta));
+        }
+        // Join the new classes.
+        for &s in &movers {
+            if !self.r.nodes[s].alive {
+                continue;
+            }
+            let key = self.class_key(s);
+            let id = match self.classes.ids.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let list = match left.get(&s) {
+                        Some(&parent) => self.derive_list(parent, &key),
+                        None => self.class_list(&key),
+                    };
+                    self.classes.add(key, list)
+                }
+            };
+            self.classes.members[id].insert(s);
+            self.class_of[s] = id;
+            if left.get(&s) != Some(&id) {
+                w.flags[s] |= CLASS;
+            }
+        }
+        // Drop the classes nobody is left in.
+        for c in class_ids {
+            if self.classes.members[c].is_empty() {
+                self.classes.drop_class(c);
+                deltas.remove(&c);
+            }
+        }
+        deltas
+    }
+
+    /// Edits the list of the class with `key` for `cands`; `None` when nothing changed.
+    fn edit_list(
+        &self,
+        key: &ClassKey,
+        list: &SharedPeers,
+        cands: &[usize],
+        entry_may_change: &HashSet<usize>,
+        w: &Work,
+        old_plain: &[u64],
+    ) -> Option<(SharedPeers, super::update::PeerDelta)> {
+        let viewer = Plan::key_viewer(key);
+        let mut out: Option<imbl::OrdMap<Arc<str>, Arc<Peer>>> = None;
+        let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+        for &x in cands {
+            let was = match w.old_rows.get(&x) {
+                Some((os, od, alive)) => {
+                    *alive
+                        && (intersects(&key.0, od, old_plain) || intersects(&key.1, os, old_plain))
+                }
+                None => {
+                    let alive_before = w
+                        .changed
+                        .iter()
+                        .find(|c| c.slot == x)
+                        .map_or(self.r.nodes[x].alive, |c| {
+                            c.before.as_ref().is_some_and(|b| b.alive)
+                        });
+                    alive_before
+                        && (intersects(&key.0, self.dst_bits.row(x), old_plain)
+                            || intersects(&key.1, self.src_bits.row(x), old_plain))
+                }
+            };
+            let now = self.sees(viewer, x);
+            let name = &self.r.nodes[x].key;
+            match (was, now) {
+                (false, false) => {}
+                (true, false) => {
+                    out.get_or_insert_with(|| (**list).clone()).remove(name);
+                    removed.push(name.clone());
+                }
+                (false, true) => {
+                    let e = self.peer_entry(viewer, x);
+                    out.get_or_insert_with(|| (**list).clone())
+                        .insert(name.clone(), e);
+                    added.push(name.clone());
+                }
+                (true, true) => {
+                    if !entry_may_change.contains(&x) {
+                        continue;
+                    }
+                    let e = self.peer_entry(viewer, x);
+                    let current = out.as_ref().map_or_else(|| list.get(name), |l| l.get(name));
+                    if current.is_some_and(|c| Arc::ptr_eq(c, &e) || **c == *e) {
+                        continue;
+                    }
+                    out.get_or_insert_with(|| (**list).clone())
+                        .insert(name.clone(), e);
+                    changed.push(name.clone());
+                }
+            }
+        }
+        out.map(|l| (Arc::new(l), (added, removed, changed)))
+    }
+
+    /// The list of a new class with `key`, derived from class `parent`'s (up to date) list:
+    /// only nodes linked by the rules where the keys differ can be seen differently.
+    fn derive_list(&self, parent: usize, key: &ClassKey) -> SharedPeers {
+        let (Some(pkey), Some(plist)) = (self.classes.key(parent), self.classes.lists.get(parent))
+        else {
+            return self.class_list(key);
+        };
+        if pkey.2 != key.2 {
+            return self.class_list(key);
+        }
+        let diff: Vec<u64> = pkey
+            .0
+            .iter()
+            .zip(&key.0)
+            .zip(pkey.1.iter().zip(&key.1))
+            .map(|((a, b), (c, d))| (a ^ b) | (c ^ d))
+            .collect();
+        let plain_diff: Vec<u64> = diff
+            .iter()
+            .zip(&self.plain_mask)
+            .map(|(d, m)| d & m)
+            .collect();
+        let routing = diff.iter().zip(&self.route_mask).any(|(d, m)| d & m != 0);
+        let exiting = diff.iter().zip(&self.exit_mask).any(|(d, m)| d & m != 0);
+        let (pviewer, viewer) = (Plan::key_viewer(pkey), Plan::key_viewer(key));
+        let mut list = (**plist).clone();
+        for &x in &self.name_order {
+            if !self.r.nodes[x].alive {
+                continue;
+            }
+            let linked = self
+                .src_bits
+                .row(x)
+                .iter()
+                .zip(self.dst_bits.row(x))
+                .zip(&plain_diff)
+                .any(|((s, d), m)| (s | d) & m != 0);
+            let xn = &self.r.nodes[x];
+            let entry_differs = (routing && !xn.routes.is_empty()) || (exiting && xn.exit);
+            if !linked && !entry_differs {
+                continue;
+            }
+            let (was, now) = (self.sees(pviewer, x), self.sees(viewer, x));
+            let name = &xn.key;
+            match (was, now) {
+                (false, false) => {}
+                (true, false) => {
+                    list.remove(name);
+                }
+                (_, true) => {
+                    if was && !entry_differs {
+                        continue;
+                    }
+                    list.insert(name.clone(), self.peer_entry(viewer, x));
+                }
+            }
+        }
+        Arc::new(list)
+    }
+}

@@ -35,7 +35,7 @@ use crate::ssh::{BoundSshRule, SshPlan};
 use crate::tailnet::Tailnet;
 use crate::wire::{CapMap, FilterRule, NodeView, Peer, PeerList, SharedPeers, SshPrincipal};
 
-pub(crate) use update::{touch, Batch};
+pub(crate) use update::{touch, Batch, ListDelta};
 
 /// All views of a tailnet under a policy, computed from scratch.
 pub struct Computed {
@@ -308,6 +308,11 @@ pub(crate) struct Plan {
     /// What bound entries carry in place of the lists they read from the tables.
     unbound_src: Arc<Vec<String>>,
     unbound_principals: Arc<Vec<SshPrincipal>>,
+    /// The peers a slot's stored view has aside (kept by the engine), with their slots,
+    /// for the slots that have some.
+    extra_of: HashMap<usize, (Arc<Vec<Arc<Peer>>>, Vec<usize>)>,
+    /// Per slot, whether `extra_of` has it.
+    has_extra: Vec<bool>,
     /// Shared empty parts of views.
     no_extra: Arc<Vec<Arc<Peer>>>,
     no_ssh: Arc<Vec<BoundSshRule>>,
@@ -353,6 +358,8 @@ impl Plan {
             by_user: HashMap::new(),
             unbound_src: Arc::default(),
             unbound_principals: Arc::default(),
+            extra_of: HashMap::new(),
+            has_extra: Vec::new(),
             no_extra: Arc::default(),
             no_ssh: Arc::default(),
             no_caps: Arc::default(),
@@ -401,29 +408,64 @@ impl Plan {
     /// Every live node's view, in name order.
     pub(crate) fn all_views(&self) -> Vec<(String, NodeView)> {
         let tables = self.tables();
-        let mut out: Vec<(String, NodeView)> = self
-            .all_stored_views()
+        self.all_stored_views()
             .into_par_iter()
-            .map(|(name, sv)| {
+            .map(|(s, sv)| {
+                let name = self.r.nodes[s].name.clone();
                 let view = sv.materialize(&tables, &name);
                 (name, view)
             })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+            .collect()
     }
 
-    /// Every live node's stored view, in name order.
-    pub(crate) fn all_stored_views(&self) -> Vec<(String, StoredView)> {
+    /// Every live node's stored view with its slot, in name order.
+    pub(crate) fn all_stored_views(&self) -> Vec<(usize, StoredView)> {
         let live: Vec<usize> = self
             .name_order
             .iter()
             .copied()
             .filter(|&i| self.r.nodes[i].alive)
             .collect();
-        live.par_iter()
-            .map(|&v| (self.r.nodes[v].name.clone(), self.stored_view(v)))
-            .collect()
+        live.par_iter().map(|&v| (v, self.stored_view(v))).collect()
+    }
+
+    /// Records the peers slot `s`'s stored view has aside (see [`StoredView::extra`]), which
+    /// say what a change to its class's list means for it.
+    pub(crate) fn record_extra(&mut self, s: usize, extra: &Arc<Vec<Arc<Peer>>>) {
+        if self.has_extra.len() <= s {
+            self.has_extra.resize(s + 1, false);
+        }
+        self.has_extra[s] = !extra.is_empty();
+        if extra.is_empty() {
+            self.extra_of.remove(&s);
+        } else {
+            let mut slots: Vec<usize> = extra
+                .iter()
+                .filter_map(|p| self.r.by_name.get(&p.name).copied())
+                .collect();
+            slots.sort_unstable();
+            self.extra_of.insert(s, (extra.clone(), slots));
+        }
+    }
+
+    /// Whether a class list change (`delta`) reaches slot `s`'s view unchanged: it names
+    /// neither the node itself nor a peer it has aside.
+    pub(crate) fn delta_applies_whole(&self, s: usize, delta: &ListDelta) -> bool {
+        let hit = |x: &usize| delta.slots.binary_search(x).is_ok();
+        if hit(&s) {
+            return false;
+        }
+        if !self.has_extra.get(s).copied().unwrap_or(false) {
+            return true;
+        }
+        self.extra_of
+            .get(&s)
+            .is_none_or(|(_, slots)| !slots.iter().any(hit))
+    }
+
+    /// The peers slot `s`'s stored view has aside.
+    pub(crate) fn extra_of(&self, s: usize) -> &[Arc<Peer>] {
+        self.extra_of.get(&s).map_or(&[], |(e, _)| e.as_slice())
     }
 
     /// The shared parts views read (O(1): persistent vectors).
@@ -499,7 +541,6 @@ impl Plan {
             .filter(|(_, r)| r.self_rule)
             .map(|(id, _)| id)
             .collect();
-        self.self_src.retain(|(_, e), _| e != email);
         for ri in self_rules {
             let mut ips: Vec<String> = owned
                 .iter()
@@ -665,6 +706,93 @@ impl Plan {
         )
     }
 
+    /// The list of the class with `key`, derived from the (up to date) list of the class
+    /// with `pkey`: only nodes that the rules where the keys differ link can be seen
+    /// differently (and routers and exit nodes when those rules decide routing).
+    fn derive_from(&self, pkey: &ClassKey, plist: &SharedPeers, key: &ClassKey) -> SharedPeers {
+        if pkey.2 != key.2 {
+            return self.class_list(key);
+        }
+        let diff: Vec<u64> = pkey
+            .0
+            .iter()
+            .zip(&key.0)
+            .zip(pkey.1.iter().zip(&key.1))
+            .map(|((a, b), (c, d))| (a ^ b) | (c ^ d))
+            .collect();
+        let plain_diff: Vec<u64> = diff
+            .iter()
+            .zip(&self.plain_mask)
+            .map(|(d, m)| d & m)
+            .collect();
+        let routing = diff.iter().zip(&self.route_mask).any(|(d, m)| d & m != 0);
+        let exiting = diff.iter().zip(&self.exit_mask).any(|(d, m)| d & m != 0);
+        let (pviewer, viewer) = (Plan::key_viewer(pkey), Plan::key_viewer(key));
+        let mut list = (**plist).clone();
+        for &x in &self.name_order {
+            if !self.r.nodes[x].alive {
+                continue;
+            }
+            let linked = self
+                .src_bits
+                .row(x)
+                .iter()
+                .zip(self.dst_bits.row(x))
+                .zip(&plain_diff)
+                .any(|((s, d), m)| (s | d) & m != 0);
+            let xn = &self.r.nodes[x];
+            let entry_differs = (routing && !xn.routes.is_empty()) || (exiting && xn.exit);
+            if !linked && !entry_differs {
+                continue;
+            }
+            let (was, now) = (self.sees(pviewer, x), self.sees(viewer, x));
+            let name = &xn.key;
+            match (was, now) {
+                (false, false) => {}
+                (true, false) => {
+                    list.remove(name);
+                }
+                (_, true) => {
+                    if was && !entry_differs {
+                        continue;
+                    }
+                    list.insert(name.clone(), self.peer_entry(viewer, x));
+                }
+            }
+        }
+        Arc::new(list)
+    }
+
+    /// An estimate of how many nodes deriving the list of `key` from the list of `pkey`
+    /// looks at (`usize::MAX` when it cannot be derived).
+    fn derive_cost(&self, pkey: &ClassKey, key: &ClassKey, counts: &[usize]) -> usize {
+        if pkey.2 != key.2 {
+            return usize::MAX;
+        }
+        let mut cost = 0usize;
+        for (w, ((a, b), (c, d))) in pkey
+            .0
+            .iter()
+            .zip(&key.0)
+            .zip(pkey.1.iter().zip(&key.1))
+            .enumerate()
+        {
+            let mut diff = (a ^ b) | (c ^ d);
+            if diff & self.route_mask.get(w).copied().unwrap_or(0) != 0 {
+                cost = cost.saturating_add(self.routers.values().map(BTreeSet::len).sum());
+            }
+            if diff & self.exit_mask.get(w).copied().unwrap_or(0) != 0 {
+                cost = cost.saturating_add(self.exits.len());
+            }
+            while diff != 0 {
+                let b = diff.trailing_zeros() as usize;
+                diff &= diff - 1;
+                cost = cost.saturating_add(counts.get(w * 64 + b).copied().unwrap_or(0));
+            }
+        }
+        cost
+    }
+
     /// Groups nodes by class and computes one peer list per class.
     fn build_classes(&mut self) {
         let mut table = ClassTable::default();
@@ -682,7 +810,58 @@ impl Plan {
             members[id].insert(v);
             class_of[v] = id;
         }
-        let lists: Vec<SharedPeers> = keys.par_iter().map(|k| self.class_list(k)).collect();
+        // A class's list is derived from an earlier class's when few nodes can be seen
+        // differently (sharing its structure), else computed from scratch.
+        let n = self.live().count();
+        let mut counts = vec![0usize; self.src_bits.words * 64];
+        for x in self.live() {
+            for (w, (s, d)) in self
+                .src_bits
+                .row(x)
+                .iter()
+                .zip(self.dst_bits.row(x))
+                .enumerate()
+            {
+                let mut m = s | d;
+                while m != 0 {
+                    let b = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    counts[w * 64 + b] += 1;
+                }
+            }
+        }
+        let mut parent: Vec<Option<usize>> = vec![None; keys.len()];
+        let mut depth: Vec<usize> = vec![0; keys.len()];
+        for k in 1..keys.len() {
+            let best = (0..k)
+                .map(|p| (self.derive_cost(&keys[p], &keys[k], &counts), p))
+                .min();
+            if let Some((cost, p)) = best {
+                if cost < 2 * n {
+                    parent[k] = Some(p);
+                    depth[k] = depth[p] + 1;
+                }
+            }
+        }
+        let mut lists: Vec<Option<SharedPeers>> = vec![None; keys.len()];
+        let max_depth = depth.iter().copied().max().unwrap_or(0);
+        for level in 0..=max_depth {
+            let at: Vec<usize> = (0..keys.len()).filter(|&k| depth[k] == level).collect();
+            let built: Vec<(usize, SharedPeers)> = at
+                .par_iter()
+                .map(|&k| {
+                    let list = match parent[k].and_then(|p| lists[p].as_ref().map(|l| (p, l))) {
+                        Some((p, plist)) => self.derive_from(&keys[p], plist, &keys[k]),
+                        None => self.class_list(&keys[k]),
+                    };
+                    (k, list)
+                })
+                .collect();
+            for (k, l) in built {
+                lists[k] = Some(l);
+            }
+        }
+        let lists: Vec<SharedPeers> = lists.into_iter().map(Option::unwrap_or_default).collect();
         table.lists = lists.into_iter().collect();
         table.keys = keys.into_iter().map(Some).collect();
         table.members = members;

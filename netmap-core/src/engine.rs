@@ -284,16 +284,28 @@ fn shared_diff(old: &SharedPeers, new: &SharedPeers) -> PeerDelta {
     (added.into(), removed.into(), changed.into())
 }
 
-/// `names` without the viewer's own name and the peers it sees its own way (`extra`, which
-/// take the place of shared entries); shared when nothing is left out.
+/// `names` (sorted) without the viewer's own name and the names `extra` peers stand for
+/// (they take the place of shared entries); shared when nothing is left out. Costs a lookup
+/// per hidden name, not per name.
 fn masked(names: &PeerNames, own: &str, extra: &[Arc<Peer>]) -> PeerNames {
-    let hidden =
-        |n: &Arc<str>| &**n == own || extra.binary_search_by(|p| p.name.as_str().cmp(n)).is_ok();
-    if names.iter().any(hidden) {
-        names.iter().filter(|n| !hidden(n)).cloned().collect()
-    } else {
-        names.clone()
+    let find = |h: &str| names.binary_search_by(|n| (**n).cmp(h)).is_ok();
+    let mut hidden: Vec<&str> = Vec::new();
+    if find(own) {
+        hidden.push(own);
     }
+    for p in extra {
+        if find(&p.name) {
+            hidden.push(&p.name);
+        }
+    }
+    if hidden.is_empty() {
+        return names.clone();
+    }
+    names
+        .iter()
+        .filter(|n| !hidden.contains(&&***n))
+        .cloned()
+        .collect()
 }
 
 /// Diffs views, comparing shared parts (peer lists, source lists) once per pair.
@@ -375,38 +387,29 @@ impl Differ {
                     .clone(),
             )
         };
-        if o.peers.extra().is_empty() && n.peers.extra().is_empty() {
-            // Only the shared lists differ: their delta is the node's, less its own entry.
-            if let Some(sd) = &shared_delta {
-                let others = |v: &PeerNames| {
-                    if v.iter().any(|p| &**p == own) {
-                        v.iter().filter(|p| &***p != own).cloned().collect()
-                    } else {
-                        v.clone()
-                    }
-                };
-                d.peers_added = others(&sd.0);
-                d.peers_removed = others(&sd.1);
-                d.peers_changed = others(&sd.2);
-            }
+        let (oe, ne) = (o.peers.extra(), n.peers.extra());
+        // The shared delta decides every name but the viewer's own and those an extra peer
+        // stands for on either side.
+        if let Some(sd) = &shared_delta {
+            let hide = |v: &PeerNames| masked(&masked(v, own, oe), own, ne);
+            d.peers_added = hide(&sd.0);
+            d.peers_removed = hide(&sd.1);
+            d.peers_changed = hide(&sd.2);
+        }
+        if oe.is_empty() && ne.is_empty() {
             return d;
         }
-        // Names that may differ: the shared delta and every extra on either side.
-        let mut candidates: Vec<&str> = Vec::new();
-        if let Some(sd) = &shared_delta {
-            candidates.extend(
-                sd.0.iter()
-                    .chain(sd.1.iter())
-                    .chain(sd.2.iter())
-                    .map(|n| &**n),
-            );
-        }
-        candidates.extend(o.peers.extra().iter().map(|p| p.name.as_str()));
-        candidates.extend(n.peers.extra().iter().map(|p| p.name.as_str()));
-        candidates.sort_unstable();
-        candidates.dedup();
+        // The names extra peers stand for: compare the two views there.
+        let mut names: Vec<&str> = oe
+            .iter()
+            .chain(ne.iter())
+            .map(|p| p.name.as_str())
+            .filter(|&name| name != own)
+            .collect();
+        names.sort_unstable();
+        names.dedup();
         let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
-        for c in candidates {
+        for c in names {
             match (o.peers.get(c), n.peers.get(c)) {
                 (None, Some(_)) => added.push(Arc::from(c)),
                 (Some(_), None) => removed.push(Arc::from(c)),
@@ -414,8 +417,17 @@ impl Differ {
                 _ => {}
             }
         }
-        (d.peers_added, d.peers_removed, d.peers_changed) =
-            (added.into(), removed.into(), changed.into());
+        let merge = |a: &PeerNames, b: Vec<Arc<str>>| -> PeerNames {
+            if b.is_empty() {
+                return a.clone();
+            }
+            let mut all: Vec<Arc<str>> = a.iter().cloned().chain(b).collect();
+            all.sort_unstable();
+            all.into()
+        };
+        d.peers_added = merge(&d.peers_added, added);
+        d.peers_removed = merge(&d.peers_removed, removed);
+        d.peers_changed = merge(&d.peers_changed, changed);
         d
     }
 }
@@ -463,9 +475,16 @@ impl Engine {
         for (k, h, _) in unnamed {
             tailnet.assign_dns_name(&k, &h);
         }
-        let plan = Plan::build(policy.clone(), &tailnet);
+        let mut plan = Plan::build(policy.clone(), &tailnet);
         tailnet.primaries = plan.primaries.clone();
-        let views: OrdMap<String, StoredView> = plan.all_stored_views().into_iter().collect();
+        let sv = plan.all_stored_views();
+        for (s, v) in &sv {
+            plan.record_extra(*s, &v.extra);
+        }
+        let views: OrdMap<String, StoredView> = sv
+            .into_iter()
+            .map(|(s, v)| (plan.name(s).to_string(), v))
+            .collect();
         Engine {
             current: Snapshot {
                 policy_text: Arc::from(policy_text),
@@ -596,6 +615,7 @@ impl Engine {
                 .collect()
         };
         let mut views = old_views.clone();
+        let mut extras: Vec<(usize, Arc<Vec<Arc<Peer>>>)> = Vec::new();
         // Collected in a vector and turned into the map once: cheaper than growing it.
         let mut deltas: Vec<(Arc<str>, NodeDelta)> = Vec::with_capacity(affected.slots.len() + 1);
         for name in &affected.removed {
@@ -615,6 +635,7 @@ impl Engine {
                 let old = old_views.get(n).map(|o| o.materialize(old_tables, n));
                 let new = sv.materialize(&new_tables, n);
                 let d = differ.diff(n, old.as_ref(), Some(&new));
+                extras.push((s, sv.extra.clone()));
                 views.insert(n.to_string(), sv);
                 (!d.is_empty()).then(|| (plan.key(s).clone(), d))
             })
@@ -622,34 +643,20 @@ impl Engine {
         deltas.extend(recomputed);
         // The other touched views keep their stored form (with their new class): they read
         // what changed from the tables, and their delta is known from how they were touched.
-        let class_deltas: HashMap<usize, PeerDelta> = affected
-            .class_delta
-            .iter()
-            .map(|(&c, d)| {
-                (
-                    c,
-                    (
-                        d.0.as_slice().into(),
-                        d.1.as_slice().into(),
-                        d.2.as_slice().into(),
-                    ),
-                )
-            })
-            .collect();
         for &(s, f) in &affected.slots {
             if f & touch::RECOMPUTE != 0 {
                 continue;
             }
             let n = plan.name(s);
-            let Some(old) = old_views.get(n) else {
-                continue;
-            };
             let mut d = NodeDelta {
                 filter_changed: f & touch::FILTER != 0,
                 ssh_changed: f & touch::SSH != 0,
                 ..NodeDelta::default()
             };
             let peers = if f & touch::CLASS != 0 {
+                let Some(old) = old_views.get(n) else {
+                    continue;
+                };
                 let class = plan.class_id(s);
                 let delta = match (
                     old_tables.class_list(old.class),
@@ -667,18 +674,34 @@ impl Engine {
                 );
                 delta
             } else if f & touch::PEERS != 0 {
-                class_deltas.get(&old.class).cloned().map(Arc::new)
+                match affected.class_delta.get(&plan.class_id(s)) {
+                    Some(cd) if plan.delta_applies_whole(s, cd) => {
+                        (d.peers_added, d.peers_removed, d.peers_changed) =
+                            (cd.added.clone(), cd.removed.clone(), cd.changed.clone());
+                        None
+                    }
+                    Some(cd) => Some(Arc::new((
+                        cd.added.clone(),
+                        cd.removed.clone(),
+                        cd.changed.clone(),
+                    ))),
+                    None => None,
+                }
             } else {
                 None
             };
             if let Some(pd) = peers {
-                let own = |v: &PeerNames| masked(v, n, &old.extra);
+                let extra = plan.extra_of(s);
+                let own = |v: &PeerNames| masked(v, n, extra);
                 (d.peers_added, d.peers_removed, d.peers_changed) =
                     (own(&pd.0), own(&pd.1), own(&pd.2));
             }
             if !d.is_empty() {
                 deltas.push((plan.key(s).clone(), d));
             }
+        }
+        for (s, e) in extras {
+            self.plan.record_extra(s, &e);
         }
         let mut cs = ChangeSet::default();
         cs.nodes = deltas.into_iter().collect();

@@ -155,6 +155,8 @@ pub(crate) struct Resolver {
     pub by_name: HashMap<String, usize>,
     /// Targets of `disable-ipv4` node attributes.
     pub v4_off: Vec<Resolved>,
+    /// Slots by tag (sorted; dead slots are dropped when their node goes).
+    by_tag: HashMap<String, Vec<usize>>,
 }
 
 impl Resolver {
@@ -165,8 +167,12 @@ impl Resolver {
         }
         let mut by_email: HashMap<String, Vec<usize>> = HashMap::new();
         let mut by_name = HashMap::with_capacity(nodes.len());
+        let mut by_tag: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, n) in nodes.iter().enumerate() {
             by_name.insert(n.name.clone(), i);
+            for t in &n.node.tags {
+                by_tag.entry(t.clone()).or_default().push(i);
+            }
             if let (false, Some(e)) = (n.node.is_tagged(), &n.email) {
                 by_email.entry(e.clone()).or_default().push(i);
             }
@@ -178,6 +184,7 @@ impl Resolver {
             by_email,
             by_name,
             v4_off: Vec::new(),
+            by_tag,
         };
         r.refresh_v4_targets();
         for i in 0..r.nodes.len() {
@@ -316,6 +323,11 @@ impl Resolver {
                 v.retain(|&j| j != slot);
             }
         }
+        for t in &self.nodes[slot].node.tags {
+            if let Some(v) = self.by_tag.get_mut(t) {
+                v.retain(|&j| j != slot);
+            }
+        }
         self.tailnet = tailnet.clone();
         match node {
             Some(node) => {
@@ -325,6 +337,11 @@ impl Resolver {
                 }
                 if let (false, Some(e)) = (info.node.is_tagged(), &info.email) {
                     self.by_email.entry(e.clone()).or_default().push(slot);
+                }
+                for t in &info.node.tags {
+                    let v = self.by_tag.entry(t.clone()).or_default();
+                    let at = v.partition_point(|&j| j < slot);
+                    v.insert(at, slot);
                 }
                 self.nodes[slot] = info;
             }
@@ -367,15 +384,7 @@ impl Resolver {
                     );
                 }
             }
-            Alias::Tag(t) => {
-                r.nodes = self
-                    .nodes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, n)| n.node.tags.iter().any(|x| x == t))
-                    .map(|(i, _)| i)
-                    .collect()
-            }
+            Alias::Tag(t) => r.nodes = self.by_tag.get(t).into_iter().flatten().copied().collect(),
             Alias::Host(h) => {
                 if let Some(n) = self.policy.hosts.get(h) {
                     r.nets.push(*n);

@@ -332,8 +332,9 @@ impl SshPlan {
             if !by_identity && !by_self && !as_own_source {
                 continue;
             }
-            let srcs: Vec<usize> = if by_identity {
-                rule.srcs.clone()
+            let own_srcs: Vec<usize>;
+            let srcs: &[usize] = if by_identity {
+                &rule.srcs
             } else {
                 // The destination's owner's devices (and the destination itself) among the
                 // sources, in principal order.
@@ -351,7 +352,8 @@ impl SshPlan {
                 }
                 own.retain(|&j| (j == d || r.nodes[j].is_member()) && r.src_contains(&rule.src, j));
                 sort_principal_order(r, &mut own);
-                own
+                own_srcs = own;
+                &own_srcs
             };
             if srcs.is_empty() {
                 continue;
@@ -361,7 +363,7 @@ impl SshPlan {
                     (unbound.clone(), Some(k))
                 } else {
                     (
-                        principals(r, &with_tag_repeats(r, &srcs, rule.tagged_src)),
+                        principals(r, &with_tag_repeats(r, srcs, rule.tagged_src)),
                         None,
                     )
                 };
@@ -376,7 +378,7 @@ impl SshPlan {
                 ));
                 continue;
             }
-            for &j in &srcs {
+            for &j in srcs {
                 let own = principals(r, &[j]);
                 out.push((
                     SshRuleWire {

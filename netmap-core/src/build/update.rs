@@ -59,8 +59,16 @@ pub(crate) struct Batch {
     pub policy: Option<Arc<Policy>>,
 }
 
-/// Names that differ between two peer lists: (added, removed, changed).
-pub(crate) type PeerDelta = (Vec<Arc<str>>, Vec<Arc<str>>, Vec<Arc<str>>);
+/// How a class's peer list changed: the names added, removed and changed (each in name
+/// order), and the slots they name (sorted), to tell cheaply whether a viewer's own entry or
+/// the peers it has aside are among them.
+#[derive(Debug, Default)]
+pub(crate) struct ListDelta {
+    pub added: Arc<[Arc<str>]>,
+    pub removed: Arc<[Arc<str>]>,
+    pub changed: Arc<[Arc<str>]>,
+    pub slots: Vec<usize>,
+}
 
 /// The slots whose views an update may have changed.
 #[derive(Debug, Default)]
@@ -70,7 +78,7 @@ pub(crate) struct Affected {
     /// known from the flags.
     pub slots: Vec<(usize, u8)>,
     /// How the peer list of each class that existed before and changed changed.
-    pub class_delta: HashMap<usize, Arc<PeerDelta>>,
+    pub class_delta: HashMap<usize, Arc<ListDelta>>,
     /// Nodes that were live and are gone.
     pub removed: Vec<Arc<str>>,
 }
@@ -1001,11 +1009,7 @@ impl Plan {
     /// Moves the slots whose rows changed between classes and edits every class's peer
     /// list where it may have changed. Returns how the lists of classes that existed before
     /// changed.
-    fn update_classes(
-        &mut self,
-        moved: &[usize],
-        w: &mut Work,
-    ) -> HashMap<usize, Arc<super::update::PeerDelta>> {
+    fn update_classes(&mut self, moved: &[usize], w: &mut Work) -> HashMap<usize, Arc<ListDelta>> {
         use super::touch::CLASS;
         // Nodes whose visibility or entry may have changed, in name order.
         let mut candidates: BTreeSet<usize> = moved.iter().copied().collect();
@@ -1036,10 +1040,10 @@ impl Plan {
             self.class_of[s] = usize::MAX;
         }
         // Edit every class's list for the candidates.
-        let mut deltas: HashMap<usize, Arc<super::update::PeerDelta>> = HashMap::new();
+        let mut deltas: HashMap<usize, Arc<ListDelta>> = HashMap::new();
         let class_ids: Vec<usize> = self.classes.live().collect();
         let old_plain = w.old_plain.clone();
-        let edited: Vec<(usize, SharedPeers, super::update::PeerDelta)> = class_ids
+        let edited: Vec<(usize, SharedPeers, ListDelta)> = class_ids
             .iter()
             .filter_map(|&c| {
                 let key = self.classes.key(c)?;
@@ -1093,10 +1097,11 @@ impl Plan {
         entry_may_change: &HashSet<usize>,
         w: &Work,
         old_plain: &[u64],
-    ) -> Option<(SharedPeers, super::update::PeerDelta)> {
+    ) -> Option<(SharedPeers, ListDelta)> {
         let viewer = Plan::key_viewer(key);
         let mut out: Option<imbl::OrdMap<Arc<str>, Arc<Peer>>> = None;
         let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+        let mut slots = Vec::new();
         for &x in cands {
             let was = match w.old_rows.get(&x) {
                 Some((os, od, alive)) => {
@@ -1123,12 +1128,14 @@ impl Plan {
                 (true, false) => {
                     out.get_or_insert_with(|| (**list).clone()).remove(name);
                     removed.push(name.clone());
+                    slots.push(x);
                 }
                 (false, true) => {
                     let e = self.peer_entry(viewer, x);
                     out.get_or_insert_with(|| (**list).clone())
                         .insert(name.clone(), e);
                     added.push(name.clone());
+                    slots.push(x);
                 }
                 (true, true) => {
                     if !entry_may_change.contains(&x) {
@@ -1142,69 +1149,29 @@ impl Plan {
                     out.get_or_insert_with(|| (**list).clone())
                         .insert(name.clone(), e);
                     changed.push(name.clone());
+                    slots.push(x);
                 }
             }
         }
-        out.map(|l| (Arc::new(l), (added, removed, changed)))
+        slots.sort_unstable();
+        out.map(|l| {
+            (
+                Arc::new(l),
+                ListDelta {
+                    added: added.into(),
+                    removed: removed.into(),
+                    changed: changed.into(),
+                    slots,
+                },
+            )
+        })
     }
 
-    /// The list of a new class with `key`, derived from class `parent`'s (up to date) list:
-    /// only nodes linked by the rules where the keys differ can be seen differently.
+    /// The list of a new class with `key`, derived from class `parent`'s (up to date) list.
     fn derive_list(&self, parent: usize, key: &ClassKey) -> SharedPeers {
-        let (Some(pkey), Some(plist)) = (self.classes.key(parent), self.classes.lists.get(parent))
-        else {
-            return self.class_list(key);
-        };
-        if pkey.2 != key.2 {
-            return self.class_list(key);
+        match (self.classes.key(parent), self.classes.lists.get(parent)) {
+            (Some(pkey), Some(plist)) => self.derive_from(pkey, plist, key),
+            _ => self.class_list(key),
         }
-        let diff: Vec<u64> = pkey
-            .0
-            .iter()
-            .zip(&key.0)
-            .zip(pkey.1.iter().zip(&key.1))
-            .map(|((a, b), (c, d))| (a ^ b) | (c ^ d))
-            .collect();
-        let plain_diff: Vec<u64> = diff
-            .iter()
-            .zip(&self.plain_mask)
-            .map(|(d, m)| d & m)
-            .collect();
-        let routing = diff.iter().zip(&self.route_mask).any(|(d, m)| d & m != 0);
-        let exiting = diff.iter().zip(&self.exit_mask).any(|(d, m)| d & m != 0);
-        let (pviewer, viewer) = (Plan::key_viewer(pkey), Plan::key_viewer(key));
-        let mut list = (**plist).clone();
-        for &x in &self.name_order {
-            if !self.r.nodes[x].alive {
-                continue;
-            }
-            let linked = self
-                .src_bits
-                .row(x)
-                .iter()
-                .zip(self.dst_bits.row(x))
-                .zip(&plain_diff)
-                .any(|((s, d), m)| (s | d) & m != 0);
-            let xn = &self.r.nodes[x];
-            let entry_differs = (routing && !xn.routes.is_empty()) || (exiting && xn.exit);
-            if !linked && !entry_differs {
-                continue;
-            }
-            let (was, now) = (self.sees(pviewer, x), self.sees(viewer, x));
-            let name = &xn.key;
-            match (was, now) {
-                (false, false) => {}
-                (true, false) => {
-                    list.remove(name);
-                }
-                (_, true) => {
-                    if was && !entry_differs {
-                        continue;
-                    }
-                    list.insert(name.clone(), self.peer_entry(viewer, x));
-                }
-            }
-        }
-        Arc::new(list)
     }
 }

@@ -135,7 +135,8 @@ impl Work {
     fn route_rule_changed(&mut self, rule: &crate::compute::NetRule) {
         if rule.route_relevant() {
             let nets: Option<Vec<IpNet>> = if rule.src.wildcard
-                || rule.dsts.iter().any(|(d, _)| d.wildcard)
+                || rule.src.all_nodes
+                || rule.dsts.iter().any(|(d, _)| d.wildcard || d.all_nodes)
                 || !rule.via.is_empty()
             {
                 None
@@ -379,7 +380,7 @@ impl Plan {
         // 6. Source lists.
         if w.routes_set_changed {
             for (ri, rule) in self.rules.ordered() {
-                if rule.src.wildcard {
+                if rule.src.wildcard || rule.src.all_nodes {
                     w.src_dirty.insert(ri);
                 }
             }

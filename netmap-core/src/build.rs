@@ -262,6 +262,9 @@ impl StoredView {
     }
 }
 
+/// The peers a view has aside, with the slots they name (sorted).
+type ExtraPeers = (Arc<Vec<Arc<Peer>>>, Vec<usize>);
+
 /// Who looks at a peer: what its peer entries depend on.
 #[derive(Debug, Clone, Copy)]
 struct Viewer<'a> {
@@ -310,7 +313,7 @@ pub(crate) struct Plan {
     unbound_principals: Arc<Vec<SshPrincipal>>,
     /// The peers a slot's stored view has aside (kept by the engine), with their slots,
     /// for the slots that have some.
-    extra_of: HashMap<usize, (Arc<Vec<Arc<Peer>>>, Vec<usize>)>,
+    extra_of: HashMap<usize, ExtraPeers>,
     /// Per slot, whether `extra_of` has it.
     has_extra: Vec<bool>,
     /// Shared empty parts of views.

@@ -58,8 +58,7 @@ fn default_allow_all() -> Vec<NetRule> {
 
 fn is_self_dst(d: &Resolved) -> bool {
     d.aliases
-        .iter()
-        .any(|a| *a == Alias::AutoGroup(AutoGroup::SelfDevices))
+        .contains(&Alias::AutoGroup(AutoGroup::SelfDevices))
 }
 
 /// Splits destinations into `autogroup:self` ones and the rest, making one rule each.

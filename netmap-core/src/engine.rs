@@ -703,8 +703,9 @@ impl Engine {
         for (s, e) in extras {
             self.plan.record_extra(s, &e);
         }
-        let mut cs = ChangeSet::default();
-        cs.nodes = deltas.into_iter().collect();
+        let cs = ChangeSet {
+            nodes: deltas.into_iter().collect(),
+        };
         tailnet.primaries = self.plan.primaries.clone();
         self.current = Snapshot {
             policy_text,

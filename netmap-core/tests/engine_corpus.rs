@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use netmap_core::{compute_all, Change, Engine, Tailnet};
+use netmap_core::{compute_all, diff_views, Change, Engine, Tailnet};
 use proptest::prelude::*;
 
 struct Topology {
@@ -64,6 +64,12 @@ enum Op {
     CopyTags(usize, usize),
     CopyOwner(usize, usize),
     Unapprove(usize),
+    /// Approves the routes the node had approved originally.
+    Reapprove(usize),
+    /// The node advertises (and has approved) the routes another node advertised.
+    CopyRoutes(usize, usize),
+    /// A user's role changes (admin, member, none) or their email moves to another domain.
+    EditUser(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -74,6 +80,9 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..32, 0usize..32).prop_map(|(i, j)| Op::CopyTags(i, j)),
         (0usize..32, 0usize..32).prop_map(|(i, j)| Op::CopyOwner(i, j)),
         (0usize..32).prop_map(Op::Unapprove),
+        (0usize..32).prop_map(Op::Reapprove),
+        (0usize..32, 0usize..32).prop_map(|(i, j)| Op::CopyRoutes(i, j)),
+        (0usize..8, 0usize..4).prop_map(|(u, k)| Op::EditUser(u, k)),
     ]
 }
 
@@ -107,6 +116,7 @@ proptest! {
         let Ok(mut engine) = Engine::new(&top.policy, top.tailnet.clone()) else { return Ok(()) };
         for (step, op) in ops.iter().enumerate() {
             let snap = engine.snapshot();
+            let snap_before = snap.clone();
             let name = |i: &usize| names[i % names.len()].clone();
             let current = |i: &usize| snap.tailnet().nodes.get(&name(i)).map(|n| (**n).clone());
             let change = match op {
@@ -124,12 +134,43 @@ proptest! {
                     Change::UpsertNode { node: name(i), value: n }
                 }),
                 Op::Unapprove(i) => current(i).map(|_| Change::ApproveRoutes { node: name(i), routes: Vec::new() }),
+                Op::Reapprove(i) => current(i).zip(original.nodes.get(&name(i))).map(|(_, m)| {
+                    Change::ApproveRoutes { node: name(i), routes: m.approved_routes.clone() }
+                }),
+                Op::CopyRoutes(i, j) => current(i).zip(original.nodes.get(&name(j))).map(|(mut n, m)| {
+                    n.routable_ips = m.routable_ips.clone();
+                    n.approved_routes = m.routable_ips.clone();
+                    Change::UpsertNode { node: name(i), value: n }
+                }),
+                Op::EditUser(u, k) => snap.tailnet().users.values().nth(*u).map(|user| {
+                    let mut user = user.clone();
+                    match k {
+                        0 => user.role = Some("admin".into()),
+                        1 => user.role = Some("member".into()),
+                        2 => user.role = None,
+                        _ => {
+                            let local = user.email.split('@').next().unwrap_or("x").to_string();
+                            user.email = format!("{local}@elsewhere.example");
+                        }
+                    }
+                    Change::UpsertUser { user }
+                }),
             };
             let Some(change) = change else { continue };
-            if engine.apply(change).is_err() {
+            let Ok(cs) = engine.apply(change) else {
                 continue;
-            }
+            };
             let snap = engine.snapshot();
+            // The change set names exactly the nodes whose view changed.
+            let before = &snap_before;
+            for n in before.node_names().chain(snap.node_names()) {
+                let (old, new) = (before.view(n), snap.view(n));
+                prop_assert_eq!(
+                    cs.nodes.get(n).cloned().unwrap_or_default(),
+                    diff_views(old.as_ref(), new.as_ref()),
+                    "{}: step {}: delta of {}", top.id, step, n
+                );
+            }
             let reference = compute_all(snap.policy(), snap.tailnet());
             prop_assert_eq!(reference.views.len(), snap.node_count());
             for (n, want) in &reference.views {

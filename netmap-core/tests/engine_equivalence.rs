@@ -158,6 +158,8 @@ enum Op {
     RemoveUser(usize),
     Policy(usize),
     Approve(u32, Vec<usize>),
+    /// A small edit of the editable policy ([`EDITABLE`]): which edit, and a choice for it.
+    Edit(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -170,6 +172,156 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..POLICIES.len()).prop_map(Op::Policy),
         1 => (0u32..14, prop::collection::vec(0usize..ROUTES.len(), 0..3)).prop_map(|(i, r)| Op::Approve(i, r)),
     ]
+}
+
+/// Changes mixed with small policy edits of every kind.
+fn edit_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u32..14, node_spec()).prop_map(|(i, s)| Op::Upsert(i, s)),
+        1 => (0u32..14).prop_map(Op::Remove),
+        2 => (0u32..14, any::<bool>()).prop_map(|(i, o)| Op::Online(i, o)),
+        1 => (0usize..6, any::<bool>()).prop_map(|(u, d)| Op::User(u, d)),
+        1 => (0u32..14, prop::collection::vec(0usize..ROUTES.len(), 0..3)).prop_map(|(i, r)| Op::Approve(i, r)),
+        6 => (0usize..EDITS, 0usize..8).prop_map(|(k, c)| Op::Edit(k, c)),
+    ]
+}
+
+/// A policy exercising every part an edit can touch: groups, hosts, ipsets, postures,
+/// rules of every kind, SSH, node attributes and auto-approvers.
+const EDITABLE: &str = r#"{
+  "groups": {"group:admins": ["u0@example.com"], "group:devs": ["u1@example.com", "u2@example.com"]},
+  "tagOwners": {"tag:web": [], "tag:db": [], "tag:router": [], "tag:exit": []},
+  "hosts": {"dns": "100.64.0.1", "corp": "10.0.0.0/8"},
+  "ipsets": {"ipset:lan": ["add 10.1.0.0/16", "add 192.168.0.0/24"]},
+  "postures": {"posture:mac": ["node:os == 'macos'"], "posture:recent": ["node:tsVersion >= '1.60'"]},
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["dns:53"], "proto": "udp"},
+    {"action": "accept", "src": ["*"], "dst": ["tag:web:80,443"]},
+    {"action": "accept", "src": ["group:admins"], "dst": ["*:*"]},
+    {"action": "accept", "src": ["group:devs"], "dst": ["tag:web:80,443", "corp:22", "ipset:lan:22"]},
+    {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+    {"action": "accept", "src": ["group:devs"], "dst": ["autogroup:internet:*"]}
+  ],
+  "grants": [
+    {"src": ["*"], "dst": ["tag:db"], "app": {"example.com/cap/x": [{"a": 1}]}},
+    {"src": ["tag:web"], "dst": ["10.1.0.0/16"], "ip": ["*"], "via": ["tag:router"]}
+  ],
+  "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}, "exitNode": ["tag:exit"]},
+  "ssh": [
+    {"action": "accept", "src": ["group:admins"], "dst": ["tag:web", "tag:db"], "users": ["root"]},
+    {"action": "check", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["autogroup:nonroot"]}
+  ],
+  "nodeAttrs": [{"target": ["tag:web"], "attr": ["funnel"]}]
+}"#;
+
+/// How many kinds of edit [`edit_policy`] makes.
+const EDITS: usize = 16;
+
+fn toggle(list: &mut serde_json::Value, item: serde_json::Value) {
+    if let Some(v) = list.as_array_mut() {
+        match v.iter().position(|x| *x == item) {
+            Some(i) => {
+                v.remove(i);
+            }
+            None => v.push(item),
+        }
+    }
+}
+
+/// Applies edit `kind` (with choice `c`) to the editable policy: the kinds an operator commits
+/// (a group member, one rule's ports, a rule added or dropped, a host, a tag owner) and every
+/// other part the engine compares (ipsets, postures, SSH, node attributes, auto-approvers,
+/// rule order, protocols, tailnet-wide switches, `via`), plus an edit that changes nothing
+/// but the text.
+fn edit_policy(p: &mut serde_json::Value, kind: usize, c: usize) {
+    use serde_json::json;
+    let users = [
+        "u0@example.com",
+        "u1@example.com",
+        "u2@example.com",
+        "u3@example.org",
+    ];
+    match kind {
+        0 => {
+            let g = ["group:admins", "group:devs"][c % 2];
+            toggle(&mut p["groups"][g], json!(users[c / 2 % users.len()]));
+        }
+        1 => {
+            let ports = ["80,443", "443", "80,443,8080", "*", "1000-2000"][c % 5];
+            p["acls"][1]["dst"] = json!([format!("tag:web:{ports}")]);
+        }
+        2 => {
+            let extra = json!({"action": "accept", "src": ["group:admins", "tag:db"], "dst": ["tag:db:443"]});
+            let acls = p["acls"]
+                .as_array_mut()
+                .map(std::mem::take)
+                .unwrap_or_default();
+            let had = acls.contains(&extra);
+            let mut acls: Vec<serde_json::Value> =
+                acls.into_iter().filter(|r| *r != extra).collect();
+            if !had {
+                acls.insert(c % (acls.len() + 1), extra);
+            }
+            p["acls"] = json!(acls);
+        }
+        3 => p["hosts"]["dns"] = json!(format!("100.64.0.{}", 1 + c % 6)),
+        4 => toggle(&mut p["tagOwners"]["tag:web"], json!("group:admins")),
+        5 => toggle(
+            &mut p["ipsets"]["ipset:lan"],
+            json!(["add 10.2.0.0/16", "remove 10.1.128.0/17"][c % 2]),
+        ),
+        6 => {
+            p["postures"]["posture:recent"] =
+                json!([format!("node:tsVersion >= '1.{}'", [55, 60, 65][c % 3])]);
+        }
+        7 => {
+            if p.get("defaultSrcPosture").is_some() {
+                p.as_object_mut().map(|o| o.remove("defaultSrcPosture"));
+            } else {
+                p["defaultSrcPosture"] = json!(["posture:recent"]);
+            }
+        }
+        8 => {
+            let rule = &mut p["acls"][3];
+            if rule.get("srcPosture").is_some() {
+                rule.as_object_mut().map(|o| o.remove("srcPosture"));
+            } else {
+                rule["srcPosture"] = json!(["posture:mac"]);
+            }
+        }
+        9 => toggle(&mut p["ssh"][0]["users"], json!(["ubuntu", "admin"][c % 2])),
+        10 => {
+            let targets = [json!(["tag:web"]), json!(["tag:db"]), json!(["group:devs"])];
+            p["nodeAttrs"][0]["target"] = targets[c % 3].clone();
+            if c % 2 == 1 {
+                toggle(&mut p["nodeAttrs"][0]["attr"], json!("disable-ipv4"));
+            }
+        }
+        11 => {
+            toggle(
+                &mut p["autoApprovers"]["routes"]["10.0.0.0/8"],
+                json!("group:devs"),
+            );
+            if c % 2 == 1 {
+                toggle(&mut p["autoApprovers"]["exitNode"], json!("tag:exit"));
+            }
+        }
+        12 => {
+            if let Some(acls) = p["acls"].as_array_mut() {
+                let n = acls.len();
+                if n > 1 {
+                    acls.swap(c % n, (c + 1) % n);
+                }
+            }
+        }
+        13 => p["acls"][0]["proto"] = json!(["udp", "tcp"][c % 2]),
+        14 => {
+            p["randomizeClientPort"] = json!([true, false][c % 2]);
+            p["disableIPv4"] = json!([true, false, false][c % 3]);
+        }
+        _ => toggle(&mut p["grants"][1]["via"], json!("tag:db")),
+    }
 }
 
 fn user(u: usize, other_domain: bool) -> User {
@@ -239,6 +391,8 @@ fn change_for(op: &Op, snap: &Snapshot) -> Option<Change> {
                 routes: r.iter().filter_map(|x| ROUTES[*x].parse().ok()).collect(),
             }
         }
+        // Made by the test from the policy under edit.
+        Op::Edit(..) => return None,
     })
 }
 
@@ -275,42 +429,109 @@ proptest! {
         policy in 0usize..POLICIES.len(),
         ops in prop::collection::vec(op(), 1..25),
     ) {
-        let mut engine = Engine::new(POLICIES[policy], initial(&nodes))
-            .map_err(|e| TestCaseError::fail(format!("engine: {e}")))?;
-        check_equal(0, &engine.snapshot())?;
-        for (step, op) in ops.iter().enumerate() {
-            let before = engine.snapshot();
-            let Some(change) = change_for(op, &before) else { continue };
-            let cs = match engine.apply(change.clone()) {
-                Ok(cs) => cs,
-                Err(_) => {
-                    // A rejected change leaves everything as it was.
-                    let after = engine.snapshot();
-                    prop_assert!(after.views().eq(before.views()), "rejected change altered views");
-                    continue;
-                }
-            };
-            let after = engine.snapshot();
-            check_equal(step + 1, &after)?;
-            // The change set names exactly the nodes whose view differs, each with what
-            // differs.
-            let names: BTreeSet<&str> = before.node_names().chain(after.node_names()).collect();
-            for n in names {
-                let (old, new) = (before.view(n), after.view(n));
-                prop_assert_eq!(
-                    old != new,
-                    cs.nodes.contains_key(n),
-                    "step {}: change set and views disagree for {} after {:?}",
-                    step + 1, n, change.op()
-                );
-                let want = diff_views(old.as_ref(), new.as_ref());
-                prop_assert_eq!(
-                    cs.nodes.get(n).cloned().unwrap_or_default(),
-                    want,
-                    "step {}: delta of {} after {:?}",
-                    step + 1, n, change.op()
-                );
+        run_case(POLICIES[policy], &nodes, &ops)?;
+    }
+
+    /// Small policy edits of every kind, between node, route, presence and user changes.
+    #[test]
+    fn engine_follows_policy_edits(
+        nodes in prop::collection::vec(node_spec(), 1..10),
+        ops in prop::collection::vec(edit_op(), 1..25),
+    ) {
+        run_case(EDITABLE, &nodes, &ops)?;
+    }
+}
+
+/// Builds an engine on `policy` and `nodes`, applies `ops`, and checks after every step that
+/// the engine equals the from-scratch computation and that its change set names exactly the
+/// nodes whose view changed, each with what changed.
+fn run_case(policy: &str, nodes: &[NodeSpec], ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut engine = Engine::new(policy, initial(nodes))
+        .map_err(|e| TestCaseError::fail(format!("engine: {e}")))?;
+    check_equal(0, &engine.snapshot())?;
+    let mut editable: serde_json::Value =
+        serde_json::from_str(EDITABLE).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    for (step, op) in ops.iter().enumerate() {
+        let before = engine.snapshot();
+        let mut edited = None;
+        let change = match op {
+            Op::Edit(kind, c) => {
+                let mut p = editable.clone();
+                edit_policy(&mut p, *kind, *c);
+                let text = serde_json::to_string_pretty(&p).unwrap_or_default();
+                edited = Some(p);
+                Change::SetPolicy { policy: text }
             }
+            _ => match change_for(op, &before) {
+                Some(c) => c,
+                None => continue,
+            },
+        };
+        let cs = match engine.apply(change.clone()) {
+            Ok(cs) => cs,
+            Err(_) => {
+                // A rejected change leaves everything as it was.
+                let after = engine.snapshot();
+                prop_assert!(
+                    after.views().eq(before.views()),
+                    "rejected change altered views"
+                );
+                prop_assert_eq!(after.policy_text(), before.policy_text());
+                continue;
+            }
+        };
+        if let Some(p) = edited {
+            editable = p;
+        }
+        let after = engine.snapshot();
+        check_equal(step + 1, &after)?;
+        let names: BTreeSet<&str> = before.node_names().chain(after.node_names()).collect();
+        for n in names {
+            let (old, new) = (before.view(n), after.view(n));
+            prop_assert_eq!(
+                old != new,
+                cs.nodes.contains_key(n),
+                "step {}: change set and views disagree for {} after {:?}",
+                step + 1,
+                n,
+                op
+            );
+            let want = diff_views(old.as_ref(), new.as_ref());
+            prop_assert_eq!(
+                cs.nodes.get(n).cloned().unwrap_or_default(),
+                want,
+                "step {}: delta of {} after {:?}",
+                step + 1,
+                n,
+                op
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Every edit the property test makes yields a policy the engine accepts (so the edits are
+/// exercised, not rejected).
+#[test]
+fn policy_edits_are_valid() {
+    let tailnet = initial(&[]);
+    let base: serde_json::Value = serde_json::from_str(EDITABLE).unwrap();
+    for kind in 0..EDITS {
+        for c in 0..8 {
+            let mut p = base.clone();
+            edit_policy(&mut p, kind, c);
+            let text = serde_json::to_string(&p).unwrap();
+            assert!(
+                netmap_core::load_policy(&text, &tailnet).is_ok(),
+                "edit {kind}/{c}: {:?}",
+                netmap_core::load_policy(&text, &tailnet).err()
+            );
+            edit_policy(&mut p, kind, c + 1);
+            let text = serde_json::to_string(&p).unwrap();
+            assert!(
+                netmap_core::load_policy(&text, &tailnet).is_ok(),
+                "edit {kind}/{c} twice"
+            );
         }
     }
 }

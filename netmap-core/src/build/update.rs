@@ -805,13 +805,6 @@ impl Plan {
             if !src_changed && !dst_changed {
                 continue;
             }
-            if dst_changed {
-                for &v in &live {
-                    if self.covered_by(v, *id) {
-                        w.flags[v] |= RECOMPUTE;
-                    }
-                }
-            }
             self.set_column(*id, &live, w);
             if dst_changed {
                 for &v in &live {

@@ -33,7 +33,9 @@ use crate::routes::Approvers;
 use crate::rules::RuleTable;
 use crate::ssh::{BoundSshRule, SshPlan};
 use crate::tailnet::Tailnet;
-use crate::wire::{CapMap, FilterRule, NodeView, Peer, PeerList, SharedPeers, SshPrincipal};
+use crate::wire::{
+    CapMap, FilterRule, NodeView, Peer, PeerList, SharedPeers, SrcList, SshPrincipal,
+};
 
 pub(crate) use update::{touch, Batch, ListDelta};
 
@@ -193,7 +195,7 @@ impl ClassTable {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Tables {
     class_peers: imbl::Vector<SharedPeers>,
-    rule_src: imbl::Vector<Arc<Vec<String>>>,
+    rule_src: imbl::Vector<SrcList>,
     ssh_principals: imbl::Vector<Arc<Vec<SshPrincipal>>>,
 }
 
@@ -201,6 +203,28 @@ impl Tables {
     /// Class `class`'s peer list.
     pub(crate) fn class_list(&self, class: usize) -> Option<&SharedPeers> {
         self.class_peers.get(class)
+    }
+}
+
+impl StoredView {
+    /// The source list of filter entry `f` (bound ones read it from `tables`).
+    pub(crate) fn entry_src<'a>(
+        tables: &'a Tables,
+        (f, bound): &'a (FilterRule, Option<usize>),
+    ) -> &'a SrcList {
+        bound
+            .and_then(|ri| tables.rule_src.get(ri))
+            .unwrap_or(&f.src_ips)
+    }
+
+    /// The principals of SSH rule `r` (bound ones read them from `tables`).
+    pub(crate) fn rule_principals<'a>(
+        tables: &'a Tables,
+        (rule, bound): &'a BoundSshRule,
+    ) -> &'a Arc<Vec<SshPrincipal>> {
+        bound
+            .and_then(|k| tables.ssh_principals.get(k))
+            .unwrap_or(&rule.principals)
     }
 }
 
@@ -296,9 +320,9 @@ pub(crate) struct Plan {
     /// Rules that can let a viewer use exit nodes.
     exit_mask: Vec<u64>,
     /// Per rule id, its source list (empty for ids not in use).
-    pub src_strings: imbl::Vector<Arc<Vec<String>>>,
+    pub src_strings: imbl::Vector<SrcList>,
     /// Sources of `autogroup:self` rules, per (rule id, owner email).
-    pub self_src: HashMap<(usize, String), Arc<Vec<String>>>,
+    pub self_src: HashMap<(usize, String), SrcList>,
     classes: ClassTable,
     /// Per slot, its class (`usize::MAX` for dead slots).
     class_of: Vec<usize>,
@@ -308,8 +332,10 @@ pub(crate) struct Plan {
     attr_targets: Vec<Resolved>,
     /// Live slots by the user name their node names (tagged nodes too).
     by_user: HashMap<String, Vec<usize>>,
+    /// How many live nodes hold each address (filter form).
+    addr_count: HashMap<Arc<str>, u32>,
     /// What bound entries carry in place of the lists they read from the tables.
-    unbound_src: Arc<Vec<String>>,
+    unbound_src: SrcList,
     unbound_principals: Arc<Vec<SshPrincipal>>,
     /// The peers a slot's stored view has aside (kept by the engine), with their slots,
     /// for the slots that have some.
@@ -359,6 +385,7 @@ impl Plan {
             ssh,
             attr_targets,
             by_user: HashMap::new(),
+            addr_count: HashMap::new(),
             unbound_src: Arc::default(),
             unbound_principals: Arc::default(),
             extra_of: HashMap::new(),
@@ -371,6 +398,9 @@ impl Plan {
         for i in 0..n {
             plan.index_routes(i);
             plan.index_user(i, true);
+            if plan.r.nodes[i].alive {
+                plan.count_addrs(plan.r.nodes[i].addr_texts().to_vec(), true);
+            }
         }
         let prefixes: Vec<IpNet> = plan.routers.keys().copied().collect();
         for p in prefixes {
@@ -528,7 +558,7 @@ impl Plan {
     }
 
     /// Rule `ri`'s source list (empty for an `autogroup:self` rule or an unused id).
-    fn src_list(&self, ri: usize) -> Arc<Vec<String>> {
+    fn src_list(&self, ri: usize) -> SrcList {
         match self.rules.get(ri) {
             Some(rule) if !rule.self_rule => Arc::new(self.r.src_strings(&rule.src)),
             _ => Arc::default(),
@@ -545,10 +575,10 @@ impl Plan {
             .map(|(id, _)| id)
             .collect();
         for ri in self_rules {
-            let mut ips: Vec<String> = owned
+            let mut ips: Vec<Arc<str>> = owned
                 .iter()
                 .filter(|&&j| self.r.nodes[j].is_member() && bit(self.src_bits.row(j), ri))
-                .flat_map(|&j| self.r.nodes[j].addr_strings())
+                .flat_map(|&j| self.r.nodes[j].addr_texts().iter().cloned())
                 .collect();
             ips.sort();
             ips.dedup();
@@ -613,6 +643,20 @@ impl Plan {
             }
         }
         self.exits.remove(&i);
+    }
+
+    /// Counts (or uncounts) a live node's addresses.
+    fn count_addrs(&mut self, addrs: Vec<Arc<str>>, add: bool) {
+        for a in addrs {
+            if add {
+                *self.addr_count.entry(a).or_default() += 1;
+            } else if let Some(c) = self.addr_count.get_mut(&a) {
+                *c -= 1;
+                if *c == 0 {
+                    self.addr_count.remove(&a);
+                }
+            }
+        }
     }
 
     /// Adds (or removes) slot `i` to the index by user name.
@@ -1072,12 +1116,29 @@ impl Plan {
         self.class_of[slot]
     }
 
-    /// Parses and checks a policy for the tailnet: validation, domain checks, tests.
+    /// Parses and checks a policy for the tailnet: validation, domain checks, tests. The
+    /// tests run against this plan's nodes when the new policy does not change what they
+    /// hold (IPv4 use, auto-approved routes), which saves preparing every node again; the
+    /// report of failing tests comes from a fresh preparation, as [`crate::run_tests`] makes it.
     pub(crate) fn load_policy(
-        &self,
+        &mut self,
         text: &str,
         tailnet: &Tailnet,
     ) -> Result<Policy, crate::CoreError> {
+        let policy = netmap_policy::parse_policy(text)?;
+        crate::tests_eval::check_policy_for_tailnet(&policy, tailnet)?;
+        if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
+            return Ok(policy);
+        }
+        if !update::node_facts_differ(&self.r.policy, &policy) {
+            let old = std::mem::replace(&mut self.r.policy, Arc::new(policy));
+            let passed = crate::tests_eval::run_tests_with(&self.r).passed();
+            let policy = std::mem::replace(&mut self.r.policy, old);
+            let policy = Arc::try_unwrap(policy).unwrap_or_else(|p| (*p).clone());
+            if passed {
+                return Ok(policy);
+            }
+        }
         crate::engine::load_policy(text, tailnet)
     }
 

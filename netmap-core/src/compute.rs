@@ -306,23 +306,23 @@ fn companion_cap(cap: &str) -> Option<&'static str> {
 /// The destination entries of `dst` that cover node `i` (narrowed to what it serves);
 /// `by_route` says whether a prefix covers a router through the
 /// subnet routes it serves (not only through its own addresses).
-fn entries_covering(r: &Resolver, dst: &Resolved, i: usize, by_route: bool) -> Vec<String> {
+fn entries_covering(r: &Resolver, dst: &Resolved, i: usize, by_route: bool) -> Vec<Arc<str>> {
     let n = &r.nodes[i];
-    let mut out = Vec::new();
+    let mut out: Vec<Arc<str>> = Vec::new();
     if dst.wildcard {
-        out.push("*".to_string());
+        out.push(Arc::from("*"));
     }
     if dst.internet && n.exit {
-        out.extend(addr::INTERNET_RANGES.iter().map(|s| s.to_string()));
+        out.extend(addr::INTERNET_RANGES.iter().map(|s| Arc::from(*s)));
     }
     if dst.nodes.contains(&i) || (dst.self_devices && n.is_member()) {
-        out.extend(n.addr_strings());
+        out.extend(n.addr_texts().iter().cloned());
     }
     for net in &dst.nets {
         let covers = n.addrs.iter().any(|a| net.contains(a))
             || (by_route && n.routes.iter().any(|rt| addr::overlaps(net, rt)));
         if covers {
-            out.push(fmt_net(net));
+            out.push(Arc::from(fmt_net(net)));
         }
     }
     out
@@ -344,7 +344,7 @@ impl NetRule {
     /// The entries of destination `dst` of this rule that node `i` receives. Capability
     /// grants reach nodes, not the subnets behind them; `via` rules reach subnets only
     /// through routers carrying a via tag.
-    pub(crate) fn entries_for(&self, r: &Resolver, dst: &Resolved, i: usize) -> Vec<String> {
+    pub(crate) fn entries_for(&self, r: &Resolver, dst: &Resolved, i: usize) -> Vec<Arc<str>> {
         entries_covering(r, dst, i, self.caps.is_none() && self.via_ok(r, i))
     }
 

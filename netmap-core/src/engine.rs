@@ -339,70 +339,64 @@ impl Differ {
             .clone()
     }
 
-    fn same_filter(
+    /// The delta between two stored views of node `own`, each read with its tables, without
+    /// assembling either view.
+    fn diff_stored(
         &mut self,
-        a: &[crate::wire::FilterRule],
-        b: &[crate::wire::FilterRule],
-    ) -> bool {
-        a.len() == b.len()
-            && a.iter().zip(b).all(|(x, y)| {
-                (Arc::ptr_eq(&x.dst_ports, &y.dst_ports) || x.dst_ports == y.dst_ports)
-                    && x.ip_proto == y.ip_proto
-                    && x.cap_grant == y.cap_grant
-                    && self.same_list(&x.src_ips, &y.src_ips)
-            })
-    }
-
-    fn same_ssh(&mut self, a: &[crate::wire::SshRuleWire], b: &[crate::wire::SshRuleWire]) -> bool {
-        a.len() == b.len()
-            && a.iter().zip(b).all(|(x, y)| {
-                x.ssh_users == y.ssh_users
-                    && x.action == y.action
-                    && x.accept_env == y.accept_env
-                    && self.same_list(&x.principals, &y.principals)
-            })
-    }
-
-    fn diff(&mut self, own: &str, old: Option<&NodeView>, new: Option<&NodeView>) -> NodeDelta {
-        let (Some(o), Some(n)) = (old, new) else {
-            return diff_views(old, new);
-        };
+        own: &str,
+        (o, ot): (&StoredView, &Tables),
+        (n, nt): (&StoredView, &Tables),
+    ) -> NodeDelta {
+        let filter_changed = !Arc::ptr_eq(&o.filter, &n.filter)
+            && (o.filter.len() != n.filter.len()
+                || o.filter.iter().zip(n.filter.iter()).any(|(a, b)| {
+                    !((Arc::ptr_eq(&a.0.dst_ports, &b.0.dst_ports)
+                        || a.0.dst_ports == b.0.dst_ports)
+                        && a.0.ip_proto == b.0.ip_proto
+                        && a.0.cap_grant == b.0.cap_grant
+                        && self
+                            .same_list(StoredView::entry_src(ot, a), StoredView::entry_src(nt, b)))
+                }));
+        let ssh_changed = !Arc::ptr_eq(&o.ssh, &n.ssh)
+            && (o.ssh.len() != n.ssh.len()
+                || o.ssh.iter().zip(n.ssh.iter()).any(|(a, b)| {
+                    !(a.0.ssh_users == b.0.ssh_users
+                        && a.0.action == b.0.action
+                        && a.0.accept_env == b.0.accept_env
+                        && self.same_list(
+                            StoredView::rule_principals(ot, a),
+                            StoredView::rule_principals(nt, b),
+                        ))
+                }));
         let mut d = NodeDelta {
-            filter_changed: !Arc::ptr_eq(&o.packet_filter, &n.packet_filter)
-                && !self.same_filter(&o.packet_filter, &n.packet_filter),
-            ssh_changed: !Arc::ptr_eq(&o.ssh_rules, &n.ssh_rules)
-                && !self.same_ssh(&o.ssh_rules, &n.ssh_rules),
+            filter_changed,
+            ssh_changed,
             self_changed: !Arc::ptr_eq(&o.cap_map, &n.cap_map) && o.cap_map != n.cap_map,
             ..NodeDelta::default()
         };
-        let (os, ns) = (o.peers.shared(), n.peers.shared());
-        let shared_delta = if Arc::ptr_eq(os, ns) {
-            None
-        } else {
-            let key = (Arc::as_ptr(os) as usize, Arc::as_ptr(ns) as usize);
-            Some(
-                self.peers
-                    .entry(key)
-                    .or_insert_with(|| Arc::new(shared_diff(os, ns)))
-                    .clone(),
-            )
-        };
-        let (oe, ne) = (o.peers.extra(), n.peers.extra());
-        // The shared delta decides every name but the viewer's own and those an extra peer
-        // stands for on either side.
-        if let Some(sd) = &shared_delta {
-            let hide = |v: &PeerNames| masked(&masked(v, own, oe), own, ne);
-            d.peers_added = hide(&sd.0);
-            d.peers_removed = hide(&sd.1);
-            d.peers_changed = hide(&sd.2);
+        let empty = SharedPeers::default();
+        let os = ot.class_list(o.class).unwrap_or(&empty);
+        let ns = nt.class_list(n.class).unwrap_or(&empty);
+        if !Arc::ptr_eq(os, ns) {
+            let sd = self.list_delta(os, ns);
+            let hide = |v: &PeerNames| masked(&masked(v, own, &o.extra), own, &n.extra);
+            (d.peers_added, d.peers_removed, d.peers_changed) =
+                (hide(&sd.0), hide(&sd.1), hide(&sd.2));
         }
-        if oe.is_empty() && ne.is_empty() {
+        if o.extra.is_empty() && n.extra.is_empty() {
             return d;
         }
-        // The names extra peers stand for: compare the two views there.
-        let mut names: Vec<&str> = oe
+        // The names extra peers stand for: compare what each view shows there.
+        let shows = |sv: &StoredView, shared: &SharedPeers, name: &str| -> Option<Arc<Peer>> {
+            match sv.extra.binary_search_by(|p| p.name.as_str().cmp(name)) {
+                Ok(i) => sv.extra.get(i).cloned(),
+                Err(_) => shared.get(name).cloned(),
+            }
+        };
+        let mut names: Vec<&str> = o
+            .extra
             .iter()
-            .chain(ne.iter())
+            .chain(n.extra.iter())
             .map(|p| p.name.as_str())
             .filter(|&name| name != own)
             .collect();
@@ -410,10 +404,10 @@ impl Differ {
         names.dedup();
         let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
         for c in names {
-            match (o.peers.get(c), n.peers.get(c)) {
+            match (shows(o, os, c), shows(n, ns, c)) {
                 (None, Some(_)) => added.push(Arc::from(c)),
                 (Some(_), None) => removed.push(Arc::from(c)),
-                (Some(a), Some(b)) if !Arc::ptr_eq(a, b) && a != b => changed.push(Arc::from(c)),
+                (Some(a), Some(b)) if !Arc::ptr_eq(&a, &b) && a != b => changed.push(Arc::from(c)),
                 _ => {}
             }
         }
@@ -632,9 +626,13 @@ impl Engine {
             .into_iter()
             .filter_map(|(s, sv)| {
                 let n = plan.name(s);
-                let old = old_views.get(n).map(|o| o.materialize(old_tables, n));
-                let new = sv.materialize(&new_tables, n);
-                let d = differ.diff(n, old.as_ref(), Some(&new));
+                let d = match old_views.get(n) {
+                    Some(o) => differ.diff_stored(n, (o, old_tables), (&sv, &new_tables)),
+                    None => NodeDelta {
+                        added: true,
+                        ..NodeDelta::default()
+                    },
+                };
                 extras.push((s, sv.extra.clone()));
                 views.insert(n.to_string(), sv);
                 (!d.is_empty()).then(|| (plan.key(s).clone(), d))
@@ -720,6 +718,6 @@ impl Engine {
     /// The policy as it would be set by [`Change::SetPolicy`] (parsed, checked and its tests
     /// run), without changing anything.
     pub fn check_policy(&self, text: &str) -> Result<Policy, CoreError> {
-        self.plan.load_policy(text, &self.current.tailnet)
+        load_policy(text, &self.current.tailnet)
     }
 }

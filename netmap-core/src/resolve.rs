@@ -21,7 +21,7 @@ pub(crate) struct NodeInfo {
     pub alive: bool,
     pub addrs: Vec<IpAddr>,
     /// `addrs` formatted (filter form), formatted once.
-    addr_text: Vec<String>,
+    addr_text: Vec<Arc<str>>,
     /// The owner's email, for untagged nodes.
     pub email: Option<String>,
     /// The owner's role, for untagged nodes.
@@ -42,15 +42,25 @@ impl NodeInfo {
     }
 
     /// The node's addresses as bare strings (filter form).
+    #[cfg(test)]
     pub fn addr_strings(&self) -> impl Iterator<Item = String> + '_ {
-        self.addr_text.iter().cloned()
+        self.addr_text.iter().map(|a| a.to_string())
+    }
+
+    /// The node's addresses as shared strings (filter form).
+    pub fn addr_texts(&self) -> &[Arc<str>] {
+        &self.addr_text
     }
 
     /// Applies `disable-ipv4`: the node keeps its IPv6 address only.
     pub fn drop_ipv4(&mut self) {
         self.no_ipv4 = true;
         self.addrs.retain(IpAddr::is_ipv6);
-        self.addr_text = self.addrs.iter().map(IpAddr::to_string).collect();
+        self.addr_text = self
+            .addrs
+            .iter()
+            .map(|a| Arc::from(a.to_string()))
+            .collect();
     }
 }
 
@@ -82,7 +92,7 @@ pub(crate) fn node_info(tailnet: &Tailnet, name: &str, node: &Arc<Node>) -> Node
         key: Arc::from(name),
         node: Arc::clone(node),
         alive: true,
-        addr_text: node.addrs().map(|a| a.to_string()).collect(),
+        addr_text: node.addrs().map(|a| Arc::from(a.to_string())).collect(),
         addrs: node.addrs().collect(),
         email,
         role,
@@ -491,29 +501,29 @@ impl Resolver {
     }
 
     /// The `SrcIPs` strings of a resolved source set.
-    pub fn src_strings(&self, r: &Resolved) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
+    pub fn src_strings(&self, r: &Resolved) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = Vec::new();
         if r.danger_all {
-            out.push("*".into());
+            out.push(Arc::from("*"));
         } else if r.wildcard {
             for s in addr::TAILNET_V4_RANGES {
-                out.push(s.to_string());
+                out.push(Arc::from(s));
             }
-            out.push(addr::TAILNET_V6.to_string());
+            out.push(Arc::from(addr::TAILNET_V6));
             for rt in self.all_routes() {
-                out.push(rt.to_string());
+                out.push(Arc::from(rt.to_string()));
             }
         } else if r.all_nodes {
             for rt in self.all_routes() {
-                out.push(rt.to_string());
+                out.push(Arc::from(rt.to_string()));
             }
         }
         if !r.danger_all {
             for &i in &r.nodes {
-                out.extend(self.nodes[i].addr_strings());
+                out.extend(self.nodes[i].addr_text.iter().cloned());
             }
             for n in &r.nets {
-                out.push(fmt_net(n));
+                out.push(Arc::from(fmt_net(n)));
             }
         }
         out.sort_unstable();

@@ -66,7 +66,7 @@ fn principals(r: &Resolver, nodes: &[usize]) -> Arc<Vec<SshPrincipal>> {
     Arc::new(
         nodes
             .iter()
-            .flat_map(|&j| r.nodes[j].addr_strings())
+            .flat_map(|&j| r.nodes[j].addr_texts().iter().cloned())
             .map(|node_ip| SshPrincipal { node_ip })
             .collect(),
     )

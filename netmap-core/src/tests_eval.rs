@@ -137,12 +137,20 @@ pub fn check_policy_for_tailnet(policy: &Policy, tailnet: &Tailnet) -> Result<()
 ///
 /// Malformed entries are failing outcomes with the reason, never a panic.
 pub fn run_tests(policy: &Policy, tailnet: &Tailnet) -> TestReport {
+    if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
+        return TestReport::default();
+    }
+    run_tests_with(&Resolver::new(Arc::new(policy.clone()), tailnet))
+}
+
+/// [`run_tests`] against a prepared resolver (the engine's), whose policy is the one tested.
+pub(crate) fn run_tests_with(r: &Resolver) -> TestReport {
     let mut report = TestReport::default();
+    let policy = &r.policy;
     if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
         return report;
     }
-    let r = Resolver::new(Arc::new(policy.clone()), tailnet);
-    let ev = Evaluator::new(&r);
+    let ev = Evaluator::new(r);
     for (i, t) in policy.tests.iter().enumerate() {
         ev.acl_test(i, t, &mut report.outcomes);
     }
@@ -1487,7 +1495,11 @@ mod tests {
                 let ips: Vec<String> = r.nodes[s].addr_strings().collect();
                 for user in users {
                     let want = compiled.iter().find_map(|rule| {
-                        if !rule.principals.iter().any(|p| ips.contains(&p.node_ip)) {
+                        if !rule
+                            .principals
+                            .iter()
+                            .any(|p| ips.iter().any(|i| **i == *p.node_ip))
+                        {
                             return None;
                         }
                         let local = rule

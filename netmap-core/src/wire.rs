@@ -5,6 +5,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+/// A source list of a filter rule: shared between the nodes that receive the rule, its
+/// addresses shared with the nodes they belong to.
+pub type SrcList = Arc<Vec<Arc<str>>>;
+
 /// An inclusive port range on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Ports {
@@ -21,7 +25,7 @@ pub struct Ports {
 pub struct DstPort {
     /// `*`, an IP, a prefix or a range.
     #[serde(rename = "IP")]
-    pub ip: String,
+    pub ip: Arc<str>,
     /// Ports.
     #[serde(rename = "Ports")]
     pub ports: Ports,
@@ -47,7 +51,7 @@ fn is_empty_list<T>(v: &Arc<Vec<T>>) -> bool {
 pub struct FilterRule {
     /// Source addresses (shared between the nodes that receive the rule).
     #[serde(rename = "SrcIPs")]
-    pub src_ips: Arc<Vec<String>>,
+    pub src_ips: SrcList,
     /// Destinations (network rules).
     #[serde(rename = "DstPorts", default, skip_serializing_if = "is_empty_list")]
     pub dst_ports: Arc<Vec<DstPort>>,
@@ -64,7 +68,7 @@ pub struct FilterRule {
 pub struct SshPrincipal {
     /// The source node address.
     #[serde(rename = "nodeIP")]
-    pub node_ip: String,
+    pub node_ip: Arc<str>,
 }
 
 /// The action of an SSH rule.

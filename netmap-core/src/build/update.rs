@@ -33,7 +33,7 @@ use crate::routes::Approvers;
 use crate::rules::redefined;
 use crate::ssh::{SshEdit, SshPlan};
 use crate::tailnet::Tailnet;
-use crate::wire::{Peer, SharedPeers};
+use crate::wire::{Peer, SharedPeers, SrcList};
 
 /// What an update did to one slot's view (bit flags).
 pub(crate) mod touch {
@@ -114,8 +114,11 @@ struct Work {
     prefixes: BTreeSet<IpNet>,
     /// Rules whose source identity set may have changed.
     src_dirty: BTreeSet<usize>,
+    /// Per rule, the changed nodes that were or are named by its source identity set:
+    /// (slot, named before, named now).
+    src_moves: HashMap<usize, Vec<(usize, bool, bool)>>,
     /// Rules whose source list changed, with the list before.
-    changed_lists: Vec<(usize, Arc<Vec<String>>)>,
+    changed_lists: Vec<(usize, SrcList)>,
     /// Changed rules decide routing: all prefixes (`None`) or these prefixes' routers.
     route_rules: Option<Option<Vec<IpNet>>>,
     /// Changed rules decide exit node use.
@@ -230,6 +233,33 @@ fn approvers_key(p: &Policy) -> String {
     )
 }
 
+/// Whether nodes hold different facts under `new` than under `old`: IPv4 use
+/// (`disableIPv4`, `disable-ipv4` targets) or auto-approved routes.
+pub(crate) fn node_facts_differ(old: &Policy, new: &Policy) -> bool {
+    let v4_targets = |p: &Policy| -> Vec<netmap_policy::Alias> {
+        p.node_attrs
+            .iter()
+            .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
+            .flat_map(|na| na.target.iter().map(|t| t.value.clone()))
+            .collect()
+    };
+    let approver_aliases = |p: &Policy| -> Vec<netmap_policy::Alias> {
+        p.auto_approvers
+            .routes
+            .iter()
+            .flat_map(|(_, who)| who.iter())
+            .chain(p.auto_approvers.exit_node.iter())
+            .map(|a| a.value.clone())
+            .collect()
+    };
+    v4_key(old) != v4_key(new)
+        || approvers_key(old) != approvers_key(new)
+        || v4_targets(new)
+            .iter()
+            .chain(approver_aliases(new).iter())
+            .any(|a| redefined(old, new, a))
+}
+
 impl Plan {
     /// Brings the plan up to date with `tailnet` (whose records the batch names changed)
     /// and the batch's policy, and says which views that may have changed and how.
@@ -245,6 +275,7 @@ impl Plan {
             owners: BTreeSet::new(),
             prefixes: BTreeSet::new(),
             src_dirty: BTreeSet::new(),
+            src_moves: HashMap::new(),
             changed_lists: Vec::new(),
             route_rules: None,
             exit_rules: false,
@@ -341,6 +372,11 @@ impl Plan {
                 }
                 if set_changed {
                     w.src_dirty.insert(ri);
+                    w.src_moves.entry(ri).or_default().push((
+                        x,
+                        was_named,
+                        rule.src.nodes.contains(&x),
+                    ));
                 }
             }
             for t in &mut self.attr_targets {
@@ -392,9 +428,19 @@ impl Plan {
             if w.changed_lists.iter().any(|(c, _)| *c == ri) {
                 continue;
             }
-            let new = self.src_list(ri);
             let Some(old) = self.src_strings.get(ri).cloned() else {
                 continue;
+            };
+            let routes_part = w.routes_set_changed
+                && self
+                    .rules
+                    .get(ri)
+                    .is_some_and(|r| r.src.wildcard || r.src.all_nodes);
+            let new = match (routes_part, w.src_moves.get(&ri)) {
+                (false, Some(moves)) => self
+                    .edit_src_list(ri, &old, moves, &w)
+                    .unwrap_or_else(|| self.src_list(ri)),
+                _ => self.src_list(ri),
             };
             if *old != *new {
                 self.src_strings.set(ri, new);
@@ -436,7 +482,22 @@ impl Plan {
                 .zip(self_mask.iter().chain(self_mask.iter()))
                 .any(|((a, b), m)| (a ^ b) & m != 0);
             let n = &self.r.nodes[s];
-            if dst_changed || !n.routes.is_empty() || n.exit || (n.is_member() && has_self_rules) {
+            // Its filter, or the peers it has aside: its own devices (linked by self rules;
+            // routers' and exit nodes' entries depend on the viewer's rules) and, for a
+            // router, the other routers of its prefixes.
+            let own_routes = || {
+                n.email
+                    .as_ref()
+                    .and_then(|e| self.r.by_email.get(e))
+                    .into_iter()
+                    .flatten()
+                    .any(|&y| !self.r.nodes[y].routes.is_empty() || self.r.nodes[y].exit)
+            };
+            if dst_changed
+                || !n.routes.is_empty()
+                || n.exit
+                || (n.is_member() && has_self_rules && (self_changed || own_routes()))
+            {
                 w.flags[s] |= RECOMPUTE;
             }
             if self_changed {
@@ -653,7 +714,13 @@ impl Plan {
             }
             self.index_user(s, false);
         }
+        if let Some(b) = &before {
+            self.count_addrs(b.addr_texts().to_vec(), false);
+        }
         let x = self.r.set_slot(tailnet, name, record.as_ref());
+        if self.r.nodes[x].alive {
+            self.count_addrs(self.r.nodes[x].addr_texts().to_vec(), true);
+        }
         if x >= self.base_peer.len() {
             self.src_bits.push_row();
             self.dst_bits.push_row();
@@ -879,6 +946,67 @@ impl Plan {
         }
     }
 
+    /// Rule `ri`'s source list after the identity changes `moves`, edited from `old` (sorted)
+    /// instead of rebuilt: the addresses of nodes leaving are removed, those of nodes joining
+    /// inserted. `None` when an address may also come from elsewhere (another node with the
+    /// same address, one of the rule's prefixes), where only a rebuild is sure.
+    fn edit_src_list(
+        &self,
+        ri: usize,
+        old: &SrcList,
+        moves: &[(usize, bool, bool)],
+        w: &Work,
+    ) -> Option<SrcList> {
+        let rule = self.rules.get(ri)?;
+        if rule.src.danger_all {
+            return Some(old.clone());
+        }
+        if moves.len() > 16 {
+            return None;
+        }
+        let nets: Vec<String> = rule.src.nets.iter().map(crate::addr::fmt_net).collect();
+        let mut list: Vec<Arc<str>> = (**old).clone();
+        for &(x, was, now) in moves {
+            let before: &[Arc<str>] = if was {
+                w.changed
+                    .iter()
+                    .find(|c| c.slot == x)
+                    .and_then(|c| c.before.as_ref())
+                    .map_or(&[], |b| b.addr_texts())
+            } else {
+                &[]
+            };
+            let after: &[Arc<str>] = if now {
+                self.r.nodes[x].addr_texts()
+            } else {
+                &[]
+            };
+            let xn = &self.r.nodes[x];
+            for a in before.iter().chain(after) {
+                // Shared with another node or one of the rule's prefixes: rebuild.
+                let holds = xn.alive && xn.addr_texts().contains(a);
+                if self.addr_count.get(a).copied().unwrap_or(0) > u32::from(holds)
+                    || nets.iter().any(|n| **n == **a)
+                {
+                    return None;
+                }
+            }
+            for a in before {
+                if !after.contains(a) {
+                    if let Ok(i) = list.binary_search(a) {
+                        list.remove(i);
+                    }
+                }
+            }
+            for a in after {
+                if let Err(i) = list.binary_search(a) {
+                    list.insert(i, a.clone());
+                }
+            }
+        }
+        Some(Arc::new(list))
+    }
+
     /// Marks the filters that read a changed source list: entries bound to the rule follow
     /// the table unless they are (or become) merged with another rule's or appear or go.
     fn filter_effects(&self, w: &mut Work) {
@@ -933,9 +1061,9 @@ impl Plan {
     fn merge_partners(
         &self,
         ri: usize,
-        old: &Arc<Vec<String>>,
-        new: &Arc<Vec<String>>,
-        changed: &[(usize, Arc<Vec<String>>)],
+        old: &SrcList,
+        new: &SrcList,
+        changed: &[(usize, SrcList)],
     ) -> (Vec<usize>, HashSet<String>) {
         let mut plain = Vec::new();
         let mut emails = HashSet::new();
@@ -945,7 +1073,7 @@ impl Plan {
         if rule.caps.is_some() {
             return (plain, emails);
         }
-        let same = |a: &Arc<Vec<String>>, b: &Arc<Vec<String>>| Arc::ptr_eq(a, b) || a == b;
+        let same = |a: &SrcList, b: &SrcList| Arc::ptr_eq(a, b) || a == b;
         for (rj, o) in self.rules.ordered() {
             if rj == ri || o.caps.is_some() || o.protos != rule.protos {
                 continue;

@@ -1,5 +1,6 @@
 //! Evaluation of the policy's `tests` and `sshTests`, and checks that need the tailnet.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
@@ -181,23 +182,38 @@ enum DstHost {
     SelfDevices,
 }
 
+/// A rule's selector: its nodes as a bitmap over slots (tests ask "is this device in it"
+/// once per device pair and rule), the rest as resolved (`set.nodes` stays empty).
+struct Sel {
+    set: Resolved,
+    bits: Vec<u64>,
+}
+
+impl Sel {
+    fn has(&self, i: usize) -> bool {
+        self.bits
+            .get(i / 64)
+            .is_some_and(|w| (w >> (i % 64)) & 1 == 1)
+    }
+}
+
 /// One `acls`/`grants` entry with its selectors resolved.
 struct NetRuleEval {
     label: String,
-    src: Resolved,
+    src: Sel,
     /// Postures the sources must satisfy (any of them); empty: none.
     postures: Vec<Posture>,
     /// (destination, protocols (empty = default set), ports).
-    entries: Vec<(Resolved, Vec<u8>, Vec<PortRange>)>,
+    entries: Vec<(Sel, Vec<u8>, Vec<PortRange>)>,
 }
 
 /// One `ssh` entry with its selectors resolved.
 struct SshRuleEval {
     label: String,
     action: SshAction,
-    src: Resolved,
+    src: Sel,
     postures: Vec<Posture>,
-    dst: Resolved,
+    dst: Sel,
     users: Vec<SshUser>,
     has_localpart: bool,
 }
@@ -254,6 +270,45 @@ struct Evaluator<'a> {
     net_rules: Vec<NetRuleEval>,
     /// Check rules first, then accept rules, each in policy order.
     ssh_rules: Vec<SshRuleEval>,
+    /// Every approved subnet route of a live node.
+    routes: Vec<IpNet>,
+}
+
+/// Resolves selectors for the evaluator, each distinct alias once.
+struct SelCache<'a> {
+    r: &'a Resolver,
+    memo: HashMap<&'a Alias, Resolved>,
+}
+
+impl<'a> SelCache<'a> {
+    /// The union of `aliases` (nodes in the bitmap only).
+    fn sel_all(&mut self, aliases: impl IntoIterator<Item = &'a Alias>) -> Sel {
+        let r = self.r;
+        let mut set = Resolved::default();
+        let mut bits = vec![0u64; r.nodes.len().div_ceil(64)];
+        for a in aliases {
+            let one = self.memo.entry(a).or_insert_with(|| r.resolve(a));
+            for &i in &one.nodes {
+                if let Some(w) = bits.get_mut(i / 64) {
+                    *w |= 1 << (i % 64);
+                }
+            }
+            set.wildcard |= one.wildcard;
+            set.danger_all |= one.danger_all;
+            set.self_devices |= one.self_devices;
+            set.internet |= one.internet;
+            for n in &one.nets {
+                if !set.nets.contains(n) {
+                    set.nets.push(*n);
+                }
+            }
+        }
+        Sel { set, bits }
+    }
+
+    fn sel(&mut self, a: &'a Alias) -> Sel {
+        self.sel_all(std::iter::once(a))
+    }
 }
 
 fn proto_name(p: u8) -> String {
@@ -300,16 +355,23 @@ impl<'a> Evaluator<'a> {
                 .filter_map(|n| p.postures.get(n).cloned())
                 .collect()
         };
+        let mut cache = SelCache {
+            r,
+            memo: HashMap::new(),
+        };
         let mut net_rules = Vec::new();
         for (i, acl) in p.acls.iter().enumerate() {
             net_rules.push(NetRuleEval {
                 label: format!("acls[{i}]"),
-                src: r.resolve_all(acl.src.iter().map(|s| &s.value)),
+                src: cache.sel_all(acl.src.iter().map(|s| &s.value)),
                 postures: postures(p.rule_postures(&acl.src_posture)),
                 entries: acl
                     .dst
                     .iter()
-                    .map(|d| (r.resolve(&d.value.0), acl.protos.clone(), d.value.1.clone()))
+                    .map(|d| {
+                        let sel = cache.sel(&d.value.0);
+                        (sel, acl.protos.clone(), d.value.1.clone())
+                    })
                     .collect(),
             });
         }
@@ -319,14 +381,14 @@ impl<'a> Evaluator<'a> {
             }
             let mut entries = Vec::new();
             for d in &g.dst {
-                let rd = r.resolve(&d.value);
                 for spec in &g.ip {
-                    entries.push((rd.clone(), spec.protos.clone(), spec.ports.clone()));
+                    let sel = cache.sel(&d.value);
+                    entries.push((sel, spec.protos.clone(), spec.ports.clone()));
                 }
             }
             net_rules.push(NetRuleEval {
                 label: format!("grants[{i}]"),
-                src: r.resolve_all(g.src.iter().map(|s| &s.value)),
+                src: cache.sel_all(g.src.iter().map(|s| &s.value)),
                 postures: postures(p.rule_postures(&g.src_posture)),
                 entries,
             });
@@ -346,9 +408,9 @@ impl<'a> Evaluator<'a> {
             .map(|(i, rule)| SshRuleEval {
                 label: format!("ssh[{i}]"),
                 action: rule.action,
-                src: r.resolve_all(rule.src.iter().map(|x| &x.value)),
+                src: cache.sel_all(rule.src.iter().map(|x| &x.value)),
                 postures: postures(&rule.src_posture),
-                dst: r.resolve_all(rule.dst.iter().map(|x| &x.value)),
+                dst: cache.sel_all(rule.dst.iter().map(|x| &x.value)),
                 users: rule.users.clone(),
                 has_localpart: rule
                     .users
@@ -356,10 +418,17 @@ impl<'a> Evaluator<'a> {
                     .any(|u| matches!(u, SshUser::LocalPart(_))),
             })
             .collect();
+        let routes = r
+            .nodes
+            .iter()
+            .filter(|x| x.alive)
+            .flat_map(|x| x.routes.iter().copied())
+            .collect();
         Evaluator {
             r,
             net_rules,
             ssh_rules,
+            routes,
         }
     }
 
@@ -404,12 +473,7 @@ impl<'a> Evaluator<'a> {
 
     /// Whether a range lies inside an approved subnet route.
     fn in_routes(&self, n: &IpNet) -> bool {
-        self.r
-            .nodes
-            .iter()
-            .filter(|x| x.alive)
-            .flat_map(|x| x.routes.iter())
-            .any(|rt| rt.contains(n))
+        self.routes.iter().any(|rt| rt.contains(n))
     }
 
     /// Whether a range lies in what `*` means as a source: the tailnet's own ranges and
@@ -426,7 +490,7 @@ impl<'a> Evaluator<'a> {
     /// posture is `attrs` when the test gives `srcPostureAttrs`, else its own.
     fn src_matches(
         &self,
-        s: &Resolved,
+        sel: &Sel,
         postures: &[Posture],
         p: Principal,
         attrs: Option<&PostureAttrs>,
@@ -443,11 +507,12 @@ impl<'a> Evaluator<'a> {
                 self.in_routes(x)
             }
         };
+        let s = &sel.set;
         match p {
             Principal::Node(i) => {
                 let n = &self.r.nodes[i];
                 s.danger_all
-                    || ((s.wildcard || s.nodes.contains(&i)) && posture_ok(i))
+                    || ((s.wildcard || sel.has(i)) && posture_ok(i))
                     || s.nets
                         .iter()
                         .any(|net| n.addrs.iter().any(|a| net.contains(a)))
@@ -474,13 +539,14 @@ impl<'a> Evaluator<'a> {
         a.is_member() && b.is_member() && a.email == b.email
     }
 
-    fn dst_covers(&self, d: &Resolved, t: Target, p: Principal) -> bool {
+    fn dst_covers(&self, sel: &Sel, t: Target, p: Principal) -> bool {
+        let d = &sel.set;
         if d.wildcard {
             return true;
         }
         match t {
             Target::Node(j) => {
-                d.nodes.contains(&j)
+                sel.has(j)
                     || (d.self_devices && self.same_user(p, j))
                     || d.nets
                         .iter()
@@ -488,19 +554,26 @@ impl<'a> Evaluator<'a> {
             }
             Target::Addr { ip, node } => {
                 d.nets.iter().any(|n| n.contains(&ip))
-                    || node.is_some_and(|j| {
-                        d.nodes.contains(&j) || (d.self_devices && self.same_user(p, j))
-                    })
+                    || node.is_some_and(|j| sel.has(j) || (d.self_devices && self.same_user(p, j)))
                     || (d.internet && node.is_none() && is_internet(&ip))
             }
         }
     }
 
-    /// The first rule letting `p` reach `t` on `port` with one of `protos`.
+    /// Which network rules have `p` among their sources (by rule index).
+    fn net_sources(&self, p: Principal, attrs: Option<&PostureAttrs>) -> Vec<bool> {
+        self.net_rules
+            .iter()
+            .map(|rule| self.src_matches(&rule.src, &rule.postures, p, attrs))
+            .collect()
+    }
+
+    /// The first rule letting `p` reach `t` on `port` with one of `protos`; `sources` is
+    /// [`Evaluator::net_sources`] of `p`.
     fn allowing_rule(
         &self,
         p: Principal,
-        attrs: Option<&PostureAttrs>,
+        sources: &[bool],
         t: Target,
         protos: &[u8],
         port: Option<u16>,
@@ -508,26 +581,29 @@ impl<'a> Evaluator<'a> {
         if !self.policy().has_rules {
             return Some(DEFAULT_POLICY);
         }
-        self.net_rules.iter().find_map(|rule| {
-            if !self.src_matches(&rule.src, &rule.postures, p, attrs) {
-                return None;
-            }
-            rule.entries
-                .iter()
-                .any(|(d, rule_protos, ports)| {
-                    protos.iter().any(|&proto| {
-                        let proto_ok = if rule_protos.is_empty() {
-                            matches!(proto, 1 | 6 | 17 | 58)
-                        } else {
-                            rule_protos.contains(&proto)
-                        };
-                        proto_ok
-                            && (!has_ports(proto)
-                                || ports.iter().any(|r| port.is_none_or(|p| r.contains(p))))
-                    }) && self.dst_covers(d, t, p)
-                })
-                .then_some(rule.label.as_str())
-        })
+        self.net_rules
+            .iter()
+            .zip(sources)
+            .find_map(|(rule, &source)| {
+                if !source {
+                    return None;
+                }
+                rule.entries
+                    .iter()
+                    .any(|(d, rule_protos, ports)| {
+                        protos.iter().any(|&proto| {
+                            let proto_ok = if rule_protos.is_empty() {
+                                matches!(proto, 1 | 6 | 17 | 58)
+                            } else {
+                                rule_protos.contains(&proto)
+                            };
+                            proto_ok
+                                && (!has_ports(proto)
+                                    || ports.iter().any(|r| port.is_none_or(|p| r.contains(p))))
+                        }) && self.dst_covers(d, t, p)
+                    })
+                    .then_some(rule.label.as_str())
+            })
     }
 
     /// The devices (or addresses) a test source names.
@@ -699,8 +775,9 @@ impl<'a> Evaluator<'a> {
                     ),
                 };
             }
+            let sources = self.net_sources(p, attrs);
             for t in targets {
-                match (self.allowing_rule(p, attrs, t, protos, port), accept) {
+                match (self.allowing_rule(p, &sources, t, protos, port), accept) {
                     (Some(label), true) => {
                         if !rules.iter().any(|r| r == label) {
                             rules.push(label.to_string());
@@ -794,10 +871,20 @@ impl<'a> Evaluator<'a> {
     }
 
     /// The first SSH rule (in client order) letting `p` log in to node `d` as `user`.
+    /// Which SSH rules (in client order) have `p` among their sources.
+    fn ssh_sources(&self, p: Principal, attrs: Option<&PostureAttrs>) -> Vec<bool> {
+        self.ssh_rules
+            .iter()
+            .map(|rule| self.src_matches(&rule.src, &rule.postures, p, attrs))
+            .collect()
+    }
+
+    /// The first SSH rule (in client order) letting `p` log in to node `d` as `user`;
+    /// `sources` is [`Evaluator::ssh_sources`] of `p`.
     fn ssh_verdict(
         &self,
         p: Principal,
-        attrs: Option<&PostureAttrs>,
+        sources: &[bool],
         d: usize,
         user: &str,
     ) -> Option<&SshRuleEval> {
@@ -808,36 +895,38 @@ impl<'a> Evaluator<'a> {
                 .and_then(|e| e.rsplit_once('@')),
             _ => None,
         };
-        self.ssh_rules.iter().find(|rule| {
-            if !self.src_matches(&rule.src, &rule.postures, p, attrs) {
-                return false;
-            }
-            let dn = &self.r.nodes[d];
-            let dst_ok = rule.dst.wildcard
-                || rule.dst.nodes.contains(&d)
-                || (rule.dst.self_devices && self.same_user(p, d))
+        let rules = self.ssh_rules.iter().zip(sources);
+        rules
+            .filter(|(_, &s)| s)
+            .map(|(rule, _)| rule)
+            .find(|rule| {
+                let dn = &self.r.nodes[d];
+                let dst_ok = rule.dst.set.wildcard
+                || rule.dst.has(d)
+                || (rule.dst.set.self_devices && self.same_user(p, d))
                 || rule
                     .dst
+                    .set
                     .nets
                     .iter()
                     .any(|n| dn.addrs.iter().any(|a| n.contains(a)))
                 // With localpart users, a source device may also log in to itself.
                 || (rule.has_localpart && p == Principal::Node(d));
-            if !dst_ok {
-                return false;
-            }
-            if user == "root" {
-                return rule.users.contains(&SshUser::Root);
-            }
-            rule.users.iter().any(|u| match u {
-                SshUser::Root => false,
-                SshUser::NonRoot => true,
-                SshUser::Named(n) => n == user,
-                SshUser::LocalPart(dom) => {
-                    localpart.is_some_and(|(local, ed)| local == user && ed == dom)
+                if !dst_ok {
+                    return false;
                 }
+                if user == "root" {
+                    return rule.users.contains(&SshUser::Root);
+                }
+                rule.users.iter().any(|u| match u {
+                    SshUser::Root => false,
+                    SshUser::NonRoot => true,
+                    SshUser::Named(n) => n == user,
+                    SshUser::LocalPart(dom) => {
+                        localpart.is_some_and(|(local, ed)| local == user && ed == dom)
+                    }
+                })
             })
-        })
     }
 
     fn ssh_test(&self, index: usize, t: &SshTest, out: &mut Vec<TestOutcome>) {
@@ -898,6 +987,7 @@ impl<'a> Evaluator<'a> {
         };
         let mut rules: Vec<String> = Vec::new();
         for &p in principals {
+            let sources = self.ssh_sources(p, attrs);
             let targets: Vec<usize> = match host {
                 DstHost::Fixed(t) => t
                     .iter()
@@ -920,7 +1010,7 @@ impl<'a> Evaluator<'a> {
                     self.principal_name(p),
                     self.node_name(d)
                 );
-                let v = self.ssh_verdict(p, attrs, d, user);
+                let v = self.ssh_verdict(p, &sources, d, user);
                 let (ok, reason) = match (expect, v) {
                     ("deny", None) => (true, String::new()),
                     ("deny", Some(rule)) => (
@@ -1516,7 +1606,12 @@ mod tests {
                         })
                     });
                     let got = ev
-                        .ssh_verdict(Principal::Node(s), None, d, user)
+                        .ssh_verdict(
+                            Principal::Node(s),
+                            &ev.ssh_sources(Principal::Node(s), None),
+                            d,
+                            user,
+                        )
                         .map(|x| x.action);
                     assert_eq!(
                         got, want,

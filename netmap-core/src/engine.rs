@@ -119,7 +119,20 @@ fn no_names(names: &PeerNames) -> bool {
 impl NodeDelta {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        *self == NodeDelta::default()
+        let NodeDelta {
+            added,
+            removed,
+            peers_added,
+            peers_removed,
+            peers_changed,
+            filter_changed,
+            ssh_changed,
+            self_changed,
+        } = self;
+        !(*added || *removed || *filter_changed || *ssh_changed || *self_changed)
+            && peers_added.is_empty()
+            && peers_removed.is_empty()
+            && peers_changed.is_empty()
     }
 }
 

@@ -233,25 +233,29 @@ fn approvers_key(p: &Policy) -> String {
     )
 }
 
+/// The targets of `disable-ipv4` node attributes.
+fn v4_targets(p: &Policy) -> Vec<netmap_policy::Alias> {
+    p.node_attrs
+        .iter()
+        .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
+        .flat_map(|na| na.target.iter().map(|t| t.value.clone()))
+        .collect()
+}
+
+/// Every alias `autoApprovers` names (routes and exit nodes).
+fn approver_aliases(p: &Policy) -> Vec<netmap_policy::Alias> {
+    p.auto_approvers
+        .routes
+        .iter()
+        .flat_map(|(_, who)| who.iter())
+        .chain(p.auto_approvers.exit_node.iter())
+        .map(|a| a.value.clone())
+        .collect()
+}
+
 /// Whether nodes hold different facts under `new` than under `old`: IPv4 use
 /// (`disableIPv4`, `disable-ipv4` targets) or auto-approved routes.
 pub(crate) fn node_facts_differ(old: &Policy, new: &Policy) -> bool {
-    let v4_targets = |p: &Policy| -> Vec<netmap_policy::Alias> {
-        p.node_attrs
-            .iter()
-            .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
-            .flat_map(|na| na.target.iter().map(|t| t.value.clone()))
-            .collect()
-    };
-    let approver_aliases = |p: &Policy| -> Vec<netmap_policy::Alias> {
-        p.auto_approvers
-            .routes
-            .iter()
-            .flat_map(|(_, who)| who.iter())
-            .chain(p.auto_approvers.exit_node.iter())
-            .map(|a| a.value.clone())
-            .collect()
-    };
     v4_key(old) != v4_key(new)
         || approvers_key(old) != approvers_key(new)
         || v4_targets(new)
@@ -298,13 +302,6 @@ impl Plan {
                 }
                 any
             };
-            let v4_targets = |p: &Policy| -> Vec<netmap_policy::Alias> {
-                p.node_attrs
-                    .iter()
-                    .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
-                    .flat_map(|na| na.target.iter().map(|t| t.value.clone()))
-                    .collect()
-            };
             if v4_key(&old) != v4_key(&new) || aliases_redefined(&mut v4_targets(&new).iter()) {
                 self.r.refresh_v4_targets();
                 for s in self.live().collect::<Vec<_>>() {
@@ -313,15 +310,6 @@ impl Plan {
                     }
                 }
             }
-            let approver_aliases = |p: &Policy| -> Vec<netmap_policy::Alias> {
-                p.auto_approvers
-                    .routes
-                    .iter()
-                    .flat_map(|(_, who)| who.iter())
-                    .chain(p.auto_approvers.exit_node.iter())
-                    .map(|a| a.value.clone())
-                    .collect()
-            };
             if approvers_key(&old) != approvers_key(&new)
                 || aliases_redefined(&mut approver_aliases(&new).iter())
             {

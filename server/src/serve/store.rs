@@ -671,28 +671,7 @@ impl Store {
                 params![name, serde_json::to_string(&new.settings)?],
             )?;
         }
-        sync_map(&tx, name, "users", &old.users, &new.users, |u| {
-            serde_json::to_string(u)
-        })?;
-        sync_map(&tx, name, "nodes", &old.nodes, &new.nodes, |n| {
-            serde_json::to_string(n)
-        })?;
-        sync_map(
-            &tx,
-            name,
-            "dns_names",
-            &old.dns_names,
-            &new.dns_names,
-            |s| Ok(s.clone()),
-        )?;
-        sync_map(
-            &tx,
-            name,
-            "primaries",
-            &old.primaries,
-            &new.primaries,
-            |s| Ok(s.clone()),
-        )?;
+        sync_tailnet(&tx, name, old, new)?;
         let c = Self::bump(&tx)?;
         tx.commit()?;
         self.write_marker(c);
@@ -731,29 +710,7 @@ impl Store {
                 params![name],
             )?;
         }
-        let empty = Tailnet::default();
-        sync_map(&tx, name, "users", &empty.users, &new.users, |u| {
-            serde_json::to_string(u)
-        })?;
-        sync_map(&tx, name, "nodes", &empty.nodes, &new.nodes, |n| {
-            serde_json::to_string(n)
-        })?;
-        sync_map(
-            &tx,
-            name,
-            "dns_names",
-            &empty.dns_names,
-            &new.dns_names,
-            |s| Ok(s.clone()),
-        )?;
-        sync_map(
-            &tx,
-            name,
-            "primaries",
-            &empty.primaries,
-            &new.primaries,
-            |s| Ok(s.clone()),
-        )?;
+        sync_tailnet(&tx, name, &Tailnet::default(), new)?;
         let c = Self::bump(&tx)?;
         tx.commit()?;
         self.write_marker(c);
@@ -913,6 +870,28 @@ fn columns(table: &str) -> (&'static str, &'static str) {
         "primaries" => ("prefix", "node"),
         _ => ("name", "data"),
     }
+}
+
+/// Writes the rows of tailnet `name` that differ between `old` (what is stored) and `new`:
+/// users, nodes, MagicDNS names and primaries.
+fn sync_tailnet(
+    tx: &Transaction<'_>,
+    name: &str,
+    old: &Tailnet,
+    new: &Tailnet,
+) -> Result<(), StoreError> {
+    sync_map(tx, name, "users", &old.users, &new.users, |u| {
+        serde_json::to_string(u)
+    })?;
+    sync_map(tx, name, "nodes", &old.nodes, &new.nodes, |n| {
+        serde_json::to_string(n)
+    })?;
+    sync_map(tx, name, "dns_names", &old.dns_names, &new.dns_names, |s| {
+        Ok(s.clone())
+    })?;
+    sync_map(tx, name, "primaries", &old.primaries, &new.primaries, |s| {
+        Ok(s.clone())
+    })
 }
 
 fn sync_map<K, V>(

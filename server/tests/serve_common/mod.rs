@@ -92,24 +92,32 @@ pub fn serve_expecting_exit_env(
     serve_expecting_exit_with(data, &[], env, within)
 }
 
+/// `netmap serve --listen LISTEN --data DATA ARGS...` with ENV, warnings-only logging and
+/// no standard input; the caller sets stdout and stderr.
+fn serve_command(data: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--listen", listen, "--data"])
+        .arg(data)
+        .args(args)
+        .env("NETMAP_LOG_LEVEL", "warn")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 fn serve_expecting_exit_with(
     data: &Path,
     extra: &[&str],
     env: &[(&str, &str)],
     within: Duration,
 ) -> Option<(i32, String)> {
-    let mut cmd = Command::new(bin());
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .args(extra)
-        .env("NETMAP_LOG_LEVEL", "warn")
-        .stdin(Stdio::null())
+    let mut child = serve_command(data, "127.0.0.1:0", extra, env)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if let Ok(Some(st)) = child.try_wait() {
@@ -191,18 +199,11 @@ impl Server {
 
     /// Starts the server on `listen` with extra environment variables and arguments.
     pub fn start_full(data: &Path, listen: &str, env: &[(&str, &str)], args: &[&str]) -> Server {
-        let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", listen, "--data"])
-            .arg(data)
-            .args(args)
-            .env("NETMAP_LOG_LEVEL", "warn")
-            .stdin(Stdio::null())
+        let mut child = serve_command(data, listen, args, env)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -483,4 +484,37 @@ pub fn start_with_admin(name: &str, env: &[(&str, &str)]) -> (Server, TempDir, S
     let admin = create_key(&dir.0, None, None);
     let s = Server::start(&dir.0, env);
     (s, dir, admin)
+}
+
+/// A benchmark knob from the environment, or its default.
+pub fn env_or(k: &str, d: usize) -> usize {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// The `p` quantile (0..=1) of sorted latencies; zero for none.
+pub fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// A duration in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A process's peak RSS (VmHWM) in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

@@ -1,6 +1,7 @@
-//! Applies an arbitrary sequence of changes to a small tailnet and checks, after every step,
-//! that every view equals the from-scratch computation of the same state and that the change
-//! set names exactly the nodes whose view differs.
+//! Applies an arbitrary sequence of changes (every kind: nodes, presence, users, route
+//! approvals and policy edits of the kinds operators commit) to a small tailnet and checks,
+//! after every step, that every view equals the from-scratch computation of the same state and
+//! that the change set names exactly the nodes whose view differs.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -8,19 +9,70 @@ use netmap_core::{compute_all, Change, Engine, Node, Tailnet, User};
 
 const POLICY: &str = r#"{
   "groups": {"group:eng": ["u0@example.com", "u1@example.com"]},
+  "hosts": {"lan": "10.1.0.0/16"},
   "tagOwners": {"tag:web": [], "tag:db": [], "tag:router": []},
   "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}},
   "acls": [
     {"action": "accept", "src": ["group:eng"], "dst": ["tag:web:443", "tag:db:5432"]},
     {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
     {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
-    {"action": "accept", "src": ["*"], "dst": ["10.1.0.0/16:80"]},
+    {"action": "accept", "src": ["*"], "dst": ["lan:80"]},
     {"action": "accept", "src": ["u2@example.com"], "dst": ["*:22"]}
   ],
   "ssh": [
     {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root"]}
   ]
 }"#;
+
+/// Edits of [`POLICY`]: a group member, one rule's ports, a rule dropped or added, a host,
+/// auto-approvers, SSH check, a posture, IPv4 turned off for a tag, a grant.
+const EDITS: &[(&str, &str)] = &[
+    (
+        r#"["u0@example.com", "u1@example.com"]"#,
+        r#"["u0@example.com", "u2@example.com"]"#,
+    ),
+    ("tag:web:443", "tag:web:443,8443"),
+    (
+        r#"{"action": "accept", "src": ["*"], "dst": ["lan:80"]},"#,
+        "",
+    ),
+    (
+        r#""acls": ["#,
+        r#""acls": [{"action": "accept", "src": ["tag:db"], "dst": ["tag:web:80"]},"#,
+    ),
+    (r#""lan": "10.1.0.0/16""#, r#""lan": "10.1.2.0/24""#),
+    (
+        r#""10.0.0.0/8": ["tag:router"]"#,
+        r#""10.0.0.0/8": ["tag:web"]"#,
+    ),
+    (
+        r#""ssh": ["#,
+        r#""ssh": [{"action": "check", "src": ["group:eng"], "dst": ["tag:web"], "users": ["ubuntu"]},"#,
+    ),
+    (
+        r#""acls": ["#,
+        r#""postures": {"posture:mac": ["node:os == 'macos'"]}, "acls": [{"action": "accept", "src": ["*"], "srcPosture": ["posture:mac"], "dst": ["tag:db:22"]},"#,
+    ),
+    (
+        r#""acls": ["#,
+        r#""nodeAttrs": [{"target": ["tag:db"], "attr": ["disable-ipv4"]}], "acls": ["#,
+    ),
+    (
+        r#""acls": ["#,
+        r#""grants": [{"src": ["tag:router"], "dst": ["group:eng"], "ip": ["tcp:8080"]}], "acls": ["#,
+    ),
+];
+
+/// The policy with the edits whose bits are set in `mask`.
+fn edited(mask: u16) -> String {
+    let mut p = POLICY.to_string();
+    for (i, (from, to)) in EDITS.iter().enumerate() {
+        if mask & (1 << i) != 0 {
+            p = p.replacen(from, to, 1);
+        }
+    }
+    p
+}
 
 const NODES: u8 = 6;
 const USERS: u8 = 4;
@@ -43,6 +95,12 @@ fn node(i: u8, variant: u8) -> Node {
         }
     }
     n.online = variant % 2 == 0;
+    if variant % 7 == 6 {
+        n.posture.insert(
+            "node:os".into(),
+            netmap_core::PostureValue::String("macos".into()),
+        );
+    }
     n
 }
 
@@ -63,11 +121,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut engine) = Engine::new(POLICY, tailnet) else {
         return;
     };
-    for op in data.chunks(2) {
+    for op in data.chunks(3) {
         let (a, b) = (op[0], op.get(1).copied().unwrap_or(0));
+        let c = op.get(2).copied().unwrap_or(0);
         let i = a % NODES;
         let name = format!("n{i}");
-        let change = match (a / NODES) % 4 {
+        let change = match (a / NODES) % 7 {
             0 => Change::UpsertNode {
                 node: name,
                 value: node(i, b),
@@ -77,8 +136,22 @@ fuzz_target!(|data: &[u8]| {
                 node: name,
                 online: b % 2 == 0,
             },
-            _ => Change::UpsertUser {
+            3 => Change::UpsertUser {
                 user: user(b % USERS, b & 0x80 != 0),
+            },
+            4 => Change::ApproveRoutes {
+                node: name,
+                routes: if b % 2 == 0 {
+                    vec!["10.1.0.0/16".parse().expect("literal prefix")]
+                } else {
+                    Vec::new()
+                },
+            },
+            5 => Change::RemoveUser {
+                name: format!("u{}", b % USERS),
+            },
+            _ => Change::SetPolicy {
+                policy: edited(u16::from_le_bytes([b, c])),
             },
         };
         let before = engine.snapshot();

@@ -42,7 +42,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // A valid policy is valid HuJSON: the reader and the validator must agree.
-    assert!(syntax.is_ok(), "parse_policy accepted text that hujson::parse rejects");
+    assert!(
+        syntax.is_ok(),
+        "parse_policy accepted text that hujson::parse rejects"
+    );
     // Computing every view and running the tests must not panic on any valid policy.
     let t = tailnet();
     let _ = netmap_core::compute_all(&policy, t);

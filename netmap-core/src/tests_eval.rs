@@ -43,6 +43,17 @@ pub struct TestOutcome {
     pub pos: String,
 }
 
+impl std::fmt::Display for TestOutcome {
+    /// One line: `tests[0] src=alice@example.com accept tag:web:443 tcp/443: reason`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}[{}] src={} {} {} {}: {}",
+            self.kind, self.index, self.src, self.expect, self.dst, self.what, self.reason
+        )
+    }
+}
+
 /// The outcome of every test of a policy.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct TestReport {

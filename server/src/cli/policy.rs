@@ -40,16 +40,7 @@ pub(crate) fn load_checked(
 fn print_report(report: &TestReport) {
     for o in &report.outcomes {
         let status = if o.passed { "PASS" } else { "FAIL" };
-        outln!(
-            "{status} {}[{}] src={} {} {} {}: {}",
-            o.kind,
-            o.index,
-            o.src,
-            o.expect,
-            o.dst,
-            o.what,
-            o.reason
-        );
+        outln!("{status} {o}");
     }
     let failed = report.outcomes.iter().filter(|o| !o.passed).count();
     outln!(

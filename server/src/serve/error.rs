@@ -172,16 +172,9 @@ impl From<CoreError> for ApiError {
                     .unwrap_or((None, None));
                 let message = match first {
                     Some(o) => format!(
-                        "policy tests failed ({} of {}): {}[{}] src={} {} {} {}: {}",
+                        "policy tests failed ({} of {}): {o}",
                         failed.len(),
                         report.outcomes.len(),
-                        o.kind,
-                        o.index,
-                        o.src,
-                        o.expect,
-                        o.dst,
-                        o.what,
-                        o.reason
                     ),
                     None => "policy tests failed".to_string(),
                 };

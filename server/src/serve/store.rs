@@ -649,6 +649,32 @@ impl Store {
         policy: Option<&str>,
         seq: u64,
     ) -> Result<(), StoreError> {
+        self.write(name, Some(old), new, policy, seq)
+    }
+
+    /// Replaces everything stored for tailnet `name` (users, nodes, settings, MagicDNS names,
+    /// primaries, the policy when given, the write counter) in one durable transaction: a bulk
+    /// import, or the repair of a tailnet whose rows could not be read.
+    pub fn replace(
+        &self,
+        name: &str,
+        new: &Tailnet,
+        policy: Option<&str>,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        self.write(name, None, new, policy, seq)
+    }
+
+    /// [`Store::commit`] when `old` (what is stored) is given: only the differences are
+    /// written; [`Store::replace`] when not: the tailnet's rows are deleted and written anew.
+    fn write(
+        &self,
+        name: &str,
+        old: Option<&Tailnet>,
+        new: &Tailnet,
+        policy: Option<&str>,
+        seq: u64,
+    ) -> Result<(), StoreError> {
         let mut conn = self.w()?;
         let tx = conn.transaction()?;
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
@@ -665,52 +691,26 @@ impl Store {
                 params![name, p],
             )?;
         }
-        if old.settings != new.settings {
+        if old.is_none_or(|o| o.settings != new.settings) {
             tx.execute(
                 "UPDATE tailnets SET settings = ?2 WHERE name = ?1",
                 params![name, serde_json::to_string(&new.settings)?],
             )?;
         }
+        let empty = Tailnet::default();
+        let old = match old {
+            Some(o) => o,
+            None => {
+                for table in ["users", "nodes", "dns_names", "primaries"] {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE tailnet = ?1"),
+                        params![name],
+                    )?;
+                }
+                &empty
+            }
+        };
         sync_tailnet(&tx, name, old, new)?;
-        let c = Self::bump(&tx)?;
-        tx.commit()?;
-        self.write_marker(c);
-        Ok(())
-    }
-
-    /// Replaces everything stored for tailnet `name` (users, nodes, settings, MagicDNS names,
-    /// primaries, the policy when given, the write counter) in one durable transaction: a bulk
-    /// import, or the repair of a tailnet whose rows could not be read.
-    pub fn replace(
-        &self,
-        name: &str,
-        new: &Tailnet,
-        policy: Option<&str>,
-        seq: u64,
-    ) -> Result<(), StoreError> {
-        let mut conn = self.w()?;
-        let tx = conn.transaction()?;
-        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-        let n = tx.execute(
-            "UPDATE tailnets SET seq = ?2, settings = ?3 WHERE name = ?1",
-            params![name, seq, serde_json::to_string(&new.settings)?],
-        )?;
-        if n != 1 {
-            return Err(StoreError::Sql(rusqlite::Error::QueryReturnedNoRows));
-        }
-        if let Some(p) = policy {
-            tx.execute(
-                "UPDATE tailnets SET policy = ?2 WHERE name = ?1",
-                params![name, p],
-            )?;
-        }
-        for table in ["users", "nodes", "dns_names", "primaries"] {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE tailnet = ?1"),
-                params![name],
-            )?;
-        }
-        sync_tailnet(&tx, name, &Tailnet::default(), new)?;
         let c = Self::bump(&tx)?;
         tx.commit()?;
         self.write_marker(c);

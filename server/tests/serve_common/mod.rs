@@ -44,17 +44,7 @@ pub fn request_from(
     key: Option<&str>,
     body: Option<&[u8]>,
 ) -> std::io::Result<Resp> {
-    let mut s = connect_from(from, addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write_request(&mut s, method, path, key, body, true)?;
-    let mut r = BufReader::new(s);
-    let (status, headers) = read_head(&mut r)?;
-    let body = read_body(&mut r, &headers)?;
-    Ok(Resp {
-        status,
-        headers,
-        body,
-    })
+    exchange(connect_from(from, addr)?, method, path, key, body)
 }
 
 /// Revokes a key with the CLI (its id is the 12 characters after `nmk_`).
@@ -409,7 +399,18 @@ pub fn try_request(
     key: Option<&str>,
     body: Option<&[u8]>,
 ) -> std::io::Result<Resp> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    exchange(s, method, path, key, body)
+}
+
+/// One request and its whole response on a connected socket (60 s read timeout).
+fn exchange(
+    mut s: TcpStream,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&[u8]>,
+) -> std::io::Result<Resp> {
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     write_request(&mut s, method, path, key, body, true)?;
     let mut r = BufReader::new(s);

@@ -412,9 +412,15 @@ fn exchange(
     body: Option<&[u8]>,
 ) -> std::io::Result<Resp> {
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write_request(&mut s, method, path, key, body, true)?;
+    // A server may answer before it has read the whole body (413 on the declared length) and
+    // close: the write then fails, but the answer is there to read, as for any HTTP client.
+    let sent = write_request(&mut s, method, path, key, body, true);
     let mut r = BufReader::new(s);
-    let (status, headers) = read_head(&mut r)?;
+    let (status, headers) = match (read_head(&mut r), sent) {
+        (Ok(head), _) => head,
+        (Err(_), Err(e)) => return Err(e),
+        (Err(e), Ok(())) => return Err(e),
+    };
     let body = read_body(&mut r, &headers)?;
     Ok(Resp {
         status,

@@ -170,7 +170,7 @@ fuzz_target!(|data: &[u8]| {
             let differs = before.view(name) != now.view(name);
             assert_eq!(
                 differs,
-                cs.nodes.contains_key(name),
+                cs.contains(name),
                 "change set entry of {name}"
             );
         }

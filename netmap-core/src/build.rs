@@ -339,9 +339,7 @@ pub(crate) struct Plan {
     unbound_principals: Arc<Vec<SshPrincipal>>,
     /// The peers a slot's stored view has aside (kept by the engine), with their slots,
     /// for the slots that have some.
-    extra_of: HashMap<usize, ExtraPeers>,
-    /// Per slot, whether `extra_of` has it.
-    has_extra: Vec<bool>,
+    extra_of: Vec<Option<ExtraPeers>>,
     /// Shared empty parts of views.
     no_extra: Arc<Vec<Arc<Peer>>>,
     no_ssh: Arc<Vec<BoundSshRule>>,
@@ -388,8 +386,7 @@ impl Plan {
             addr_count: HashMap::new(),
             unbound_src: Arc::default(),
             unbound_principals: Arc::default(),
-            extra_of: HashMap::new(),
-            has_extra: Vec::new(),
+            extra_of: Vec::new(),
             no_extra: Arc::default(),
             no_ssh: Arc::default(),
             no_caps: Arc::default(),
@@ -465,20 +462,22 @@ impl Plan {
     /// Records the peers slot `s`'s stored view has aside (see [`StoredView::extra`]), which
     /// say what a change to its class's list means for it.
     pub(crate) fn record_extra(&mut self, s: usize, extra: &Arc<Vec<Arc<Peer>>>) {
-        if self.has_extra.len() <= s {
-            self.has_extra.resize(s + 1, false);
+        if self.extra_of.len() <= s {
+            if extra.is_empty() {
+                return;
+            }
+            self.extra_of.resize(s + 1, None);
         }
-        self.has_extra[s] = !extra.is_empty();
-        if extra.is_empty() {
-            self.extra_of.remove(&s);
+        self.extra_of[s] = if extra.is_empty() {
+            None
         } else {
             let mut slots: Vec<usize> = extra
                 .iter()
                 .filter_map(|p| self.r.by_name.get(&p.name).copied())
                 .collect();
             slots.sort_unstable();
-            self.extra_of.insert(s, (extra.clone(), slots));
-        }
+            Some((extra.clone(), slots))
+        };
     }
 
     /// Whether a class list change (`delta`) reaches slot `s`'s view unchanged: it names
@@ -488,17 +487,18 @@ impl Plan {
         if hit(&s) {
             return false;
         }
-        if !self.has_extra.get(s).copied().unwrap_or(false) {
-            return true;
+        match self.extra_of.get(s) {
+            Some(Some((_, slots))) => !slots.iter().any(hit),
+            _ => true,
         }
-        self.extra_of
-            .get(&s)
-            .is_none_or(|(_, slots)| !slots.iter().any(hit))
     }
 
     /// The peers slot `s`'s stored view has aside.
     pub(crate) fn extra_of(&self, s: usize) -> &[Arc<Peer>] {
-        self.extra_of.get(&s).map_or(&[], |(e, _)| e.as_slice())
+        match self.extra_of.get(s) {
+            Some(Some((e, _))) => e.as_slice(),
+            _ => &[],
+        }
     }
 
     /// The shared parts views read (O(1): persistent vectors).

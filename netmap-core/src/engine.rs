@@ -1,7 +1,7 @@
 //! The engine: holds a policy and a tailnet, applies changes, and reports per-node deltas.
 //! Snapshots are persistent (O(1) to take) and answer `view(node)` while the engine goes on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use imbl::ordmap::DiffItem;
@@ -11,6 +11,7 @@ use netmap_policy::Policy;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
+use crate::slot_hash::SlotMap;
 use crate::tailnet::{Node, Tailnet, User};
 use rayon::prelude::*;
 
@@ -136,11 +137,95 @@ impl NodeDelta {
     }
 }
 
-/// The nodes a change affected, with what changed for each.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// The nodes a change affected, with what changed for each, in name order.
+///
+/// Kept as a sorted vector (the engine produces the nodes in name order, so building it
+/// costs one push per node); serialized as a map from node name to delta.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ChangeSet {
-    /// Per affected node.
-    pub nodes: BTreeMap<Arc<str>, NodeDelta>,
+    entries: Vec<(Arc<str>, NodeDelta)>,
+}
+
+impl ChangeSet {
+    /// What changed for `node`, if the change affected it.
+    pub fn get(&self, node: &str) -> Option<&NodeDelta> {
+        self.position(node).ok().map(|i| &self.entries[i].1)
+    }
+
+    /// Whether the change affected `node`.
+    pub fn contains(&self, node: &str) -> bool {
+        self.position(node).is_ok()
+    }
+
+    /// The number of affected nodes.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no node was affected.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The affected nodes with their deltas, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &NodeDelta)> + '_ {
+        self.entries.iter().map(|(n, d)| (n, d))
+    }
+
+    /// Adds or replaces the delta of `node`.
+    pub fn insert(&mut self, node: Arc<str>, delta: NodeDelta) {
+        match self.position(&node) {
+            Ok(i) => self.entries[i].1 = delta,
+            Err(i) => self.entries.insert(i, (node, delta)),
+        }
+    }
+
+    /// Removes `node`'s delta, returning it.
+    pub fn remove(&mut self, node: &str) -> Option<NodeDelta> {
+        let i = self.position(node).ok()?;
+        Some(self.entries.remove(i).1)
+    }
+
+    fn position(&self, node: &str) -> Result<usize, usize> {
+        self.entries.binary_search_by(|(n, _)| (**n).cmp(node))
+    }
+
+    /// From entries already in strictly increasing name order.
+    fn from_sorted(entries: Vec<(Arc<str>, NodeDelta)>) -> ChangeSet {
+        debug_assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
+        ChangeSet { entries }
+    }
+}
+
+impl FromIterator<(Arc<str>, NodeDelta)> for ChangeSet {
+    /// Collects deltas in any order; a node named twice keeps its last delta.
+    fn from_iter<I: IntoIterator<Item = (Arc<str>, NodeDelta)>>(iter: I) -> ChangeSet {
+        let map: BTreeMap<Arc<str>, NodeDelta> = iter.into_iter().collect();
+        ChangeSet {
+            entries: map.into_iter().collect(),
+        }
+    }
+}
+
+impl IntoIterator for ChangeSet {
+    type Item = (Arc<str>, NodeDelta);
+    type IntoIter = std::vec::IntoIter<(Arc<str>, NodeDelta)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.into_iter()
+    }
+}
+
+impl Serialize for ChangeSet {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.entries.iter().map(|(n, d)| (&**n, d)))
+    }
+}
+
+impl<'de> Deserialize<'de> for ChangeSet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ChangeSet, D::Error> {
+        let map = BTreeMap::<Arc<str>, NodeDelta>::deserialize(deserializer)?;
+        Ok(map.into_iter().collect())
+    }
 }
 
 /// Computes the delta between two views of one node.
@@ -321,17 +406,34 @@ fn masked(names: &PeerNames, own: &str, extra: &[Arc<Peer>]) -> PeerNames {
         .collect()
 }
 
+/// Two name-ordered delta lists (naming different nodes) merged into one.
+fn merge_sorted(
+    a: Vec<(Arc<str>, NodeDelta)>,
+    b: impl Iterator<Item = (Arc<str>, NodeDelta)>,
+) -> Vec<(Arc<str>, NodeDelta)> {
+    let mut out = Vec::with_capacity(a.len());
+    let mut b = b.peekable();
+    for x in a {
+        while let Some(y) = b.next_if(|y| y.0 < x.0) {
+            out.push(y);
+        }
+        out.push(x);
+    }
+    out.extend(b);
+    out
+}
+
 /// Diffs views, comparing shared parts (peer lists, source lists) once per pair.
 struct Differ {
-    peers: HashMap<(usize, usize), Arc<PeerDelta>>,
-    lists: HashMap<(usize, usize), bool>,
+    peers: SlotMap<(usize, usize), Arc<PeerDelta>>,
+    lists: SlotMap<(usize, usize), bool>,
 }
 
 impl Differ {
     fn new() -> Differ {
         Differ {
-            peers: HashMap::new(),
-            lists: HashMap::new(),
+            peers: SlotMap::default(),
+            lists: SlotMap::default(),
         }
     }
 
@@ -623,22 +725,16 @@ impl Engine {
         };
         let mut views = old_views.clone();
         let mut extras: Vec<(usize, Arc<Vec<Arc<Peer>>>)> = Vec::new();
-        // Collected in a vector and turned into the map once: cheaper than growing it.
-        let mut deltas: Vec<(Arc<str>, NodeDelta)> = Vec::with_capacity(affected.slots.len() + 1);
-        for name in &affected.removed {
-            views.remove(&**name);
-            deltas.push((
-                name.clone(),
-                NodeDelta {
-                    removed: true,
-                    ..NodeDelta::default()
-                },
-            ));
-        }
-        let recomputed: Vec<(Arc<str>, NodeDelta)> = fresh
-            .into_iter()
-            .filter_map(|(s, sv)| {
-                let n = plan.name(s);
+        // Deltas are produced in name order (the touched slots are), so the change set is
+        // built by pushing; the removed nodes are merged in at the end.
+        let mut deltas: Vec<(Arc<str>, NodeDelta)> = Vec::with_capacity(affected.slots.len());
+        let mut fresh = fresh.into_iter();
+        for &(s, f) in &affected.slots {
+            let n = plan.name(s);
+            if f & touch::RECOMPUTE != 0 {
+                let Some((_, sv)) = fresh.next() else {
+                    continue;
+                };
                 let d = match old_views.get(n) {
                     Some(o) => differ.diff_stored(n, (o, old_tables), (&sv, &new_tables)),
                     None => NodeDelta {
@@ -648,17 +744,14 @@ impl Engine {
                 };
                 extras.push((s, sv.extra.clone()));
                 views.insert(n.to_string(), sv);
-                (!d.is_empty()).then(|| (plan.key(s).clone(), d))
-            })
-            .collect();
-        deltas.extend(recomputed);
-        // The other touched views keep their stored form (with their new class): they read
-        // what changed from the tables, and their delta is known from how they were touched.
-        for &(s, f) in &affected.slots {
-            if f & touch::RECOMPUTE != 0 {
+                if !d.is_empty() {
+                    deltas.push((plan.key(s).clone(), d));
+                }
                 continue;
             }
-            let n = plan.name(s);
+            // The other touched views keep their stored form (with their new class): they
+            // read what changed from the tables, and their delta is known from how they were
+            // touched.
             let mut d = NodeDelta {
                 filter_changed: f & touch::FILTER != 0,
                 ssh_changed: f & touch::SSH != 0,
@@ -711,12 +804,28 @@ impl Engine {
                 deltas.push((plan.key(s).clone(), d));
             }
         }
+        let mut removed = affected.removed;
+        for name in &removed {
+            views.remove(&**name);
+        }
+        let cs = if removed.is_empty() {
+            ChangeSet::from_sorted(deltas)
+        } else {
+            removed.sort_unstable();
+            let gone = removed.into_iter().map(|name| {
+                (
+                    name,
+                    NodeDelta {
+                        removed: true,
+                        ..NodeDelta::default()
+                    },
+                )
+            });
+            ChangeSet::from_sorted(merge_sorted(deltas, gone))
+        };
         for (s, e) in extras {
             self.plan.record_extra(s, &e);
         }
-        let cs = ChangeSet {
-            nodes: deltas.into_iter().collect(),
-        };
         tailnet.primaries = self.plan.primaries.clone();
         self.current = Snapshot {
             policy_text,

@@ -10,6 +10,7 @@ mod error;
 mod resolve;
 mod routes;
 mod rules;
+mod slot_hash;
 mod ssh;
 mod state_file;
 mod tailnet;

@@ -166,7 +166,7 @@ proptest! {
             for n in before.node_names().chain(snap.node_names()) {
                 let (old, new) = (before.view(n), snap.view(n));
                 prop_assert_eq!(
-                    cs.nodes.get(n).cloned().unwrap_or_default(),
+                    cs.get(n).cloned().unwrap_or_default(),
                     diff_views(old.as_ref(), new.as_ref()),
                     "{}: step {}: delta of {}", top.id, step, n
                 );

@@ -490,7 +490,7 @@ fn run_case(policy: &str, nodes: &[NodeSpec], ops: &[Op]) -> Result<(), TestCase
             let (old, new) = (before.view(n), after.view(n));
             prop_assert_eq!(
                 old != new,
-                cs.nodes.contains_key(n),
+                cs.contains(n),
                 "step {}: change set and views disagree for {} after {:?}",
                 step + 1,
                 n,
@@ -498,7 +498,7 @@ fn run_case(policy: &str, nodes: &[NodeSpec], ops: &[Op]) -> Result<(), TestCase
             );
             let want = diff_views(old.as_ref(), new.as_ref());
             prop_assert_eq!(
-                cs.nodes.get(n).cloned().unwrap_or_default(),
+                cs.get(n).cloned().unwrap_or_default(),
                 want,
                 "step {}: delta of {} after {:?}",
                 step + 1,

@@ -302,7 +302,7 @@ impl Mirror {
 }
 
 fn check_line(line: &Value, seq: u64, node: &str, cs: &netmap_core::ChangeSet, m: &Mirror) {
-    let delta = cs.nodes.get(node).unwrap();
+    let delta = cs.get(node).unwrap();
     assert_eq!(line["type"], "delta", "{line}");
     assert_eq!(line["seq"], seq, "{line}");
     assert_eq!(line["delta"], json!(delta), "{node}: {line}");
@@ -499,7 +499,7 @@ fn streams_carry_exactly_the_deltas_of_writes_that_touch_their_node() {
         assert_eq!(r.seq(), seq);
         let cs = m.apply(change);
         for (i, n) in watched.iter().enumerate() {
-            if cs.nodes.contains_key(*n) {
+            if cs.contains(n) {
                 expected[i].push((seq, cs.clone()));
             }
         }
@@ -532,7 +532,7 @@ fn streams_carry_exactly_the_deltas_of_writes_that_touch_their_node() {
         node: "db-1".into(),
     });
     for i in [0, 2] {
-        if cs.nodes.contains_key(watched[i]) {
+        if cs.contains(watched[i]) {
             check_line(
                 &streams[i].next_event().unwrap(),
                 seq + 1,

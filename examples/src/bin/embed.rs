@@ -158,12 +158,12 @@ impl ControlPlane {
     }
 
     fn push(&self, cs: &ChangeSet) {
-        if cs.nodes.is_empty() {
+        if cs.is_empty() {
             println!("  no view changed, nothing pushed");
             return;
         }
         let snap = self.engine.snapshot();
-        for (name, delta) in &cs.nodes {
+        for (name, delta) in cs.iter() {
             println!("  -> {name}: {}", describe(delta, &snap, name));
         }
     }

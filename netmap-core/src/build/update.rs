@@ -20,7 +20,7 @@
 //!    its first member left, edited only for the nodes the differing rules link;
 //! 8. which views read what changed ([`touch`] flags).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -31,6 +31,7 @@ use crate::compute::rule_specs;
 use crate::resolve::{NodeInfo, Resolved};
 use crate::routes::Approvers;
 use crate::rules::redefined;
+use crate::slot_hash::SlotMap;
 use crate::ssh::{SshEdit, SshPlan};
 use crate::tailnet::Tailnet;
 use crate::wire::{Peer, SharedPeers, SrcList};
@@ -78,7 +79,7 @@ pub(crate) struct Affected {
     /// known from the flags.
     pub slots: Vec<(usize, u8)>,
     /// How the peer list of each class that existed before and changed changed.
-    pub class_delta: HashMap<usize, Arc<ListDelta>>,
+    pub class_delta: SlotMap<usize, Arc<ListDelta>>,
     /// Nodes that were live and are gone.
     pub removed: Vec<Arc<str>>,
 }
@@ -103,7 +104,7 @@ struct PolicyParts {
 struct Work {
     flags: Vec<u8>,
     /// Slots whose rows may have changed: rows and liveness before.
-    old_rows: HashMap<usize, (Vec<u64>, Vec<u64>, bool)>,
+    old_rows: SlotMap<usize, (Vec<u64>, Vec<u64>, bool)>,
     old_plain: Vec<u64>,
     changed: Vec<ChangedNode>,
     /// Slots whose peer entries may have changed though their facts did not.
@@ -116,7 +117,7 @@ struct Work {
     src_dirty: BTreeSet<usize>,
     /// Per rule, the changed nodes that were or are named by its source identity set:
     /// (slot, named before, named now).
-    src_moves: HashMap<usize, Vec<(usize, bool, bool)>>,
+    src_moves: SlotMap<usize, Vec<(usize, bool, bool)>>,
     /// Rules whose source list changed, with the list before.
     changed_lists: Vec<(usize, SrcList)>,
     /// Changed rules decide routing: all prefixes (`None`) or these prefixes' routers.
@@ -272,14 +273,14 @@ impl Plan {
         self.r.tailnet = tailnet.clone();
         let mut w = Work {
             flags: vec![0; self.r.nodes.len()],
-            old_rows: HashMap::new(),
+            old_rows: SlotMap::default(),
             old_plain: self.plain_mask.clone(),
             changed: Vec::new(),
             entry_changed: BTreeSet::new(),
             owners: BTreeSet::new(),
             prefixes: BTreeSet::new(),
             src_dirty: BTreeSet::new(),
-            src_moves: HashMap::new(),
+            src_moves: SlotMap::default(),
             changed_lists: Vec::new(),
             route_rules: None,
             exit_rules: false,
@@ -1026,7 +1027,8 @@ impl Plan {
                     continue;
                 }
                 let merged = plain.iter().any(|&rj| bit(dst, rj))
-                    || (self.r.nodes[v].is_member()
+                    || (!emails.is_empty()
+                        && self.r.nodes[v].is_member()
                         && self.r.nodes[v]
                             .email
                             .as_ref()
@@ -1119,7 +1121,7 @@ impl Plan {
     /// Moves the slots whose rows changed between classes and edits every class's peer
     /// list where it may have changed. Returns how the lists of classes that existed before
     /// changed.
-    fn update_classes(&mut self, moved: &[usize], w: &mut Work) -> HashMap<usize, Arc<ListDelta>> {
+    fn update_classes(&mut self, moved: &[usize], w: &mut Work) -> SlotMap<usize, Arc<ListDelta>> {
         use super::touch::CLASS;
         // Nodes whose visibility or entry may have changed, in name order.
         let mut candidates: BTreeSet<usize> = moved.iter().copied().collect();
@@ -1140,7 +1142,7 @@ impl Plan {
                 movers.push(c.slot);
             }
         }
-        let mut left: HashMap<usize, usize> = HashMap::new();
+        let mut left: SlotMap<usize, usize> = SlotMap::default();
         for &s in &movers {
             let c = self.class_of[s];
             if c != usize::MAX {
@@ -1150,7 +1152,7 @@ impl Plan {
             self.class_of[s] = usize::MAX;
         }
         // Edit every class's list for the candidates.
-        let mut deltas: HashMap<usize, Arc<ListDelta>> = HashMap::new();
+        let mut deltas: SlotMap<usize, Arc<ListDelta>> = SlotMap::default();
         let class_ids: Vec<usize> = self.classes.live().collect();
         let old_plain = w.old_plain.clone();
         let edited: Vec<(usize, SharedPeers, ListDelta)> = class_ids

@@ -190,11 +190,11 @@ pub fn run(a: &ReplayArgs) -> ExitCode {
                     .and_then(|p| check_unchanged(p, &engine.snapshot()))
             }
             Ok(cs) => {
-                entry.applied.push((dt, cs.nodes.len()));
+                entry.applied.push((dt, cs.len()));
                 if text {
                     outln!(
                         "#{index} {op} {subject}: {} affected in {}",
-                        cs.nodes.len(),
+                        cs.len(),
                         fmt_dur(dt)
                     );
                 }
@@ -482,7 +482,7 @@ fn check_change_set(prev: &Snapshot, now: &Snapshot, cs: &ChangeSet) -> Option<(
             (Some(a), Some(b)) if same.view(&a, &b) => NodeDelta::default(),
             (a, b) => diff_views(a.as_ref(), b.as_ref()),
         };
-        match cs.nodes.get(name) {
+        match cs.get(name) {
             None if want.is_empty() => {}
             None => {
                 return Some((
@@ -512,10 +512,9 @@ fn check_change_set(prev: &Snapshot, now: &Snapshot, cs: &ChangeSet) -> Option<(
             Some(_) => {}
         }
     }
-    if let Some(name) = cs
-        .nodes
-        .keys()
-        .find(|k| !prev.contains(k) && !now.contains(k))
+    if let Some((name, _)) = cs
+        .iter()
+        .find(|(k, _)| !prev.contains(k) && !now.contains(k))
     {
         return Some((
             name.to_string(),
@@ -725,19 +724,20 @@ mod tests {
         assert!(check_reference(&now).is_none());
 
         let mut missing = cs.clone();
-        missing.nodes.remove("b");
+        missing.remove("b");
         let d = check_change_set(&prev, &now, &missing).unwrap();
         assert_eq!(d.0, "b");
         assert!(d.1.contains("does not name it"), "{}", d.1);
 
         let mut extra = ChangeSet::default();
-        extra.nodes.insert("b".into(), NodeDelta::default());
+        extra.insert("b".into(), NodeDelta::default());
         let d = check_change_set(&now, &now, &extra).unwrap();
         assert!(d.1.contains("did not change"), "{}", d.1);
 
         let mut wrong = cs;
-        if let Some(delta) = wrong.nodes.get_mut("b") {
+        if let Some(mut delta) = wrong.remove("b") {
             delta.ssh_changed = !delta.ssh_changed;
+            wrong.insert("b".into(), delta);
         }
         let d = check_change_set(&prev, &now, &wrong).unwrap();
         assert!(d.1.contains("differs from the views' delta"), "{}", d.1);

@@ -239,7 +239,7 @@ impl Session {
                 sent.seq = ev.seq;
                 sent.snapshot = ev.snapshot.clone();
                 let new_self = ev.snapshot.tailnet().nodes.get(node).cloned();
-                let Some(delta) = cs.nodes.get(node.as_str()) else {
+                let Some(delta) = cs.get(node.as_str()) else {
                     if !same_node(&sent.self_node, &new_self) {
                         sent.self_node = new_self;
                         return self.self_update(sent).await;

@@ -141,7 +141,7 @@ impl State {
         self.seq = ev.seq;
         match &ev.kind {
             EventKind::Changes(cs) => {
-                let Some(d) = cs.nodes.get(self.node.as_str()) else {
+                let Some(d) = cs.get(self.node.as_str()) else {
                     return Step::Skip;
                 };
                 match ev.snapshot.view(&self.node) {

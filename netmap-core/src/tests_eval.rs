@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::addr;
 use crate::error::CoreError;
 use crate::resolve::{Resolved, Resolver};
+use crate::slot_hash::SlotMap;
 use crate::tailnet::Tailnet;
 
 /// The outcome of one test entry.
@@ -322,6 +323,27 @@ impl<'a> SelCache<'a> {
     }
 }
 
+/// `acc |= bits`, word by word.
+fn or_into(acc: &mut [u64], bits: &[u64]) {
+    for (a, b) in acc.iter_mut().zip(bits) {
+        *a |= b;
+    }
+}
+
+/// The positions of the set bits, in order.
+fn ones(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    bits.iter().enumerate().flat_map(|(i, &w)| {
+        let mut w = w;
+        std::iter::from_fn(move || {
+            (w != 0).then(|| {
+                let b = w.trailing_zeros() as usize;
+                w &= w - 1;
+                i * 64 + b
+            })
+        })
+    })
+}
+
 fn proto_name(p: u8) -> String {
     match p {
         1 => "icmp".into(),
@@ -579,42 +601,163 @@ impl<'a> Evaluator<'a> {
             .collect()
     }
 
-    /// The first rule letting `p` reach `t` on `port` with one of `protos`; `sources` is
-    /// [`Evaluator::net_sources`] of `p`.
-    fn allowing_rule(
+    /// Whether a rule's destination entry with protocols `rule_protos` (empty: the default
+    /// set) and `ports` admits one of `protos` on `port`.
+    fn entry_admits(
+        rule_protos: &[u8],
+        ports: &[PortRange],
+        protos: &[u8],
+        port: Option<u16>,
+    ) -> bool {
+        protos.iter().any(|&proto| {
+            let proto_ok = if rule_protos.is_empty() {
+                matches!(proto, 1 | 6 | 17 | 58)
+            } else {
+                rule_protos.contains(&proto)
+            };
+            proto_ok
+                && (!has_ports(proto) || ports.iter().any(|r| port.is_none_or(|p| r.contains(p))))
+        })
+    }
+
+    /// Whether network rule `rule` lets `p` (one of its sources) reach `t`.
+    fn rule_allows(
         &self,
+        rule: &NetRuleEval,
         p: Principal,
-        sources: &[bool],
         t: Target,
         protos: &[u8],
         port: Option<u16>,
-    ) -> Option<&str> {
-        if !self.policy().has_rules {
-            return Some(DEFAULT_POLICY);
+    ) -> bool {
+        rule.entries.iter().any(|(d, rule_protos, ports)| {
+            Self::entry_admits(rule_protos, ports, protos, port) && self.dst_covers(d, t, p)
+        })
+    }
+
+    /// For each of `targets`, the first network rule (index into `net_rules`) letting `p`
+    /// reach it on `port` with one of `protos`; `sources` is [`Evaluator::net_sources`] of
+    /// `p`. Device targets are settled a rule at a time on bitmaps (a test names hundreds of
+    /// devices, and a rule covers or misses most of them alike); address targets one by one.
+    fn first_rules(
+        &self,
+        p: Principal,
+        sources: &[bool],
+        targets: &[Target],
+        protos: &[u8],
+        port: Option<u16>,
+    ) -> Vec<Option<usize>> {
+        let words = self.r.nodes.len().div_ceil(64);
+        let mut open = vec![0u64; words];
+        let mut open_nodes = 0usize;
+        for t in targets {
+            if let Target::Node(j) = *t {
+                if let Some(w) = open.get_mut(j / 64) {
+                    if *w & (1 << (j % 64)) == 0 {
+                        *w |= 1 << (j % 64);
+                        open_nodes += 1;
+                    }
+                }
+            }
         }
-        self.net_rules
+        let mut out: Vec<Option<usize>> = vec![None; targets.len()];
+        let mut open_addrs = targets.len()
+            - targets
+                .iter()
+                .filter(|t| matches!(t, Target::Node(_)))
+                .count();
+        let mut first: SlotMap<usize, usize> = SlotMap::default();
+        let mut own: Option<Vec<u64>> = None;
+        let mut cover = vec![0u64; words];
+        for (ri, (rule, _)) in self
+            .net_rules
             .iter()
             .zip(sources)
-            .find_map(|(rule, &source)| {
-                if !source {
-                    return None;
+            .enumerate()
+            .filter(|(_, (_, &source))| source)
+        {
+            if open_nodes == 0 && open_addrs == 0 {
+                break;
+            }
+            if open_nodes > 0 {
+                cover.iter_mut().for_each(|w| *w = 0);
+                let mut all = false;
+                for (d, rule_protos, ports) in &rule.entries {
+                    if !Self::entry_admits(rule_protos, ports, protos, port) {
+                        continue;
+                    }
+                    if d.set.wildcard {
+                        all = true;
+                        break;
+                    }
+                    or_into(&mut cover, &d.bits);
+                    if d.set.self_devices {
+                        let own = own.get_or_insert_with(|| self.own_bits(p, words));
+                        or_into(&mut cover, own);
+                    }
+                    if !d.set.nets.is_empty() {
+                        for j in ones(&open) {
+                            if self.r.nodes[j]
+                                .addrs
+                                .iter()
+                                .any(|a| d.set.nets.iter().any(|n| n.contains(a)))
+                            {
+                                cover[j / 64] |= 1 << (j % 64);
+                            }
+                        }
+                    }
                 }
-                rule.entries
-                    .iter()
-                    .any(|(d, rule_protos, ports)| {
-                        protos.iter().any(|&proto| {
-                            let proto_ok = if rule_protos.is_empty() {
-                                matches!(proto, 1 | 6 | 17 | 58)
-                            } else {
-                                rule_protos.contains(&proto)
-                            };
-                            proto_ok
-                                && (!has_ports(proto)
-                                    || ports.iter().any(|r| port.is_none_or(|p| r.contains(p))))
-                        }) && self.dst_covers(d, t, p)
-                    })
-                    .then_some(rule.label.as_str())
-            })
+                if all {
+                    cover.copy_from_slice(&open);
+                }
+                for (w, c) in open.iter_mut().zip(cover.iter_mut()) {
+                    *c &= *w;
+                    *w &= !*c;
+                }
+                for j in ones(&cover) {
+                    first.insert(j, ri);
+                    open_nodes -= 1;
+                }
+            }
+            if open_addrs > 0 {
+                for (k, t) in targets.iter().enumerate() {
+                    if matches!(t, Target::Addr { .. })
+                        && out[k].is_none()
+                        && self.rule_allows(rule, p, *t, protos, port)
+                    {
+                        out[k] = Some(ri);
+                        open_addrs -= 1;
+                    }
+                }
+            }
+        }
+        for (k, t) in targets.iter().enumerate() {
+            if let Target::Node(j) = *t {
+                out[k] = first.get(&j).copied();
+            }
+        }
+        out
+    }
+
+    /// The devices of `p`'s user as a bitmap over slots (empty unless `p` is a user's
+    /// device): the nodes [`Evaluator::same_user`] holds for.
+    fn own_bits(&self, p: Principal, words: usize) -> Vec<u64> {
+        let mut bits = vec![0u64; words];
+        if let Principal::Node(i) = p {
+            if let Some(email) = self.r.nodes[i]
+                .email
+                .as_ref()
+                .filter(|_| self.r.nodes[i].is_member())
+            {
+                for &j in self.r.by_email.get(email).into_iter().flatten() {
+                    if self.same_user(p, j) {
+                        if let Some(w) = bits.get_mut(j / 64) {
+                            *w |= 1 << (j % 64);
+                        }
+                    }
+                }
+            }
+        }
+        bits
     }
 
     /// The devices (or addresses) a test source names.
@@ -787,8 +930,19 @@ impl<'a> Evaluator<'a> {
                 };
             }
             let sources = self.net_sources(p, attrs);
-            for t in targets {
-                match (self.allowing_rule(p, &sources, t, protos, port), accept) {
+            let firsts: Vec<Option<&str>> = if self.policy().has_rules {
+                self.first_rules(p, &sources, &targets, protos, port)
+                    .into_iter()
+                    .map(|ri| {
+                        ri.and_then(|ri| self.net_rules.get(ri))
+                            .map(|r| r.label.as_str())
+                    })
+                    .collect()
+            } else {
+                vec![Some(DEFAULT_POLICY); targets.len()]
+            };
+            for (t, first) in targets.into_iter().zip(firsts) {
+                match (first, accept) {
                     (Some(label), true) => {
                         if !rules.iter().any(|r| r == label) {
                             rules.push(label.to_string());
@@ -1450,6 +1604,59 @@ mod tests {
             r#"{star} "tests": [{{"src": "10.33.1.1", "accept": ["web:22"]}},
                                {{"src": "8.8.8.8", "deny": ["web:22"]}}]"#
         )));
+    }
+
+    /// The bitmap evaluation picks, for every principal and target, the rule a scan of the
+    /// rules one target at a time picks: rules with `*`, `autogroup:self`, addresses and
+    /// prefixes as destinations, protocols and ports, wildcard and address sources.
+    #[test]
+    fn first_rules_agree_with_a_rule_by_rule_scan() {
+        let acls = r#""acls": [
+            {"action": "accept", "src": ["group:dev"], "dst": ["tag:server:443", "printer:*"]},
+            {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:22"]},
+            {"action": "accept", "src": ["*"], "dst": ["100.64.0.0/30:80", "lan:53"], "proto": "udp"},
+            {"action": "accept", "src": ["odin@example.com"], "dst": ["*:8080"]},
+            {"action": "accept", "src": ["10.33.0.0/16"], "dst": ["web:22", "tag:client:*"]},
+            {"action": "accept", "src": ["tag:client"], "dst": ["100.64.0.3:22", "tag:router:*"]}
+        ]"#;
+        let policy = netmap_policy::parse_policy(&format!("{{{HEAD}{acls}}}")).unwrap();
+        let tailnet = Tailnet::from_state_json(STATE).unwrap();
+        let r = Resolver::new(Arc::new(policy), &tailnet);
+        let ev = Evaluator::new(&r);
+        let mut principals: Vec<Principal> = ev.alive_nodes().map(Principal::Node).collect();
+        principals.push(Principal::Addr("10.33.1.7".parse().unwrap()));
+        principals.push(Principal::Net("10.33.0.0/24".parse().unwrap()));
+        let mut targets: Vec<Target> = ev.alive_nodes().map(Target::Node).collect();
+        targets.push(Target::Node(0));
+        for ip in ["100.64.0.10", "10.33.1.5", "10.33.9.9", "8.8.8.8"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            targets.push(Target::Addr {
+                ip,
+                node: ev.node_by_addr(&ip),
+            });
+        }
+        let mut checked = 0;
+        for &p in &principals {
+            let sources = ev.net_sources(p, None);
+            for protos in [vec![6], vec![17], vec![6, 17], vec![1]] {
+                for port in [None, Some(22), Some(53), Some(80), Some(443), Some(8080)] {
+                    let got = ev.first_rules(p, &sources, &targets, &protos, port);
+                    let want: Vec<Option<usize>> = targets
+                        .iter()
+                        .map(|&t| {
+                            (0..ev.net_rules.len()).find(|&ri| {
+                                sources[ri]
+                                    && ev.rule_allows(&ev.net_rules[ri], p, t, &protos, port)
+                            })
+                        })
+                        .collect();
+                    assert_eq!(got, want, "{p:?} {protos:?} {port:?}");
+                    checked += want.iter().filter(|x| x.is_some()).count();
+                }
+            }
+        }
+        // Not vacuous: many pairs are allowed, by several different rules.
+        assert!(checked > 100, "{checked}");
     }
 
     #[test]

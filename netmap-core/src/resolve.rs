@@ -38,7 +38,8 @@ pub(crate) struct NodeInfo {
 impl NodeInfo {
     /// Whether the node is untagged and owned by a user.
     pub fn is_member(&self) -> bool {
-        self.alive && !self.node.is_tagged() && self.email.is_some()
+        // `email` is set for untagged nodes only ([`node_info`]): no need to read the record.
+        self.alive && self.email.is_some()
     }
 
     /// The node's addresses as bare strings (filter form).

@@ -827,13 +827,21 @@ impl Engine {
             self.plan.record_extra(s, &e);
         }
         tailnet.primaries = self.plan.primaries.clone();
-        self.current = Snapshot {
-            policy_text,
-            policy,
-            tailnet,
-            views,
-            tables: new_tables,
-        };
+        let before = std::mem::replace(
+            &mut self.current,
+            Snapshot {
+                policy_text,
+                policy,
+                tailnet,
+                views,
+                tables: new_tables,
+            },
+        );
+        // Freeing what only the snapshot before held (the views and list nodes this change
+        // replaced) is no part of the answer: it is left to the thread pool, off the path
+        // of the change. (Often a reader still holds that snapshot, and then this frees
+        // nothing.)
+        rayon::spawn(move || drop(before));
         Ok(cs)
     }
 

@@ -20,7 +20,7 @@
 //!    its first member left, edited only for the nodes the differing rules link;
 //! 8. which views read what changed ([`touch`] flags).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -91,6 +91,26 @@ struct ChangedNode {
     /// Its addresses, tags, owner or IPv4 use changed (or it appeared or went).
     ident_changed: bool,
     addrs_changed: bool,
+}
+
+/// A candidate's rows and liveness before and after an update.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CandRows {
+    old_src: Vec<u64>,
+    old_dst: Vec<u64>,
+    was_alive: bool,
+    new_src: Vec<u64>,
+    new_dst: Vec<u64>,
+    alive: bool,
+    /// Its peer entry may have changed.
+    entry_may_change: bool,
+}
+
+/// Candidates (positions in the name-ordered candidate list) with the same [`CandRows`].
+#[derive(Debug)]
+struct CandGroup {
+    rows: CandRows,
+    members: Vec<usize>,
 }
 
 /// What the new policy changes besides the rules.
@@ -1135,6 +1155,7 @@ impl Plan {
             .map(|c| c.slot)
             .chain(w.entry_changed.iter().copied())
             .collect();
+        let groups = self.candidate_groups(&cands, &entry_may_change, w);
         // Leave the old classes.
         let mut movers: Vec<usize> = moved.to_vec();
         for c in &w.changed {
@@ -1160,7 +1181,7 @@ impl Plan {
             .filter_map(|&c| {
                 let key = self.classes.key(c)?;
                 let list = self.classes.lists.get(c)?;
-                self.edit_list(key, list, &cands, &entry_may_change, w, &old_plain)
+                self.edit_list(key, list, &cands, &groups, &old_plain)
                     .map(|(l, d)| (c, l, d))
             })
             .collect();
@@ -1200,26 +1221,19 @@ impl Plan {
         deltas
     }
 
-    /// Edits the list of the class with `key` for `cands`; `None` when nothing changed.
-    fn edit_list(
+    /// Groups the candidates (`cands`, in name order) by their rows and liveness before
+    /// and after: a class sees every member of a group alike, so it decides once per group.
+    fn candidate_groups(
         &self,
-        key: &ClassKey,
-        list: &SharedPeers,
         cands: &[usize],
         entry_may_change: &HashSet<usize>,
         w: &Work,
-        old_plain: &[u64],
-    ) -> Option<(SharedPeers, ListDelta)> {
-        let viewer = Plan::key_viewer(key);
-        let mut out: Option<imbl::OrdMap<Arc<str>, Arc<Peer>>> = None;
-        let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
-        let mut slots = Vec::new();
-        for &x in cands {
-            let was = match w.old_rows.get(&x) {
-                Some((os, od, alive)) => {
-                    *alive
-                        && (intersects(&key.0, od, old_plain) || intersects(&key.1, os, old_plain))
-                }
+    ) -> Vec<CandGroup> {
+        let mut index: HashMap<CandRows, usize> = HashMap::new();
+        let mut groups: Vec<CandGroup> = Vec::new();
+        for (i, &x) in cands.iter().enumerate() {
+            let (old_src, old_dst, was_alive) = match w.old_rows.get(&x) {
+                Some((os, od, alive)) => (os.clone(), od.clone(), *alive),
                 None => {
                     let alive_before = w
                         .changed
@@ -1228,12 +1242,68 @@ impl Plan {
                         .map_or(self.r.nodes[x].alive, |c| {
                             c.before.as_ref().is_some_and(|b| b.alive)
                         });
-                    alive_before
-                        && (intersects(&key.0, self.dst_bits.row(x), old_plain)
-                            || intersects(&key.1, self.src_bits.row(x), old_plain))
+                    (
+                        self.src_bits.row(x).to_vec(),
+                        self.dst_bits.row(x).to_vec(),
+                        alive_before,
+                    )
                 }
             };
-            let now = self.sees(viewer, x);
+            let rows = CandRows {
+                old_src,
+                old_dst,
+                was_alive,
+                new_src: self.src_bits.row(x).to_vec(),
+                new_dst: self.dst_bits.row(x).to_vec(),
+                alive: self.r.nodes[x].alive,
+                entry_may_change: entry_may_change.contains(&x),
+            };
+            let g = *index.entry(rows).or_insert_with_key(|rows| {
+                groups.push(CandGroup {
+                    rows: rows.clone(),
+                    members: Vec::new(),
+                });
+                groups.len() - 1
+            });
+            groups[g].members.push(i);
+        }
+        groups
+    }
+
+    /// Edits the list of the class with `key` for `cands` (grouped in `groups`); `None`
+    /// when nothing changed.
+    fn edit_list(
+        &self,
+        key: &ClassKey,
+        list: &SharedPeers,
+        cands: &[usize],
+        groups: &[CandGroup],
+        old_plain: &[u64],
+    ) -> Option<(SharedPeers, ListDelta)> {
+        let viewer = Plan::key_viewer(key);
+        // (position in `cands`, seen before, seen now, its entry may have changed)
+        let mut hits: Vec<(usize, bool, bool, bool)> = Vec::new();
+        for g in groups {
+            let r = &g.rows;
+            let was = r.was_alive
+                && (intersects(&key.0, &r.old_dst, old_plain)
+                    || intersects(&key.1, &r.old_src, old_plain));
+            let now = r.alive
+                && (intersects(viewer.src, &r.new_dst, &self.plain_mask)
+                    || intersects(viewer.dst, &r.new_src, &self.plain_mask));
+            if was != now || (was && r.entry_may_change) {
+                hits.extend(g.members.iter().map(|&i| (i, was, now, r.entry_may_change)));
+            }
+        }
+        if hits.is_empty() {
+            return None;
+        }
+        hits.sort_unstable_by_key(|h| h.0);
+        let mut out: Option<imbl::OrdMap<Arc<str>, Arc<Peer>>> = None;
+        let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+        let mut slots = Vec::new();
+        for (i, was, now, entry_may_change) in hits {
+            let x = cands[i];
             let name = &self.r.nodes[x].key;
             match (was, now) {
                 (false, false) => {}
@@ -1250,7 +1320,7 @@ impl Plan {
                     slots.push(x);
                 }
                 (true, true) => {
-                    if !entry_may_change.contains(&x) {
+                    if !entry_may_change {
                         continue;
                     }
                     let e = self.peer_entry(viewer, x);

@@ -15,7 +15,7 @@ use crate::slot_hash::SlotMap;
 use crate::tailnet::{Node, Tailnet, User};
 use rayon::prelude::*;
 
-use crate::build::{touch, Batch, Plan, StoredView, Tables};
+use crate::build::{touch, Batch, ListDelta, Plan, StoredView, Tables};
 use crate::wire::{NodeView, Peer, SharedPeers};
 
 /// A change to the tailnet or its policy.
@@ -547,6 +547,29 @@ pub struct Engine {
     plan: Plan,
 }
 
+/// Frees a replaced snapshot off the path of a change: what only the snapshot before a
+/// change held (the views and list nodes the change replaced) is no part of the answer, and
+/// freeing it was about a tenth of a change. One thread for the process (a server holds an
+/// engine per tailnet), not the rayon pool: a thread waiting in a parallel loop runs pool
+/// jobs, so the next change would do the freeing after all. If that thread cannot be
+/// started, snapshots are freed in place.
+fn reclaim(snapshot: Snapshot) {
+    static QUEUE: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Snapshot>>> =
+        std::sync::OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Snapshot>();
+        std::thread::Builder::new()
+            .name("netmap-reclaim".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(q) = queue {
+        // Fails only if the thread is gone; the snapshot is then freed here.
+        let _ = q.send(snapshot);
+    }
+}
+
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
@@ -752,12 +775,17 @@ impl Engine {
             // The other touched views keep their stored form (with their new class): they
             // read what changed from the tables, and their delta is known from how they were
             // touched.
-            let mut d = NodeDelta {
-                filter_changed: f & touch::FILTER != 0,
-                ssh_changed: f & touch::SSH != 0,
-                ..NodeDelta::default()
+            let filter_changed = f & touch::FILTER != 0;
+            let ssh_changed = f & touch::SSH != 0;
+            let whole = |cd: &ListDelta| (cd.added.clone(), cd.removed.clone(), cd.changed.clone());
+            let own = |pd: &PeerDelta| {
+                let extra = plan.extra_of(s);
+                let own = |v: &PeerNames| masked(v, n, extra);
+                (own(&pd.0), own(&pd.1), own(&pd.2))
             };
-            let peers = if f & touch::CLASS != 0 {
+            // The names the view's delta shows: its class's delta itself (shared) when that
+            // names neither the node nor a peer it has aside.
+            let names: Option<PeerDelta> = if f & touch::CLASS != 0 {
                 let Some(old) = old_views.get(n) else {
                     continue;
                 };
@@ -766,7 +794,7 @@ impl Engine {
                     old_tables.class_list(old.class),
                     new_tables.class_list(class),
                 ) {
-                    (Some(a), Some(b)) => Some(differ.list_delta(a, b)),
+                    (Some(a), Some(b)) => Some(own(&differ.list_delta(a, b))),
                     _ => None,
                 };
                 views.insert(
@@ -779,27 +807,28 @@ impl Engine {
                 delta
             } else if f & touch::PEERS != 0 {
                 match affected.class_delta.get(&plan.class_id(s)) {
-                    Some(cd) if plan.delta_applies_whole(s, cd) => {
-                        (d.peers_added, d.peers_removed, d.peers_changed) =
-                            (cd.added.clone(), cd.removed.clone(), cd.changed.clone());
-                        None
-                    }
-                    Some(cd) => Some(Arc::new((
-                        cd.added.clone(),
-                        cd.removed.clone(),
-                        cd.changed.clone(),
-                    ))),
+                    Some(cd) if plan.delta_applies_whole(s, cd) => Some(whole(cd)),
+                    Some(cd) => Some(own(&whole(cd))),
                     None => None,
                 }
             } else {
                 None
             };
-            if let Some(pd) = peers {
-                let extra = plan.extra_of(s);
-                let own = |v: &PeerNames| masked(v, n, extra);
-                (d.peers_added, d.peers_removed, d.peers_changed) =
-                    (own(&pd.0), own(&pd.1), own(&pd.2));
-            }
+            let (peers_added, peers_removed, peers_changed) = match names {
+                Some(names) => names,
+                None if filter_changed || ssh_changed => Default::default(),
+                None => continue,
+            };
+            let d = NodeDelta {
+                added: false,
+                removed: false,
+                peers_added,
+                peers_removed,
+                peers_changed,
+                filter_changed,
+                ssh_changed,
+                self_changed: false,
+            };
             if !d.is_empty() {
                 deltas.push((plan.key(s).clone(), d));
             }
@@ -837,11 +866,7 @@ impl Engine {
                 tables: new_tables,
             },
         );
-        // Freeing what only the snapshot before held (the views and list nodes this change
-        // replaced) is no part of the answer: it is left to the thread pool, off the path
-        // of the change. (Often a reader still holds that snapshot, and then this frees
-        // nothing.)
-        rayon::spawn(move || drop(before));
+        reclaim(before);
         Ok(cs)
     }
 

@@ -733,17 +733,30 @@ impl Engine {
             .filter(|(_, f)| f & touch::RECOMPUTE != 0)
             .map(|&(s, _)| s)
             .collect();
-        // A handful of views is not worth handing to the thread pool.
         let plan = &self.plan;
-        let fresh: Vec<(usize, StoredView)> = if recompute.len() < 64 {
+        // Each recomputed view with its delta (diffed where it is computed).
+        let fresh_view = |differ: &mut Differ, s: usize| {
+            let sv = plan.stored_view(s);
+            let n = plan.name(s);
+            let d = match old_views.get(n) {
+                Some(o) => differ.diff_stored(n, (o, old_tables), (&sv, &new_tables)),
+                None => NodeDelta {
+                    added: true,
+                    ..NodeDelta::default()
+                },
+            };
+            (sv, d)
+        };
+        // A handful of views is not worth handing to the thread pool.
+        let fresh: Vec<(StoredView, NodeDelta)> = if recompute.len() < 64 {
             recompute
                 .into_iter()
-                .map(|s| (s, plan.stored_view(s)))
+                .map(|s| fresh_view(&mut differ, s))
                 .collect()
         } else {
             recompute
                 .into_par_iter()
-                .map(|s| (s, plan.stored_view(s)))
+                .map_init(Differ::new, |differ, s| fresh_view(differ, s))
                 .collect()
         };
         let mut views = old_views.clone();
@@ -755,15 +768,8 @@ impl Engine {
         for &(s, f) in &affected.slots {
             let n = plan.name(s);
             if f & touch::RECOMPUTE != 0 {
-                let Some((_, sv)) = fresh.next() else {
+                let Some((sv, d)) = fresh.next() else {
                     continue;
-                };
-                let d = match old_views.get(n) {
-                    Some(o) => differ.diff_stored(n, (o, old_tables), (&sv, &new_tables)),
-                    None => NodeDelta {
-                        added: true,
-                        ..NodeDelta::default()
-                    },
                 };
                 extras.push((s, sv.extra.clone()));
                 views.insert(n.to_string(), sv);

@@ -37,7 +37,7 @@ use crate::wire::{
     CapMap, FilterRule, NodeView, Peer, PeerList, SharedPeers, SrcList, SshPrincipal,
 };
 
-pub(crate) use update::{touch, Batch, ListDelta};
+pub(crate) use update::{touch, Batch, Keeps, ListDelta};
 
 /// All views of a tailnet under a policy, computed from scratch.
 pub struct Computed {
@@ -340,6 +340,8 @@ pub(crate) struct Plan {
     /// The peers a slot's stored view has aside (kept by the engine), with their slots,
     /// for the slots that have some.
     extra_of: Vec<Option<ExtraPeers>>,
+    /// Per slot, the rules its stored view's filter has entries bound to (sorted).
+    bound_of: Vec<Vec<u32>>,
     /// Shared empty parts of views.
     no_extra: Arc<Vec<Arc<Peer>>>,
     no_ssh: Arc<Vec<BoundSshRule>>,
@@ -387,6 +389,7 @@ impl Plan {
             unbound_src: Arc::default(),
             unbound_principals: Arc::default(),
             extra_of: Vec::new(),
+            bound_of: Vec::new(),
             no_extra: Arc::default(),
             no_ssh: Arc::default(),
             no_caps: Arc::default(),
@@ -461,7 +464,33 @@ impl Plan {
 
     /// Records the peers slot `s`'s stored view has aside (see [`StoredView::extra`]), which
     /// say what a change to its class's list means for it.
-    pub(crate) fn record_extra(&mut self, s: usize, extra: &Arc<Vec<Arc<Peer>>>) {
+    /// Records what the engine's stored view of slot `s` holds that updates read: the peers
+    /// it has aside and the rules its filter entries are bound to.
+    pub(crate) fn record_view(&mut self, s: usize, view: &StoredView) {
+        let mut bound: Vec<u32> = view
+            .filter
+            .iter()
+            .filter_map(|(_, b)| b.and_then(|ri| u32::try_from(ri).ok()))
+            .collect();
+        bound.sort_unstable();
+        bound.dedup();
+        if self.bound_of.len() <= s {
+            self.bound_of.resize(s + 1, Vec::new());
+        }
+        self.bound_of[s] = bound;
+        self.record_extra(s, &view.extra);
+    }
+
+    /// Whether slot `s`'s stored filter has an entry bound to rule `ri`'s source list.
+    pub(crate) fn binds_rule(&self, s: usize, ri: usize) -> bool {
+        u32::try_from(ri).is_ok_and(|ri| {
+            self.bound_of
+                .get(s)
+                .is_some_and(|b| b.binary_search(&ri).is_ok())
+        })
+    }
+
+    fn record_extra(&mut self, s: usize, extra: &Arc<Vec<Arc<Peer>>>) {
         if self.extra_of.len() <= s {
             if extra.is_empty() {
                 return;
@@ -1161,6 +1190,17 @@ impl Plan {
 
     /// Node `v`'s view as the engine stores it.
     pub(crate) fn stored_view(&self, v: usize) -> StoredView {
+        self.stored_view_keeping(v, None)
+    }
+
+    /// Node `v`'s stored view, taking its SSH rules and capabilities from `kept` (its
+    /// stored view before an update that, by its `keeps`, left them as they were)
+    /// instead of computing them again.
+    pub(crate) fn stored_view_keeping(
+        &self,
+        v: usize,
+        kept: Option<(&StoredView, Keeps)>,
+    ) -> StoredView {
         let filter = filter_for(self, v)
             .into_iter()
             .map(|(f, bound)| match bound {
@@ -1175,8 +1215,28 @@ impl Plan {
             })
             .collect();
         let extra = self.extra_peers(v);
-        let ssh = self.ssh.rules_for(&self.r, v, &self.unbound_principals);
-        let caps = self.caps_for(v);
+        let ssh = match kept {
+            Some((old, k)) if k.ssh => old.ssh.clone(),
+            _ => {
+                let ssh = self.ssh.rules_for(&self.r, v, &self.unbound_principals);
+                if ssh.is_empty() {
+                    self.no_ssh.clone()
+                } else {
+                    Arc::new(ssh)
+                }
+            }
+        };
+        let cap_map = match kept {
+            Some((old, k)) if k.caps => old.cap_map.clone(),
+            _ => {
+                let caps = self.caps_for(v);
+                if caps.is_empty() {
+                    self.no_caps.clone()
+                } else {
+                    Arc::new(caps)
+                }
+            }
+        };
         StoredView {
             class: self.class_of[v],
             filter: Arc::new(filter),
@@ -1185,16 +1245,8 @@ impl Plan {
             } else {
                 Arc::new(extra)
             },
-            ssh: if ssh.is_empty() {
-                self.no_ssh.clone()
-            } else {
-                Arc::new(ssh)
-            },
-            cap_map: if caps.is_empty() {
-                self.no_caps.clone()
-            } else {
-                Arc::new(caps)
-            },
+            ssh,
+            cap_map,
         }
     }
 }

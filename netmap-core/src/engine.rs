@@ -611,7 +611,7 @@ impl Engine {
         tailnet.primaries = plan.primaries.clone();
         let sv = plan.all_stored_views();
         for (s, v) in &sv {
-            plan.record_extra(*s, &v.extra);
+            plan.record_view(*s, v);
         }
         let views: OrdMap<String, StoredView> = sv
             .into_iter()
@@ -735,10 +735,12 @@ impl Engine {
             .collect();
         let plan = &self.plan;
         // Each recomputed view with its delta (diffed where it is computed).
+        let keeps = affected.keeps;
         let fresh_view = |differ: &mut Differ, s: usize| {
-            let sv = plan.stored_view(s);
             let n = plan.name(s);
-            let d = match old_views.get(n) {
+            let old = old_views.get(n);
+            let sv = plan.stored_view_keeping(s, old.map(|o| (o, keeps)));
+            let d = match old {
                 Some(o) => differ.diff_stored(n, (o, old_tables), (&sv, &new_tables)),
                 None => NodeDelta {
                     added: true,
@@ -760,7 +762,7 @@ impl Engine {
                 .collect()
         };
         let mut views = old_views.clone();
-        let mut extras: Vec<(usize, Arc<Vec<Arc<Peer>>>)> = Vec::new();
+        let mut recorded: Vec<(usize, StoredView)> = Vec::new();
         // Deltas are produced in name order (the touched slots are), so the change set is
         // built by pushing; the removed nodes are merged in at the end.
         let mut deltas: Vec<(Arc<str>, NodeDelta)> = Vec::with_capacity(affected.slots.len());
@@ -771,7 +773,7 @@ impl Engine {
                 let Some((sv, d)) = fresh.next() else {
                     continue;
                 };
-                extras.push((s, sv.extra.clone()));
+                recorded.push((s, sv.clone()));
                 views.insert(n.to_string(), sv);
                 if !d.is_empty() {
                     deltas.push((plan.key(s).clone(), d));
@@ -858,8 +860,8 @@ impl Engine {
             });
             ChangeSet::from_sorted(merge_sorted(deltas, gone))
         };
-        for (s, e) in extras {
-            self.plan.record_extra(s, &e);
+        for (s, v) in &recorded {
+            self.plan.record_view(*s, v);
         }
         tailnet.primaries = self.plan.primaries.clone();
         let before = std::mem::replace(

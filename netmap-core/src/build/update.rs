@@ -83,6 +83,18 @@ pub(crate) struct Affected {
     pub class_delta: SlotMap<usize, Arc<ListDelta>>,
     /// Nodes that were live and are gone.
     pub removed: Vec<Arc<str>>,
+    /// The parts of every view that the update left as they were.
+    pub keeps: Keeps,
+}
+
+/// Parts of the views an update cannot have changed, so that a view recomputed for another
+/// reason may keep them: SSH rules when no node's facts changed and the SSH policy compiles
+/// the same (the SSH plan was not touched); capabilities when no node's facts changed and
+/// `nodeAttrs` give the same capabilities to the same nodes.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Keeps {
+    pub ssh: bool,
+    pub caps: bool,
 }
 
 /// A node whose facts changed, with its record before.
@@ -649,7 +661,12 @@ impl Plan {
             .map(|c| self.r.nodes[c.slot].key.clone())
             .collect();
         let _ = CLASS;
+        let keeps = Keeps {
+            ssh: w.changed.is_empty() && parts.ssh == SshEdit::Same,
+            caps: w.changed.is_empty() && !parts.attrs,
+        };
         Affected {
+            keeps,
             slots: self
                 .name_order
                 .iter()
@@ -1055,7 +1072,14 @@ impl Plan {
                             .as_ref()
                             .is_some_and(|e| emails.contains(e)));
                 w.flags[v] |= if *non_empty && !merged {
-                    *content
+                    // The filter shows the new list where an entry is bound to it (covering
+                    // a node's addresses or routes does not always give it an entry, e.g.
+                    // a route it does not serve).
+                    if self.binds_rule(v, *ri) {
+                        *content
+                    } else {
+                        0
+                    }
                 } else {
                     RECOMPUTE
                 };

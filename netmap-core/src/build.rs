@@ -299,6 +299,14 @@ struct Viewer<'a> {
     routes: &'a [IpNet],
 }
 
+impl Viewer<'_> {
+    /// Whether a node with rule rows `src_row` and `dst_row` is linked to the viewer by a
+    /// rule in `mask`: one of the viewer's rules reaches it, or one of its reaches the viewer.
+    fn links(&self, src_row: &[u64], dst_row: &[u64], mask: &[u64]) -> bool {
+        intersects(self.src, dst_row, mask) || intersects(self.dst, src_row, mask)
+    }
+}
+
 /// Resolved rules and shared structures for one tailnet state.
 pub(crate) struct Plan {
     pub r: Resolver,
@@ -765,8 +773,7 @@ impl Plan {
     /// Whether `viewer` sees node `x` (through non-self rules).
     fn sees(&self, viewer: Viewer<'_>, x: usize) -> bool {
         self.r.nodes[x].alive
-            && (intersects(viewer.src, self.dst_bits.row(x), &self.plain_mask)
-                || intersects(viewer.dst, self.src_bits.row(x), &self.plain_mask))
+            && viewer.links(self.src_bits.row(x), self.dst_bits.row(x), &self.plain_mask)
     }
 
     /// The peer list of the class with key `key`, from scratch.

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use netmap_policy::Policy;
 
-use super::{bit, intersects, ClassKey, Plan};
+use super::{bit, ClassKey, Plan};
 use crate::compute::rule_specs;
 use crate::resolve::{NodeInfo, Resolved};
 use crate::routes::Approvers;
@@ -690,13 +690,7 @@ impl Plan {
 
     fn remember_row(&self, x: usize, w: &mut Work) {
         if !w.old_rows.contains_key(&x) {
-            let alive = w
-                .changed
-                .iter()
-                .find(|c| c.slot == x)
-                .map_or(self.r.nodes[x].alive, |c| {
-                    c.before.as_ref().is_some_and(|b| b.alive)
-                });
+            let alive = self.alive_before(x, w);
             w.old_rows.insert(
                 x,
                 (
@@ -706,6 +700,16 @@ impl Plan {
                 ),
             );
         }
+    }
+
+    /// Whether slot `x` held a live node before this update.
+    fn alive_before(&self, x: usize, w: &Work) -> bool {
+        w.changed
+            .iter()
+            .find(|c| c.slot == x)
+            .map_or(self.r.nodes[x].alive, |c| {
+                c.before.as_ref().is_some_and(|b| b.alive)
+            })
     }
 
     /// Slots whose rows or liveness changed, in name order.
@@ -1259,20 +1263,11 @@ impl Plan {
         for (i, &x) in cands.iter().enumerate() {
             let (old_src, old_dst, was_alive) = match w.old_rows.get(&x) {
                 Some((os, od, alive)) => (os.clone(), od.clone(), *alive),
-                None => {
-                    let alive_before = w
-                        .changed
-                        .iter()
-                        .find(|c| c.slot == x)
-                        .map_or(self.r.nodes[x].alive, |c| {
-                            c.before.as_ref().is_some_and(|b| b.alive)
-                        });
-                    (
-                        self.src_bits.row(x).to_vec(),
-                        self.dst_bits.row(x).to_vec(),
-                        alive_before,
-                    )
-                }
+                None => (
+                    self.src_bits.row(x).to_vec(),
+                    self.dst_bits.row(x).to_vec(),
+                    self.alive_before(x, w),
+                ),
             };
             let rows = CandRows {
                 old_src,
@@ -1310,12 +1305,8 @@ impl Plan {
         let mut hits: Vec<(usize, bool, bool, bool)> = Vec::new();
         for g in groups {
             let r = &g.rows;
-            let was = r.was_alive
-                && (intersects(&key.0, &r.old_dst, old_plain)
-                    || intersects(&key.1, &r.old_src, old_plain));
-            let now = r.alive
-                && (intersects(viewer.src, &r.new_dst, &self.plain_mask)
-                    || intersects(viewer.dst, &r.new_src, &self.plain_mask));
+            let was = r.was_alive && viewer.links(&r.old_src, &r.old_dst, old_plain);
+            let now = r.alive && viewer.links(&r.new_src, &r.new_dst, &self.plain_mask);
             if was != now || (was && r.entry_may_change) {
                 hits.extend(g.members.iter().map(|&i| (i, was, now, r.entry_may_change)));
             }

@@ -37,6 +37,7 @@ use crate::wire::{
     CapMap, FilterRule, NodeView, Peer, PeerList, SharedPeers, SrcList, SshPrincipal,
 };
 
+use crate::bits::{bit, intersects};
 pub(crate) use update::{touch, Batch, Keeps, ListDelta};
 
 /// All views of a tailnet under a policy, computed from scratch.
@@ -55,14 +56,6 @@ pub fn compute_all(policy: &Policy, tailnet: &Tailnet) -> Computed {
         views: views.into_iter().collect(),
         primaries: plan.primaries.clone(),
     }
-}
-
-fn bit(b: &[u64], i: usize) -> bool {
-    b.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
-}
-
-fn intersects(a: &[u64], b: &[u64], mask: &[u64]) -> bool {
-    a.iter().zip(b).zip(mask).any(|((x, y), m)| x & y & m != 0)
 }
 
 /// One row of bits per node slot, one bit per rule id, in one allocation.

@@ -3,6 +3,7 @@
 //! `tests`/`sshTests`, and the incremental engine.
 
 mod addr;
+mod bits;
 mod build;
 mod compute;
 mod engine;

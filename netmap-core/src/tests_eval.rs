@@ -12,6 +12,7 @@ use netmap_policy::{
 use serde::Serialize;
 
 use crate::addr;
+use crate::bits::{bit, ones, or_into, set_bit};
 use crate::error::CoreError;
 use crate::resolve::{Resolved, Resolver};
 use crate::slot_hash::SlotMap;
@@ -203,9 +204,7 @@ struct Sel {
 
 impl Sel {
     fn has(&self, i: usize) -> bool {
-        self.bits
-            .get(i / 64)
-            .is_some_and(|w| (w >> (i % 64)) & 1 == 1)
+        bit(&self.bits, i)
     }
 }
 
@@ -301,9 +300,7 @@ impl<'a> SelCache<'a> {
         for a in aliases {
             let one = self.memo.entry(a).or_insert_with(|| r.resolve(a));
             for &i in &one.nodes {
-                if let Some(w) = bits.get_mut(i / 64) {
-                    *w |= 1 << (i % 64);
-                }
+                set_bit(&mut bits, i);
             }
             set.wildcard |= one.wildcard;
             set.danger_all |= one.danger_all;
@@ -321,27 +318,6 @@ impl<'a> SelCache<'a> {
     fn sel(&mut self, a: &'a Alias) -> Sel {
         self.sel_all(std::iter::once(a))
     }
-}
-
-/// `acc |= bits`, word by word.
-fn or_into(acc: &mut [u64], bits: &[u64]) {
-    for (a, b) in acc.iter_mut().zip(bits) {
-        *a |= b;
-    }
-}
-
-/// The positions of the set bits, in order.
-fn ones(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
-    bits.iter().enumerate().flat_map(|(i, &w)| {
-        let mut w = w;
-        std::iter::from_fn(move || {
-            (w != 0).then(|| {
-                let b = w.trailing_zeros() as usize;
-                w &= w - 1;
-                i * 64 + b
-            })
-        })
-    })
 }
 
 fn proto_name(p: u8) -> String {
@@ -651,11 +627,8 @@ impl<'a> Evaluator<'a> {
         let mut open_nodes = 0usize;
         for t in targets {
             if let Target::Node(j) = *t {
-                if let Some(w) = open.get_mut(j / 64) {
-                    if *w & (1 << (j % 64)) == 0 {
-                        *w |= 1 << (j % 64);
-                        open_nodes += 1;
-                    }
+                if set_bit(&mut open, j) {
+                    open_nodes += 1;
                 }
             }
         }
@@ -701,7 +674,7 @@ impl<'a> Evaluator<'a> {
                                 .iter()
                                 .any(|a| d.set.nets.iter().any(|n| n.contains(a)))
                             {
-                                cover[j / 64] |= 1 << (j % 64);
+                                set_bit(&mut cover, j);
                             }
                         }
                     }
@@ -750,9 +723,7 @@ impl<'a> Evaluator<'a> {
             {
                 for &j in self.r.by_email.get(email).into_iter().flatten() {
                     if self.same_user(p, j) {
-                        if let Some(w) = bits.get_mut(j / 64) {
-                            *w |= 1 << (j % 64);
-                        }
+                        set_bit(&mut bits, j);
                     }
                 }
             }

@@ -463,8 +463,6 @@ impl Plan {
         live.par_iter().map(|&v| (v, self.stored_view(v))).collect()
     }
 
-    /// Records the peers slot `s`'s stored view has aside (see [`StoredView::extra`]), which
-    /// say what a change to its class's list means for it.
     /// Records what the engine's stored view of slot `s` holds that updates read: the peers
     /// it has aside and the rules its filter entries are bound to.
     pub(crate) fn record_view(&mut self, s: usize, view: &StoredView) {
@@ -491,6 +489,8 @@ impl Plan {
         })
     }
 
+    /// Records the peers slot `s`'s stored view has aside (see [`StoredView::extra`]), which
+    /// say what a change to its class's list means for it.
     fn record_extra(&mut self, s: usize, extra: &Arc<Vec<Arc<Peer>>>) {
         if self.extra_of.len() <= s {
             if extra.is_empty() {

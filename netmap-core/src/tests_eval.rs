@@ -1006,7 +1006,6 @@ impl<'a> Evaluator<'a> {
         ))
     }
 
-    /// The first SSH rule (in client order) letting `p` log in to node `d` as `user`.
     /// Which SSH rules (in client order) have `p` among their sources.
     fn ssh_sources(&self, p: Principal, attrs: Option<&PostureAttrs>) -> Vec<bool> {
         self.ssh_rules

@@ -423,15 +423,27 @@ fn merge_sorted(
     out
 }
 
+/// Peer list deltas by (old list, new list) address, computed before views are diffed.
+type KnownDeltas = SlotMap<(usize, usize), Arc<PeerDelta>>;
+
+/// The key of a pair of shared peer lists in [`KnownDeltas`].
+fn list_pair(old: &SharedPeers, new: &SharedPeers) -> (usize, usize) {
+    (Arc::as_ptr(old) as usize, Arc::as_ptr(new) as usize)
+}
+
 /// Diffs views, comparing shared parts (peer lists, source lists) once per pair.
-struct Differ {
-    peers: SlotMap<(usize, usize), Arc<PeerDelta>>,
+struct Differ<'a> {
+    /// Deltas of the class list pairs the recomputed views move between (shared by the
+    /// threads diffing them, so each pair is diffed once, not once per thread).
+    known: &'a KnownDeltas,
+    peers: KnownDeltas,
     lists: SlotMap<(usize, usize), bool>,
 }
 
-impl Differ {
-    fn new() -> Differ {
+impl<'a> Differ<'a> {
+    fn new(known: &'a KnownDeltas) -> Differ<'a> {
         Differ {
+            known,
             peers: SlotMap::default(),
             lists: SlotMap::default(),
         }
@@ -447,7 +459,10 @@ impl Differ {
 
     /// The names that differ between two shared peer lists, compared once per pair.
     fn list_delta(&mut self, old: &SharedPeers, new: &SharedPeers) -> Arc<PeerDelta> {
-        let key = (Arc::as_ptr(old) as usize, Arc::as_ptr(new) as usize);
+        let key = list_pair(old, new);
+        if let Some(d) = self.known.get(&key) {
+            return d.clone();
+        }
         self.peers
             .entry(key)
             .or_insert_with(|| Arc::new(shared_diff(old, new)))
@@ -726,7 +741,6 @@ impl Engine {
         let old_tables = &self.current.tables;
         let affected = self.plan.update(&tailnet, batch);
         let new_tables = self.plan.tables();
-        let mut differ = Differ::new();
         let recompute: Vec<usize> = affected
             .slots
             .iter()
@@ -734,6 +748,35 @@ impl Engine {
             .map(|&(s, _)| s)
             .collect();
         let plan = &self.plan;
+        // The class list pairs recomputed views move between, each diffed once (in
+        // parallel: a policy edit moves thousands of views between a few large lists).
+        let known: KnownDeltas = {
+            let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> = SlotMap::default();
+            for &s in &recompute {
+                let Some(old) = old_views.get(plan.name(s)) else {
+                    continue;
+                };
+                if let (Some(a), Some(b)) = (
+                    old_tables.class_list(old.class),
+                    new_tables.class_list(plan.class_id(s)),
+                ) {
+                    if !Arc::ptr_eq(a, b) {
+                        pairs
+                            .entry(list_pair(a, b))
+                            .or_insert_with(|| (a.clone(), b.clone()));
+                    }
+                }
+            }
+            let pairs: Vec<((usize, usize), (SharedPeers, SharedPeers))> =
+                pairs.into_iter().collect();
+            pairs
+                .into_par_iter()
+                .map(|(k, (a, b))| (k, Arc::new(shared_diff(&a, &b))))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .collect()
+        };
+        let mut differ = Differ::new(&known);
         // Each recomputed view with its delta (diffed where it is computed).
         let keeps = affected.keeps;
         let fresh_view = |differ: &mut Differ, s: usize| {
@@ -758,7 +801,7 @@ impl Engine {
         } else {
             recompute
                 .into_par_iter()
-                .map_init(Differ::new, |differ, s| fresh_view(differ, s))
+                .map_init(|| Differ::new(&known), |differ, s| fresh_view(differ, s))
                 .collect()
         };
         let mut views = old_views.clone();

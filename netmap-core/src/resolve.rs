@@ -212,20 +212,16 @@ impl Resolver {
         r
     }
 
-    fn users_nodes(&self, pred: impl Fn(&str) -> bool) -> BTreeSet<usize> {
-        self.by_email
-            .iter()
-            .filter(|(e, _)| pred(e))
-            .flat_map(|(_, v)| v.iter().copied())
-            .filter(|&i| self.nodes[i].is_member())
-            .collect()
-    }
-
     /// Resolves one alias.
     pub fn resolve(&self, a: &Alias) -> Resolved {
-        let mut r = self.resolve_inner(a);
+        let mut nodes = Vec::new();
+        let mut r = self.resolve_with(a, |i| {
+            if self.nodes[i].alive {
+                nodes.push(i);
+            }
+        });
+        r.nodes = nodes.into_iter().collect();
         r.aliases = vec![a.clone()];
-        r.nodes.retain(|&i| self.nodes[i].alive);
         r
     }
 
@@ -366,36 +362,65 @@ impl Resolver {
         slot
     }
 
-    fn resolve_inner(&self, a: &Alias) -> Resolved {
+    /// Resolves one alias with its live nodes as a bitmap over slots (`words` long); the
+    /// returned set's `nodes` stays empty.
+    pub fn resolve_bits(&self, a: &Alias, words: usize) -> (Resolved, Vec<u64>) {
+        let mut bits = vec![0u64; words];
+        let mut r = self.resolve_with(a, |i| {
+            if self.nodes[i].alive {
+                crate::bits::set_bit(&mut bits, i);
+            }
+        });
+        r.aliases = vec![a.clone()];
+        (r, bits)
+    }
+
+    /// Resolves one alias, handing each node it names by identity to `node` (dead slots
+    /// included; `nodes` of the result stays empty).
+    fn resolve_with(&self, a: &Alias, mut node: impl FnMut(usize)) -> Resolved {
         let mut r = Resolved::default();
+        let mut all = |pred: &dyn Fn(&NodeInfo) -> bool| {
+            for (i, n) in self.nodes.iter().enumerate() {
+                if pred(n) {
+                    node(i);
+                }
+            }
+        };
         match a {
             Alias::Wildcard => r.wildcard = true,
             Alias::User(email) => {
-                r.nodes = self
-                    .by_email
-                    .get(email.as_str())
-                    .into_iter()
-                    .flatten()
-                    .copied()
-                    .filter(|&i| self.nodes[i].is_member())
-                    .collect()
+                for &i in self.by_email.get(email.as_str()).into_iter().flatten() {
+                    if self.nodes[i].is_member() {
+                        node(i);
+                    }
+                }
             }
             Alias::UserDomain(d) => {
-                r.nodes = self.users_nodes(|e| e.rsplit_once('@').is_some_and(|(_, ed)| ed == d))
+                for (e, v) in &self.by_email {
+                    if e.rsplit_once('@').is_some_and(|(_, ed)| ed == d) {
+                        for &i in v {
+                            if self.nodes[i].is_member() {
+                                node(i);
+                            }
+                        }
+                    }
+                }
             }
             Alias::Group(g) => {
                 for m in self.policy.groups.get(g).into_iter().flatten() {
-                    r.nodes.extend(
-                        self.by_email
-                            .get(m.as_str())
-                            .into_iter()
-                            .flatten()
-                            .copied()
-                            .filter(|&i| self.nodes[i].is_member()),
-                    );
+                    for &i in self.by_email.get(m.as_str()).into_iter().flatten() {
+                        if self.nodes[i].is_member() {
+                            node(i);
+                        }
+                    }
                 }
             }
-            Alias::Tag(t) => r.nodes = self.by_tag.get(t).into_iter().flatten().copied().collect(),
+            Alias::Tag(t) => self
+                .by_tag
+                .get(t)
+                .into_iter()
+                .flatten()
+                .for_each(|&i| node(i)),
             Alias::Host(h) => {
                 if let Some(n) = self.policy.hosts.get(h) {
                     r.nets.push(*n);
@@ -408,16 +433,8 @@ impl Resolver {
             // Services are not part of the tailnet model: they name no node.
             Alias::Service(_) => {}
             Alias::AutoGroup(g) => match g {
-                AutoGroup::Member => {
-                    r.nodes = (0..self.nodes.len())
-                        .filter(|&i| self.nodes[i].is_member())
-                        .collect()
-                }
-                AutoGroup::Tagged => {
-                    r.nodes = (0..self.nodes.len())
-                        .filter(|&i| self.nodes[i].node.is_tagged())
-                        .collect()
-                }
+                AutoGroup::Member => all(&|n| n.is_member()),
+                AutoGroup::Tagged => all(&|n| n.node.is_tagged()),
                 AutoGroup::SelfDevices => r.self_devices = true,
                 AutoGroup::Internet => r.internet = true,
                 AutoGroup::DangerAll => {
@@ -427,12 +444,7 @@ impl Resolver {
                 AutoGroup::NonRoot | AutoGroup::Shared => {}
                 role => {
                     let want = role.name();
-                    r.nodes = (0..self.nodes.len())
-                        .filter(|&i| {
-                            let n = &self.nodes[i];
-                            n.is_member() && role_matches(n.role.as_deref(), want)
-                        })
-                        .collect()
+                    all(&|n| n.is_member() && role_matches(n.role.as_deref(), want))
                 }
             },
         }

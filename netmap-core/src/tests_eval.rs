@@ -15,7 +15,6 @@ use crate::addr;
 use crate::bits::{bit, ones, or_into, set_bit};
 use crate::error::CoreError;
 use crate::resolve::{Resolved, Resolver};
-use crate::slot_hash::SlotMap;
 use crate::tailnet::Tailnet;
 
 /// The outcome of one test entry.
@@ -288,7 +287,7 @@ struct Evaluator<'a> {
 /// Resolves selectors for the evaluator, each distinct alias once.
 struct SelCache<'a> {
     r: &'a Resolver,
-    memo: HashMap<&'a Alias, Resolved>,
+    memo: HashMap<&'a Alias, (Resolved, Vec<u64>)>,
 }
 
 impl<'a> SelCache<'a> {
@@ -296,12 +295,14 @@ impl<'a> SelCache<'a> {
     fn sel_all(&mut self, aliases: impl IntoIterator<Item = &'a Alias>) -> Sel {
         let r = self.r;
         let mut set = Resolved::default();
-        let mut bits = vec![0u64; r.nodes.len().div_ceil(64)];
+        let words = r.nodes.len().div_ceil(64);
+        let mut bits = vec![0u64; words];
         for a in aliases {
-            let one = self.memo.entry(a).or_insert_with(|| r.resolve(a));
-            for &i in &one.nodes {
-                set_bit(&mut bits, i);
-            }
+            let (one, one_bits) = self
+                .memo
+                .entry(a)
+                .or_insert_with(|| r.resolve_bits(a, words));
+            or_into(&mut bits, one_bits);
             set.wildcard |= one.wildcard;
             set.danger_all |= one.danger_all;
             set.self_devices |= one.self_devices;
@@ -638,7 +639,6 @@ impl<'a> Evaluator<'a> {
                 .iter()
                 .filter(|t| matches!(t, Target::Node(_)))
                 .count();
-        let mut first: SlotMap<usize, usize> = SlotMap::default();
         let mut own: Option<Vec<u64>> = None;
         let mut cover = vec![0u64; words];
         for (ri, (rule, _)) in self
@@ -686,9 +686,14 @@ impl<'a> Evaluator<'a> {
                     *c &= *w;
                     *w &= !*c;
                 }
-                for j in ones(&cover) {
-                    first.insert(j, ri);
-                    open_nodes -= 1;
+                open_nodes -= ones(&cover).count();
+                // Every target on a covered device (a device may be named twice).
+                for (k, t) in targets.iter().enumerate() {
+                    if let Target::Node(j) = *t {
+                        if out[k].is_none() && bit(&cover, j) {
+                            out[k] = Some(ri);
+                        }
+                    }
                 }
             }
             if open_addrs > 0 {
@@ -701,11 +706,6 @@ impl<'a> Evaluator<'a> {
                         open_addrs -= 1;
                     }
                 }
-            }
-        }
-        for (k, t) in targets.iter().enumerate() {
-            if let Target::Node(j) = *t {
-                out[k] = first.get(&j).copied();
             }
         }
         out

@@ -202,6 +202,64 @@ impl Work {
     }
 }
 
+/// The nodes a redefined rule's sets gained or lost, when nothing else about them changed.
+struct MovedNodes {
+    /// (slot, was a source, is a source).
+    src: Vec<(usize, bool, bool)>,
+    /// Slots that joined or left a destination set.
+    dst: Vec<usize>,
+}
+
+/// Whether two sets are alike but for their nodes.
+fn same_but_nodes(a: &Resolved, b: &Resolved) -> bool {
+    a.wildcard == b.wildcard
+        && a.danger_all == b.danger_all
+        && a.self_devices == b.self_devices
+        && a.internet == b.internet
+        && a.all_nodes == b.all_nodes
+        && a.nets == b.nets
+        && a.postures == b.postures
+}
+
+/// How rule `before` became `after` when only the nodes of its sets changed (`None`
+/// otherwise, or when more than a handful of sources moved).
+fn moved_nodes(
+    before: &crate::compute::NetRule,
+    after: &crate::compute::NetRule,
+) -> Option<MovedNodes> {
+    if !same_but_nodes(&before.src, &after.src)
+        || before.dsts.len() != after.dsts.len()
+        || before
+            .dsts
+            .iter()
+            .zip(&after.dsts)
+            .any(|((a, _), (b, _))| !same_but_nodes(a, b))
+    {
+        return None;
+    }
+    let src = before
+        .src
+        .nodes
+        .symmetric_difference(&after.src.nodes)
+        .map(|&x| {
+            (
+                x,
+                before.src.nodes.contains(&x),
+                after.src.nodes.contains(&x),
+            )
+        })
+        .collect();
+    let mut dst: Vec<usize> = before
+        .dsts
+        .iter()
+        .zip(&after.dsts)
+        .flat_map(|((a, _), (b, _))| a.nodes.symmetric_difference(&b.nodes).copied())
+        .collect();
+    dst.sort_unstable();
+    dst.dedup();
+    Some(MovedNodes { src, dst })
+}
+
 /// A resolved set's content (without the aliases it came from).
 fn same_set(a: &Resolved, b: &Resolved) -> bool {
     a.wildcard == b.wildcard
@@ -903,18 +961,44 @@ impl Plan {
             if !src_changed && !dst_changed {
                 continue;
             }
-            self.set_column(*id, &live, w);
-            if dst_changed {
-                for &v in &live {
-                    if self.covered_by(v, *id) {
-                        w.flags[v] |= RECOMPUTE;
+            // Sets that differ in their nodes only change the column, the filters and the
+            // source list at those nodes.
+            let moved = moved_nodes(&before, &after);
+            match &moved {
+                Some(m) => {
+                    let slots: Vec<usize> = m
+                        .src
+                        .iter()
+                        .map(|&(x, _, _)| x)
+                        .chain(m.dst.iter().copied())
+                        .filter(|&x| self.r.nodes[x].alive)
+                        .collect();
+                    self.set_column(*id, &slots, w);
+                    for &x in &m.dst {
+                        if self.r.nodes[x].alive {
+                            w.flags[x] |= RECOMPUTE;
+                        }
+                    }
+                }
+                None => {
+                    self.set_column(*id, &live, w);
+                    if dst_changed {
+                        for &v in &live {
+                            if self.covered_by(v, *id) {
+                                w.flags[v] |= RECOMPUTE;
+                            }
+                        }
                     }
                 }
             }
             if src_changed {
                 w.self_rules_changed |= after.self_rule;
                 if !after.self_rule {
-                    let list = self.src_list(*id);
+                    let old = self.src_strings.get(*id).cloned().unwrap_or_default();
+                    let list = moved
+                        .as_ref()
+                        .and_then(|m| self.edit_src_list(*id, &old, &m.src, w))
+                        .unwrap_or_else(|| self.src_list(*id));
                     if let Some(old) = self.src_strings.get(*id).cloned() {
                         if *old != *list {
                             self.src_strings.set(*id, list);
@@ -998,12 +1082,12 @@ impl Plan {
         let nets: Vec<String> = rule.src.nets.iter().map(crate::addr::fmt_net).collect();
         let mut list: Vec<Arc<str>> = (**old).clone();
         for &(x, was, now) in moves {
+            // A node this update did not change holds the addresses it held.
             let before: &[Arc<str>] = if was {
-                w.changed
-                    .iter()
-                    .find(|c| c.slot == x)
-                    .and_then(|c| c.before.as_ref())
-                    .map_or(&[], |b| b.addr_texts())
+                match w.changed.iter().find(|c| c.slot == x) {
+                    Some(c) => c.before.as_ref().map_or(&[], |b| b.addr_texts()),
+                    None => self.r.nodes[x].addr_texts(),
+                }
             } else {
                 &[]
             };

@@ -140,6 +140,17 @@ impl Resolved {
         self.postures.is_empty() || self.postures.iter().any(|p| p.matches(attrs))
     }
 
+    /// Whether two sets are alike but for their nodes.
+    pub fn same_but_nodes(&self, o: &Resolved) -> bool {
+        self.wildcard == o.wildcard
+            && self.danger_all == o.danger_all
+            && self.self_devices == o.self_devices
+            && self.internet == o.internet
+            && self.all_nodes == o.all_nodes
+            && self.nets == o.nets
+            && self.postures == o.postures
+    }
+
     pub fn union(&mut self, o: Resolved) {
         self.wildcard |= o.wildcard;
         self.danger_all |= o.danger_all;

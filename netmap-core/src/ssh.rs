@@ -221,10 +221,33 @@ impl SshPlan {
         }
         recompute.extend(planned.dst.nodes.symmetric_difference(&dst.nodes).copied());
         planned.dst = dst;
-        let mut srcs: Vec<usize> = (0..r.nodes.len())
-            .filter(|&j| r.src_contains(&src, j))
-            .collect();
-        sort_principal_order(r, &mut srcs);
+        let srcs = if planned.src.same_but_nodes(&src) {
+            // Only nodes moved: edit the ordered sources at them.
+            let moved: BTreeSet<usize> = planned
+                .src
+                .nodes
+                .symmetric_difference(&src.nodes)
+                .copied()
+                .collect();
+            let mut srcs = planned.srcs.clone();
+            srcs.retain(|j| !moved.contains(j) || r.src_contains(&src, *j));
+            for &j in &moved {
+                if r.src_contains(&src, j) {
+                    let key = principal_key(r, j);
+                    let at = srcs.partition_point(|&x| principal_key(r, x) < key);
+                    if srcs.get(at) != Some(&j) {
+                        srcs.insert(at, j);
+                    }
+                }
+            }
+            srcs
+        } else {
+            let mut srcs: Vec<usize> = (0..r.nodes.len())
+                .filter(|&j| r.src_contains(&src, j))
+                .collect();
+            sort_principal_order(r, &mut srcs);
+            srcs
+        };
         planned.src = src;
         if srcs == planned.srcs {
             return (None, Some(recompute.into_iter().collect()));

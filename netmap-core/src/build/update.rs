@@ -21,6 +21,7 @@
 //!    member left, edited only for the nodes the differing rules link;
 //! 8. which views read what changed ([`touch`] flags).
 
+use rayon::prelude::*;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -210,30 +211,19 @@ struct MovedNodes {
     dst: Vec<usize>,
 }
 
-/// Whether two sets are alike but for their nodes.
-fn same_but_nodes(a: &Resolved, b: &Resolved) -> bool {
-    a.wildcard == b.wildcard
-        && a.danger_all == b.danger_all
-        && a.self_devices == b.self_devices
-        && a.internet == b.internet
-        && a.all_nodes == b.all_nodes
-        && a.nets == b.nets
-        && a.postures == b.postures
-}
-
 /// How rule `before` became `after` when only the nodes of its sets changed (`None`
 /// otherwise, or when more than a handful of sources moved).
 fn moved_nodes(
     before: &crate::compute::NetRule,
     after: &crate::compute::NetRule,
 ) -> Option<MovedNodes> {
-    if !same_but_nodes(&before.src, &after.src)
+    if !before.src.same_but_nodes(&after.src)
         || before.dsts.len() != after.dsts.len()
         || before
             .dsts
             .iter()
             .zip(&after.dsts)
-            .any(|((a, _), (b, _))| !same_but_nodes(a, b))
+            .any(|((a, _), (b, _))| !a.same_but_nodes(b))
     {
         return None;
     }
@@ -1007,8 +997,13 @@ impl Plan {
                     }
                 }
             }
-            w.route_rule_changed(before);
-            w.route_rule_changed(&after);
+            // Which prefixes and exit nodes a viewer may use depends on the rules' flags and
+            // prefixes, and on the viewer's rows: with only nodes moved, on the rows of the
+            // nodes that moved, which are recomputed anyway.
+            if moved.is_none() {
+                w.route_rule_changed(before);
+                w.route_rule_changed(&after);
+            }
         }
         if edit.reordered {
             w.recompute_all = true;
@@ -1290,7 +1285,7 @@ impl Plan {
         let class_ids: Vec<usize> = self.classes.live().collect();
         let old_plain = w.old_plain.clone();
         let edited: Vec<(usize, SharedPeers, ListDelta)> = class_ids
-            .iter()
+            .par_iter()
             .filter_map(|&c| {
                 let key = self.classes.key(c)?;
                 let list = self.classes.lists.get(c)?;

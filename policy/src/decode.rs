@@ -22,8 +22,16 @@ pub(crate) fn invalid(message: impl Into<String>, path: &str, pos: Pos) -> Polic
 /// A value in the tree with its JSON path.
 #[derive(Clone)]
 pub(crate) struct Ctx<'a> {
-    pub path: String,
+    path: PathText,
     pub node: &'a Node,
+}
+
+/// A JSON path, spelt out only when asked for: array elements share their array's path
+/// (policies list thousands of group members, and their paths are read only for errors).
+#[derive(Clone)]
+enum PathText {
+    Whole(String),
+    Element(std::rc::Rc<str>, usize),
 }
 
 /// The members of a struct-like object, checked against its known fields.
@@ -82,8 +90,24 @@ fn suggestion<'k>(name: &str, known: &[&'k str]) -> Option<&'k str> {
 }
 
 impl<'a> Ctx<'a> {
+    /// The root value (path `$`).
+    pub fn root(node: &'a Node) -> Ctx<'a> {
+        Ctx {
+            path: PathText::Whole(String::new()),
+            node,
+        }
+    }
+
+    /// The value's JSON path (empty for the root).
+    pub fn path(&self) -> std::borrow::Cow<'_, str> {
+        match &self.path {
+            PathText::Whole(p) => std::borrow::Cow::Borrowed(p),
+            PathText::Element(base, i) => std::borrow::Cow::Owned(format!("{base}[{i}]")),
+        }
+    }
+
     pub fn err(&self, message: impl Into<String>) -> PolicyError {
-        invalid(message, &self.path, self.node.pos)
+        invalid(message, &self.path(), self.node.pos)
     }
 
     pub fn is_null(&self) -> bool {
@@ -93,10 +117,11 @@ impl<'a> Ctx<'a> {
     fn child_path(&self, k: &str) -> String {
         let plain = k.starts_with(|c: char| c.is_ascii_alphabetic())
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        match (plain, self.path.is_empty()) {
+        let path = self.path();
+        match (plain, path.is_empty()) {
             (true, true) => k.to_string(),
-            (true, false) => format!("{}.{k}", self.path),
-            (false, _) => format!("{}[{k:?}]", self.path),
+            (true, false) => format!("{path}.{k}"),
+            (false, _) => format!("{path}[{k:?}]"),
         }
     }
 
@@ -110,7 +135,7 @@ impl<'a> Ctx<'a> {
                     (
                         k,
                         Ctx {
-                            path: self.child_path(&k.name),
+                            path: PathText::Whole(self.child_path(&k.name)),
                             node: v,
                         },
                     )
@@ -142,7 +167,7 @@ impl<'a> Ctx<'a> {
                 };
                 return Err(invalid(
                     format!("json: unknown field {:?}{hint}", k.name),
-                    &c.path,
+                    &c.path(),
                     k.pos,
                 ));
             };
@@ -155,7 +180,7 @@ impl<'a> Ctx<'a> {
                         "field {:?} is given twice: {:?} is already at line {}, column {}",
                         k.name, first.name, first.pos.line, first.pos.column
                     ),
-                    &c.path,
+                    &c.path(),
                     k.pos,
                 ));
             }
@@ -167,14 +192,16 @@ impl<'a> Ctx<'a> {
     /// The elements of an array; `null` is an empty array.
     pub fn array(&self, what: &str) -> Result<Vec<Ctx<'a>>, PolicyError> {
         match &self.node.value {
-            Value::Array(a) => Ok(a
-                .iter()
-                .enumerate()
-                .map(|(i, v)| Ctx {
-                    path: format!("{}[{i}]", self.path),
-                    node: v,
-                })
-                .collect()),
+            Value::Array(a) => {
+                let base: std::rc::Rc<str> = std::rc::Rc::from(&*self.path());
+                Ok(a.iter()
+                    .enumerate()
+                    .map(|(i, v)| Ctx {
+                        path: PathText::Element(base.clone(), i),
+                        node: v,
+                    })
+                    .collect())
+            }
             Value::Null => Ok(Vec::new()),
             other => Err(self.err(format!("{what} must be an array, not {}", other.kind()))),
         }

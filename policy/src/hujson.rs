@@ -282,6 +282,19 @@ impl Parser {
         self.bump(); // opening quote
         let mut out = String::new();
         loop {
+            // A run of plain characters at once (no line breaks in it: they are control
+            // characters, which end the run).
+            let run = self.chars[self.i.min(self.chars.len())..]
+                .iter()
+                .take_while(|&&c| c != '"' && c != '\\' && (c as u32) >= 0x20)
+                .count();
+            if run > 0 {
+                out.extend(&self.chars[self.i..self.i + run]);
+                self.i += run;
+                self.col = self
+                    .col
+                    .saturating_add(u32::try_from(run).unwrap_or(u32::MAX));
+            }
             let c = self.bump().ok_or(SyntaxError {
                 pos: start,
                 message: "unterminated string".into(),

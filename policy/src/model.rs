@@ -270,10 +270,7 @@ const TOP_KEYS: &[&str] = &[
 /// tailnet by netmap-core).
 pub fn parse_policy(text: &str) -> Result<Policy, PolicyError> {
     let root = hujson::parse(text)?;
-    let top = Ctx {
-        path: String::new(),
-        node: &root,
-    };
+    let top = Ctx::root(&root);
     if !matches!(root.value, Value::Object(_)) {
         return Err(top.err(format!(
             "the policy must be a JSON object, not {}",
@@ -304,7 +301,7 @@ pub fn parse_policy(text: &str) -> Result<Policy, PolicyError> {
                         "postures[{:?}]: posture names must start with \"posture:\"",
                         k.name
                     ),
-                    &pc.path,
+                    &pc.path(),
                     k.pos,
                 ));
             }
@@ -431,7 +428,7 @@ fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
         if !name.starts_with("group:") || name.len() == "group:".len() {
             return Err(invalid(
                 format!("group {name:?} must start with \"group:\""),
-                &gc.path,
+                &gc.path(),
                 k.pos,
             ));
         }
@@ -440,7 +437,7 @@ fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
                 format!(
                     "groups[{name:?}]: group:NAME@DOMAIN names a group synced from the identity provider; it cannot be defined in the policy file"
                 ),
-                &gc.path,
+                &gc.path(),
                 k.pos,
             ));
         }
@@ -448,10 +445,10 @@ fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
         for (m, mc) in gc.strings("group members")? {
             let m = m.trim();
             if m.starts_with("group:") {
-                if nested.as_ref().is_none_or(|e| e.path() < mc.path.as_str()) {
+                if nested.as_ref().is_none_or(|e| e.path() < &*mc.path()) {
                     nested = Some(invalid(
                         format!("groups[{name:?}]: {m:?}: group members cannot be recursive"),
-                        &mc.path,
+                        &mc.path(),
                         mc.node.pos,
                     ));
                 }
@@ -460,7 +457,7 @@ fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
             if m.starts_with("tag:") || m.starts_with("autogroup:") {
                 return Err(invalid(
                     format!("groups[{name:?}]: {m:?}: group members must be users"),
-                    &mc.path,
+                    &mc.path(),
                     mc.node.pos,
                 ));
             }
@@ -475,7 +472,7 @@ fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
                     format!(
                         "groups[{name:?}]: {m:?}: group members must be users, named by their login{hint}"
                     ),
-                    &mc.path,
+                    &mc.path(),
                     mc.node.pos,
                 ));
             }
@@ -496,7 +493,7 @@ fn read_tag_owners(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
         if !k.name.to_ascii_lowercase().starts_with("tag:") {
             return Err(invalid(
                 format!("tagOwners[{:?}]: tags must start with \"tag:\"", k.name),
-                &tc.path,
+                &tc.path(),
                 k.pos,
             ));
         }
@@ -506,7 +503,7 @@ fn read_tag_owners(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
                     "tagOwners[{:?}]: tag names must start with a letter, after 'tag:'",
                     k.name
                 ),
-                &tc.path,
+                &tc.path(),
                 k.pos,
             ));
         }
@@ -515,7 +512,7 @@ fn read_tag_owners(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
         if p.tag_owners.insert(tag.clone(), Vec::new()).is_some() {
             return Err(invalid(
                 format!("tagOwners[{:?}]: tag {tag:?} is defined twice", k.name),
-                &tc.path,
+                &tc.path(),
                 k.pos,
             ));
         }
@@ -539,7 +536,7 @@ fn read_hosts(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
                 format!(
                     "hosts[{name:?}]: invalid host name (no \"@\", \":\", \"/\", spaces or IP addresses)"
                 ),
-                &hc.path,
+                &hc.path(),
                 k.pos,
             ));
         }
@@ -547,7 +544,7 @@ fn read_hosts(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
         let net = parse_prefix(s).ok_or_else(|| {
             invalid(
                 format!("hosts[{name:?}]: {s:?}: invalid IP address or prefix"),
-                &hc.path,
+                &hc.path(),
                 hc.node.pos,
             )
         })?;
@@ -628,7 +625,7 @@ fn read_ipsets(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
                     "ipsets[{:?}]: ipset names must start with \"ipset:\"",
                     k.name
                 ),
-                &ic.path,
+                &ic.path(),
                 k.pos,
             ));
         }
@@ -718,8 +715,8 @@ fn read_ipsets(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
         if set.is_empty() {
             let (path, pos) = ops
                 .first()
-                .map_or((c.path.clone(), c.node.pos), |(_, _, sc)| {
-                    (sc.path.clone(), sc.node.pos)
+                .map_or((c.path().into_owned(), c.node.pos), |(_, _, sc)| {
+                    (sc.path().into_owned(), sc.node.pos)
                 });
             p.warnings.push(PolicyWarning {
                 message: format!("ipset {name:?} is empty: it matches no address"),
@@ -736,7 +733,7 @@ fn located<T>(value: T, text: &str, c: &Ctx<'_>) -> Located<T> {
     Located {
         value,
         text: text.to_string(),
-        path: c.path.clone(),
+        path: c.path().into_owned(),
         pos: c.node.pos,
     }
 }
@@ -757,7 +754,7 @@ fn read_aliases(
                     message: format!(
                         "{g:?} is not defined here: it names a group synced from the identity provider, and matches nobody until it syncs"
                     ),
-                    path: sc.path.clone(),
+                    path: sc.path().into_owned(),
                     pos: sc.node.pos,
                 });
             }
@@ -847,7 +844,7 @@ fn read_acl(c: &Ctx<'_>, p: &mut Policy) -> Result<Acl, PolicyError> {
                 "this ACL has no {}: it allows nothing",
                 if src.is_empty() { "src" } else { "dst" }
             ),
-            path: c.path.clone(),
+            path: c.path().into_owned(),
             pos: c.node.pos,
         });
     }
@@ -911,7 +908,7 @@ fn read_app(
     for (k, vc) in c.map("app")? {
         let name = k.name.trim();
         let extra: &[&str] = if node_attrs { NODE_TS_CAPS } else { &[] };
-        validate_cap_name(name, extra).map_err(|e| invalid(e, &vc.path, k.pos))?;
+        validate_cap_name(name, extra).map_err(|e| invalid(e, &vc.path(), k.pos))?;
         let values = match &vc.node.value {
             Value::Array(a) => a.iter().map(hujson::Node::to_json).collect(),
             Value::Null => Vec::new(),
@@ -1100,7 +1097,7 @@ fn read_grant(c: &Ctx<'_>, p: &mut Policy) -> Result<Grant, PolicyError> {
                 "this grant has no {}: it grants nothing",
                 if src.is_empty() { "src" } else { "dst" }
             ),
-            path: c.path.clone(),
+            path: c.path().into_owned(),
             pos: c.node.pos,
         });
     }
@@ -1355,7 +1352,7 @@ fn read_ssh(c: &Ctx<'_>, p: &mut Policy) -> Result<SshRule, PolicyError> {
     if enforce_recorder && recorder.is_empty() {
         p.warnings.push(PolicyWarning {
             message: "enforceRecorder is set but the rule names no recorder".into(),
-            path: c.path.clone(),
+            path: c.path().into_owned(),
             pos: c.node.pos,
         });
     }
@@ -1438,7 +1435,7 @@ fn read_auto_approvers(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
                 .ok_or_else(|| {
                     invalid(
                         format!("autoApprovers.routes: {:?}: invalid prefix", k.name),
-                        &vc.path,
+                        &vc.path(),
                         k.pos,
                     )
                 })?;
@@ -1464,7 +1461,7 @@ fn read_auto_approvers(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
                     format!(
                         "autoApprovers.services: {t:?}: keys are services (\"svc:NAME\") or defined tags"
                     ),
-                    &vc.path,
+                    &vc.path(),
                     k.pos,
                 ));
             }
@@ -1535,7 +1532,7 @@ fn read_node_attr(c: &Ctx<'_>, p: &mut Policy) -> Result<NodeAttr, PolicyError> 
 fn read_posture_attrs(c: &Ctx<'_>) -> Result<PostureAttrs, PolicyError> {
     let mut out = PostureAttrs::new();
     for (k, vc) in c.map("srcPostureAttrs")? {
-        crate::posture::check_attr_name(&k.name).map_err(|e| invalid(e, &vc.path, k.pos))?;
+        crate::posture::check_attr_name(&k.name).map_err(|e| invalid(e, &vc.path(), k.pos))?;
         let v = match &vc.node.value {
             Value::String(s) => PostureValue::String(s.clone()),
             Value::Bool(b) => PostureValue::Bool(*b),
@@ -1871,7 +1868,7 @@ fn check_derp_node(c: &Ctx<'_>) -> Result<(), PolicyError> {
 /// Checks `attrConfig`: attribute name → `{type, allowSetByNode, broadcastToPeers}`.
 fn check_attr_config(c: &Ctx<'_>) -> Result<(), PolicyError> {
     for (k, ac) in c.map("attrConfig")? {
-        crate::posture::check_attr_name(&k.name).map_err(|e| invalid(e, &ac.path, k.pos))?;
+        crate::posture::check_attr_name(&k.name).map_err(|e| invalid(e, &ac.path(), k.pos))?;
         let f = ac.fields(
             "an attrConfig entry",
             &["type", "allowSetByNode", "broadcastToPeers"],

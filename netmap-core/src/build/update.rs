@@ -953,7 +953,7 @@ impl Plan {
             }
             // Sets that differ in their nodes only change the column, the filters and the
             // source list at those nodes.
-            let moved = moved_nodes(&before, &after);
+            let moved = moved_nodes(before, &after);
             match &moved {
                 Some(m) => {
                     let slots: Vec<usize> = m

@@ -1,7 +1,9 @@
 //! Evaluation of the policy's `tests` and `sshTests`, and checks that need the tailnet.
 
+use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
@@ -194,36 +196,34 @@ enum DstHost {
     SelfDevices,
 }
 
-/// A rule's selector: its nodes as a bitmap over slots (tests ask "is this device in it"
-/// once per device pair and rule), the rest as resolved (`set.nodes` stays empty).
-struct Sel {
+/// A rule's selector: its flags and prefixes as resolved (`set.nodes` stays empty), and
+/// its nodes as a bitmap over slots, built when a test first asks about a destination in
+/// it (tests ask "is this device in it" once per device pair and rule). Whether a test's
+/// source device is in it is answered alias by alias, without the bitmap: most rules are
+/// never asked more.
+struct Sel<'a> {
     set: Resolved,
-    bits: Vec<u64>,
-}
-
-impl Sel {
-    fn has(&self, i: usize) -> bool {
-        bit(&self.bits, i)
-    }
+    aliases: Vec<&'a Alias>,
+    bits: OnceCell<Vec<u64>>,
 }
 
 /// One `acls`/`grants` entry with its selectors resolved.
-struct NetRuleEval {
+struct NetRuleEval<'a> {
     label: String,
-    src: Sel,
+    src: Sel<'a>,
     /// Postures the sources must satisfy (any of them); empty: none.
     postures: Vec<Posture>,
     /// (destination, protocols (empty = default set), ports).
-    entries: Vec<(Sel, Vec<u8>, Vec<PortRange>)>,
+    entries: Vec<(Sel<'a>, Vec<u8>, Vec<PortRange>)>,
 }
 
 /// One `ssh` entry with its selectors resolved.
-struct SshRuleEval {
+struct SshRuleEval<'a> {
     label: String,
     action: SshAction,
-    src: Sel,
+    src: Sel<'a>,
     postures: Vec<Posture>,
-    dst: Sel,
+    dst: Sel<'a>,
     users: Vec<SshUser>,
     has_localpart: bool,
 }
@@ -277,32 +277,32 @@ const DEFAULT_POLICY: &str = "the default policy (no acls or grants: everything 
 
 struct Evaluator<'a> {
     r: &'a Resolver,
-    net_rules: Vec<NetRuleEval>,
+    net_rules: Vec<NetRuleEval<'a>>,
     /// Check rules first, then accept rules, each in policy order.
-    ssh_rules: Vec<SshRuleEval>,
+    ssh_rules: Vec<SshRuleEval<'a>>,
     /// Every approved subnet route of a live node.
     routes: Vec<IpNet>,
+    /// The nodes of each alias a destination bitmap was built from.
+    alias_bits: RefCell<HashMap<&'a Alias, Rc<Vec<u64>>>>,
+    /// The groups each user (email) is a member of.
+    groups_of: OnceCell<HashMap<&'a str, Vec<&'a str>>>,
 }
 
-/// Resolves selectors for the evaluator, each distinct alias once.
+/// Resolves selectors' shapes for the evaluator, each distinct alias once.
 struct SelCache<'a> {
     r: &'a Resolver,
-    memo: HashMap<&'a Alias, (Resolved, Vec<u64>)>,
+    memo: HashMap<&'a Alias, Resolved>,
 }
 
 impl<'a> SelCache<'a> {
-    /// The union of `aliases` (nodes in the bitmap only).
-    fn sel_all(&mut self, aliases: impl IntoIterator<Item = &'a Alias>) -> Sel {
+    /// The union of `aliases` (its nodes resolved later, if asked for).
+    fn sel_all(&mut self, aliases: impl IntoIterator<Item = &'a Alias>) -> Sel<'a> {
         let r = self.r;
         let mut set = Resolved::default();
-        let words = r.nodes.len().div_ceil(64);
-        let mut bits = vec![0u64; words];
+        let mut list = Vec::new();
         for a in aliases {
-            let (one, one_bits) = self
-                .memo
-                .entry(a)
-                .or_insert_with(|| r.resolve_bits(a, words));
-            or_into(&mut bits, one_bits);
+            list.push(a);
+            let one = self.memo.entry(a).or_insert_with(|| r.resolve_shape(a));
             set.wildcard |= one.wildcard;
             set.danger_all |= one.danger_all;
             set.self_devices |= one.self_devices;
@@ -313,10 +313,14 @@ impl<'a> SelCache<'a> {
                 }
             }
         }
-        Sel { set, bits }
+        Sel {
+            set,
+            aliases: list,
+            bits: OnceCell::new(),
+        }
     }
 
-    fn sel(&mut self, a: &'a Alias) -> Sel {
+    fn sel(&mut self, a: &'a Alias) -> Sel<'a> {
         self.sel_all(std::iter::once(a))
     }
 }
@@ -439,7 +443,66 @@ impl<'a> Evaluator<'a> {
             net_rules,
             ssh_rules,
             routes,
+            alias_bits: RefCell::new(HashMap::new()),
+            groups_of: OnceCell::new(),
         }
+    }
+
+    /// The nodes of `sel` as a bitmap over slots (built on first use).
+    fn sel_bits<'s>(&self, sel: &'s Sel<'a>) -> &'s [u64] {
+        sel.bits.get_or_init(|| {
+            let words = self.r.nodes.len().div_ceil(64);
+            let mut bits = vec![0u64; words];
+            for &a in &sel.aliases {
+                let one = self
+                    .alias_bits
+                    .borrow_mut()
+                    .entry(a)
+                    .or_insert_with(|| Rc::new(self.r.resolve_bits(a, words).1))
+                    .clone();
+                or_into(&mut bits, &one);
+            }
+            bits
+        })
+    }
+
+    /// Whether node `i` is among the nodes of `sel`.
+    fn sel_has(&self, sel: &Sel<'a>, i: usize) -> bool {
+        bit(self.sel_bits(sel), i)
+    }
+
+    /// [`Evaluator::sel_has`] for a source device: alias by alias while the bitmap is not
+    /// built.
+    fn sel_names(&self, sel: &Sel<'a>, i: usize) -> bool {
+        if let Some(bits) = sel.bits.get() {
+            return bit(bits, i);
+        }
+        sel.aliases.iter().any(|a| match a {
+            Alias::Group(g) => {
+                let n = &self.r.nodes[i];
+                n.alive
+                    && n.is_member()
+                    && n.email.as_deref().is_some_and(|e| {
+                        self.groups_of()
+                            .get(e)
+                            .is_some_and(|gs| gs.contains(&g.as_str()))
+                    })
+            }
+            a => self.r.alias_names(a, i),
+        })
+    }
+
+    /// The groups each user is a member of (a group lists hundreds of users).
+    fn groups_of(&self) -> &HashMap<&'a str, Vec<&'a str>> {
+        self.groups_of.get_or_init(|| {
+            let mut m: HashMap<&'a str, Vec<&'a str>> = HashMap::new();
+            for (g, members) in &self.r.policy.groups {
+                for e in members {
+                    m.entry(e.as_str()).or_default().push(g.as_str());
+                }
+            }
+            m
+        })
     }
 
     fn policy(&self) -> &Policy {
@@ -500,7 +563,7 @@ impl<'a> Evaluator<'a> {
     /// posture is `attrs` when the test gives `srcPostureAttrs`, else its own.
     fn src_matches(
         &self,
-        sel: &Sel,
+        sel: &Sel<'a>,
         postures: &[Posture],
         p: Principal,
         attrs: Option<&PostureAttrs>,
@@ -522,7 +585,7 @@ impl<'a> Evaluator<'a> {
             Principal::Node(i) => {
                 let n = &self.r.nodes[i];
                 s.danger_all
-                    || ((s.wildcard || sel.has(i)) && posture_ok(i))
+                    || ((s.wildcard || self.sel_names(sel, i)) && posture_ok(i))
                     || s.nets
                         .iter()
                         .any(|net| n.addrs.iter().any(|a| net.contains(a)))
@@ -549,14 +612,14 @@ impl<'a> Evaluator<'a> {
         a.is_member() && b.is_member() && a.email == b.email
     }
 
-    fn dst_covers(&self, sel: &Sel, t: Target, p: Principal) -> bool {
+    fn dst_covers(&self, sel: &Sel<'a>, t: Target, p: Principal) -> bool {
         let d = &sel.set;
         if d.wildcard {
             return true;
         }
         match t {
             Target::Node(j) => {
-                sel.has(j)
+                self.sel_has(sel, j)
                     || (d.self_devices && self.same_user(p, j))
                     || d.nets
                         .iter()
@@ -564,7 +627,9 @@ impl<'a> Evaluator<'a> {
             }
             Target::Addr { ip, node } => {
                 d.nets.iter().any(|n| n.contains(&ip))
-                    || node.is_some_and(|j| sel.has(j) || (d.self_devices && self.same_user(p, j)))
+                    || node.is_some_and(|j| {
+                        self.sel_has(sel, j) || (d.self_devices && self.same_user(p, j))
+                    })
                     || (d.internet && node.is_none() && is_internet(&ip))
             }
         }
@@ -600,7 +665,7 @@ impl<'a> Evaluator<'a> {
     /// Whether network rule `rule` lets `p` (one of its sources) reach `t`.
     fn rule_allows(
         &self,
-        rule: &NetRuleEval,
+        rule: &NetRuleEval<'a>,
         p: Principal,
         t: Target,
         protos: &[u8],
@@ -662,7 +727,7 @@ impl<'a> Evaluator<'a> {
                         all = true;
                         break;
                     }
-                    or_into(&mut cover, &d.bits);
+                    or_into(&mut cover, self.sel_bits(d));
                     if d.set.self_devices {
                         let own = own.get_or_insert_with(|| self.own_bits(p, words));
                         or_into(&mut cover, own);
@@ -1022,7 +1087,7 @@ impl<'a> Evaluator<'a> {
         sources: &[bool],
         d: usize,
         user: &str,
-    ) -> Option<&SshRuleEval> {
+    ) -> Option<&SshRuleEval<'a>> {
         let localpart = match p {
             Principal::Node(i) if self.r.nodes[i].is_member() => self.r.nodes[i]
                 .email
@@ -1037,7 +1102,7 @@ impl<'a> Evaluator<'a> {
             .find(|rule| {
                 let dn = &self.r.nodes[d];
                 let dst_ok = rule.dst.set.wildcard
-                || rule.dst.has(d)
+                || self.sel_has(&rule.dst, d)
                 || (rule.dst.set.self_devices && self.same_user(p, d))
                 || rule
                     .dst

@@ -448,6 +448,11 @@ impl<'a> Evaluator<'a> {
         }
     }
 
+    /// Words in a bitmap over slots.
+    fn words(&self) -> usize {
+        self.r.nodes.len().div_ceil(64)
+    }
+
     /// The nodes of `sel` as a bitmap over slots (built on first use).
     fn sel_bits<'s>(&self, sel: &'s Sel<'a>) -> &'s [u64] {
         sel.bits.get_or_init(|| {
@@ -706,6 +711,15 @@ impl<'a> Evaluator<'a> {
                 .count();
         let mut own: Option<Vec<u64>> = None;
         let mut cover = vec![0u64; words];
+        // Per slot, the first rule reaching it (targets may name a device twice).
+        let mut first = vec![
+            usize::MAX;
+            if open_nodes > 0 {
+                self.r.nodes.len()
+            } else {
+                0
+            }
+        ];
         for (ri, (rule, _)) in self
             .net_rules
             .iter()
@@ -751,14 +765,9 @@ impl<'a> Evaluator<'a> {
                     *c &= *w;
                     *w &= !*c;
                 }
-                open_nodes -= ones(&cover).count();
-                // Every target on a covered device (a device may be named twice).
-                for (k, t) in targets.iter().enumerate() {
-                    if let Target::Node(j) = *t {
-                        if out[k].is_none() && bit(&cover, j) {
-                            out[k] = Some(ri);
-                        }
-                    }
+                for j in ones(&cover) {
+                    first[j] = ri;
+                    open_nodes -= 1;
                 }
             }
             if open_addrs > 0 {
@@ -771,6 +780,11 @@ impl<'a> Evaluator<'a> {
                         open_addrs -= 1;
                     }
                 }
+            }
+        }
+        for (k, t) in targets.iter().enumerate() {
+            if let Target::Node(j) = *t {
+                out[k] = first.get(j).copied().filter(|&ri| ri != usize::MAX);
             }
         }
         out
@@ -798,12 +812,12 @@ impl<'a> Evaluator<'a> {
 
     /// The devices (or addresses) a test source names.
     fn src_principals(&self, src: &Located<Alias>) -> Result<Vec<Principal>, String> {
-        let res = self.r.resolve(&src.value);
+        let (res, bits) = self.r.resolve_bits(&src.value, self.words());
         let mut out: Vec<Principal> = Vec::new();
         if res.wildcard {
             out.extend(self.alive_nodes().map(Principal::Node));
         }
-        out.extend(res.nodes.iter().map(|&i| Principal::Node(i)));
+        out.extend(ones(&bits).map(Principal::Node));
         for n in &res.nets {
             if n.prefix_len() == n.max_prefix_len() {
                 let ip = n.addr();
@@ -845,12 +859,12 @@ impl<'a> Evaluator<'a> {
             }
             _ => {}
         }
-        let res = self.r.resolve(&dst.value.host);
+        let (res, bits) = self.r.resolve_bits(&dst.value.host, self.words());
         let mut targets: Vec<Target> = Vec::new();
         if res.wildcard {
             targets.extend(self.alive_nodes().map(Target::Node));
         }
-        targets.extend(res.nodes.iter().map(|&i| Target::Node(i)));
+        targets.extend(ones(&bits).map(Target::Node));
         for n in &res.nets {
             if n.prefix_len() != n.max_prefix_len() {
                 return Err(format!(
@@ -1052,12 +1066,12 @@ impl<'a> Evaluator<'a> {
         if dst.value == Alias::AutoGroup(AutoGroup::SelfDevices) {
             return Ok(DstHost::SelfDevices);
         }
-        let res = self.r.resolve(&dst.value);
+        let (res, bits) = self.r.resolve_bits(&dst.value, self.words());
         let mut nodes: Vec<usize> = Vec::new();
         if res.wildcard {
             nodes.extend(self.alive_nodes());
         }
-        nodes.extend(res.nodes.iter().copied());
+        nodes.extend(ones(&bits));
         for n in &res.nets {
             nodes.extend(
                 self.alive_nodes()

@@ -74,20 +74,11 @@ impl TestReport {
 /// Checks that need the tailnet: `user:*@domain` and `localpart:*@domain` must name the
 /// tailnet's own domains.
 pub fn check_policy_for_tailnet(policy: &Policy, tailnet: &Tailnet) -> Result<(), CoreError> {
-    let mut domains: Vec<&str> = tailnet
-        .users
-        .values()
-        .filter_map(|u| u.email.rsplit_once('@').map(|(_, d)| d))
-        .collect();
-    if let Some(d) = tailnet.settings.domain() {
-        domains.push(d);
-    }
     let own = tailnet.settings.domain();
     let check = |dom: &str, ssh: bool| -> Result<(), CoreError> {
         if Some(dom) == own {
             return Ok(());
         }
-        let _ = &domains;
         Err(CoreError::PolicyForTailnet(format!(
             "{}{dom} is not associated with this Tailnet and cannot be used in user:*@<domain> expressions",
             if ssh { "[ssh] " } else { "" }
@@ -284,8 +275,9 @@ struct Evaluator<'a> {
     routes: Vec<IpNet>,
     /// The nodes of each alias a destination bitmap was built from.
     alias_bits: RefCell<HashMap<&'a Alias, Rc<Vec<u64>>>>,
-    /// The groups each user (email) is a member of.
-    groups_of: OnceCell<HashMap<&'a str, Vec<&'a str>>>,
+    /// Whether a destination of some network rule is `autogroup:self` (what a rule lets
+    /// a device reach then depends on the device, not only on the rules it is a source of).
+    self_dst: bool,
 }
 
 /// Resolves selectors' shapes for the evaluator, each distinct alias once.
@@ -432,6 +424,9 @@ impl<'a> Evaluator<'a> {
                     .any(|u| matches!(u, SshUser::LocalPart(_))),
             })
             .collect();
+        let self_dst = net_rules
+            .iter()
+            .any(|rule| rule.entries.iter().any(|(d, _, _)| d.set.self_devices));
         let routes = r
             .nodes
             .iter()
@@ -444,7 +439,7 @@ impl<'a> Evaluator<'a> {
             ssh_rules,
             routes,
             alias_bits: RefCell::new(HashMap::new()),
-            groups_of: OnceCell::new(),
+            self_dst,
         }
     }
 
@@ -488,25 +483,14 @@ impl<'a> Evaluator<'a> {
                 n.alive
                     && n.is_member()
                     && n.email.as_deref().is_some_and(|e| {
-                        self.groups_of()
-                            .get(e)
-                            .is_some_and(|gs| gs.contains(&g.as_str()))
+                        self.r
+                            .policy
+                            .groups
+                            .get(g)
+                            .is_some_and(|members| members.iter().any(|m| m == e))
                     })
             }
             a => self.r.alias_names(a, i),
-        })
-    }
-
-    /// The groups each user is a member of (a group lists hundreds of users).
-    fn groups_of(&self) -> &HashMap<&'a str, Vec<&'a str>> {
-        self.groups_of.get_or_init(|| {
-            let mut m: HashMap<&'a str, Vec<&'a str>> = HashMap::new();
-            for (g, members) in &self.r.policy.groups {
-                for e in members {
-                    m.entry(e.as_str()).or_default().push(g.as_str());
-                }
-            }
-            m
         })
     }
 
@@ -790,6 +774,24 @@ impl<'a> Evaluator<'a> {
         out
     }
 
+    /// Whether one of the devices in `bits` is a device of `p`'s user (which
+    /// `autogroup:self` destinations let `p` reach).
+    fn owns_any(&self, p: Principal, bits: &[u64]) -> bool {
+        let Principal::Node(i) = p else {
+            return false;
+        };
+        let n = &self.r.nodes[i];
+        n.is_member()
+            && n.email.as_ref().is_some_and(|e| {
+                self.r
+                    .by_email
+                    .get(e)
+                    .into_iter()
+                    .flatten()
+                    .any(|&j| bit(bits, j) && self.same_user(p, j))
+            })
+    }
+
     /// The devices of `p`'s user as a bitmap over slots (empty unless `p` is a user's
     /// device): the nodes [`Evaluator::same_user`] holds for.
     fn own_bits(&self, p: Principal, words: usize) -> Vec<u64> {
@@ -955,6 +957,24 @@ impl<'a> Evaluator<'a> {
         what: &str,
     ) -> PairResult {
         let mut rules: Vec<String> = Vec::new();
+        // First rules per target, by the rules a device is a source of.
+        let mut memo: Vec<(Vec<bool>, Vec<Option<usize>>)> = Vec::new();
+        // The devices fixed targets name.
+        let target_bits = match host {
+            DstHost::Fixed(targets) => {
+                let mut bits = vec![0u64; self.words()];
+                for t in targets {
+                    match *t {
+                        Target::Node(j) | Target::Addr { node: Some(j), .. } => {
+                            set_bit(&mut bits, j);
+                        }
+                        Target::Addr { node: None, .. } => {}
+                    }
+                }
+                Some(bits)
+            }
+            DstHost::SelfDevices => None,
+        };
         for &p in principals {
             let targets = match host {
                 DstHost::Fixed(t) => t.clone(),
@@ -981,7 +1001,24 @@ impl<'a> Evaluator<'a> {
             }
             let sources = self.net_sources(p, attrs);
             let firsts: Vec<Option<&str>> = if self.policy().has_rules {
-                self.first_rules(p, &sources, &targets, protos, port)
+                // Devices that are sources of the same rules reach the same fixed targets
+                // alike (unless a rule reaches a device's own devices): a user's devices
+                // are settled once.
+                let shared = match (host, &target_bits) {
+                    (DstHost::Fixed(_), Some(bits)) => !self.self_dst || !self.owns_any(p, bits),
+                    _ => false,
+                };
+                let rules = match memo.iter().find(|(s, _)| shared && *s == sources) {
+                    Some((_, rules)) => rules.clone(),
+                    None => {
+                        let rules = self.first_rules(p, &sources, &targets, protos, port);
+                        if shared {
+                            memo.push((sources, rules.clone()));
+                        }
+                        rules
+                    }
+                };
+                rules
                     .into_iter()
                     .map(|ri| {
                         ri.and_then(|ri| self.net_rules.get(ri))

@@ -101,7 +101,7 @@ const MAX_DEPTH: usize = 128;
 /// Parses HuJSON text into a positioned tree.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut p = Parser {
-        chars: text.chars().collect(),
+        text,
         i: 0,
         line: 1,
         col: 1,
@@ -109,20 +109,21 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     p.skip_ws()?;
     let v = p.value(0)?;
     p.skip_ws()?;
-    if p.i < p.chars.len() {
+    if p.i < p.text.len() {
         return Err(p.err("unexpected text after the top-level value"));
     }
     Ok(v)
 }
 
-struct Parser {
-    chars: Vec<char>,
+/// Reads `text` from byte `i` (always at a character boundary).
+struct Parser<'t> {
+    text: &'t str,
     i: usize,
     line: u32,
     col: u32,
 }
 
-impl Parser {
+impl Parser<'_> {
     fn pos(&self) -> Pos {
         Pos {
             line: self.line,
@@ -138,12 +139,17 @@ impl Parser {
     }
 
     fn peek(&self) -> Option<char> {
-        self.chars.get(self.i).copied()
+        self.text.get(self.i..)?.chars().next()
+    }
+
+    /// The character after the next one.
+    fn peek2(&self) -> Option<char> {
+        self.text.get(self.i..)?.chars().nth(1)
     }
 
     fn bump(&mut self) -> Option<char> {
         let c = self.peek()?;
-        self.i += 1;
+        self.i += c.len_utf8();
         if c == '\n' {
             self.line += 1;
             self.col = 1;
@@ -161,7 +167,7 @@ impl Parser {
                 }
                 Some('/') => {
                     let start = self.pos();
-                    match self.chars.get(self.i + 1) {
+                    match self.peek2() {
                         Some('/') => {
                             while let Some(c) = self.peek() {
                                 if c == '\n' {
@@ -242,7 +248,7 @@ impl Parser {
         if digits(self) == 0 {
             return Err(self.err("invalid number"));
         }
-        if self.chars[int_start] == '0' && self.i - int_start > 1 {
+        if self.text.as_bytes().get(int_start) == Some(&b'0') && self.i - int_start > 1 {
             return Err(self.err("invalid number: leading zero"));
         }
         if self.peek() == Some('.') {
@@ -260,7 +266,9 @@ impl Parser {
                 return Err(self.err("invalid number: digits expected in exponent"));
             }
         }
-        Ok(Value::Number(self.chars[start..self.i].iter().collect()))
+        Ok(Value::Number(
+            self.text.get(start..self.i).unwrap_or_default().to_string(),
+        ))
     }
 
     fn hex4(&mut self) -> Result<u32, SyntaxError> {
@@ -284,16 +292,19 @@ impl Parser {
         loop {
             // A run of plain characters at once (no line breaks in it: they are control
             // characters, which end the run).
-            let run = self.chars[self.i.min(self.chars.len())..]
+            let rest = self.text.as_bytes().get(self.i..).unwrap_or_default();
+            let run = rest
                 .iter()
-                .take_while(|&&c| c != '"' && c != '\\' && (c as u32) >= 0x20)
-                .count();
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .unwrap_or(rest.len());
             if run > 0 {
-                out.extend(&self.chars[self.i..self.i + run]);
+                // The run ends at an ASCII byte (or the end): a character boundary.
+                out.push_str(self.text.get(self.i..self.i + run).unwrap_or_default());
+                let chars = rest[..run].iter().filter(|&&b| b & 0xC0 != 0x80).count();
                 self.i += run;
                 self.col = self
                     .col
-                    .saturating_add(u32::try_from(run).unwrap_or(u32::MAX));
+                    .saturating_add(u32::try_from(chars).unwrap_or(u32::MAX));
             }
             let c = self.bump().ok_or(SyntaxError {
                 pos: start,
@@ -315,9 +326,7 @@ impl Parser {
                         'u' => {
                             let hi = self.hex4()?;
                             let cp = if (0xD800..0xDC00).contains(&hi) {
-                                if self.peek() == Some('\\')
-                                    && self.chars.get(self.i + 1) == Some(&'u')
-                                {
+                                if self.peek() == Some('\\') && self.peek2() == Some('u') {
                                     self.bump();
                                     self.bump();
                                     let lo = self.hex4()?;
@@ -430,6 +439,30 @@ mod tests {
         };
         assert_eq!(m[0].0.pos, Pos { line: 2, column: 3 });
         assert_eq!(m[0].1.pos, Pos { line: 2, column: 8 });
+    }
+
+    #[test]
+    fn columns_count_characters_not_bytes() {
+        let v = parse("{\"é\": \"üx\\u00e9\", \"b\": \"\u{1F600}\"}").unwrap();
+        let Value::Object(m) = v.value else {
+            unreachable!()
+        };
+        assert_eq!(m[0].1.value, Value::String("üxé".into()));
+        assert_eq!(
+            m[1].0.pos,
+            Pos {
+                line: 1,
+                column: 19
+            }
+        );
+        assert_eq!(
+            m[1].1.pos,
+            Pos {
+                line: 1,
+                column: 24
+            }
+        );
+        assert_eq!(m[1].1.value, Value::String("\u{1F600}".into()));
     }
 
     #[test]

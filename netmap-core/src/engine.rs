@@ -769,12 +769,19 @@ impl Engine {
             }
             let pairs: Vec<((usize, usize), (SharedPeers, SharedPeers))> =
                 pairs.into_iter().collect();
-            pairs
-                .into_par_iter()
-                .map(|(k, (a, b))| (k, Arc::new(shared_diff(&a, &b))))
-                .collect::<Vec<_>>()
-                .into_iter()
-                .collect()
+            let diff = |(k, (a, b)): ((usize, usize), (SharedPeers, SharedPeers))| {
+                (k, Arc::new(shared_diff(&a, &b)))
+            };
+            if pairs.len() > 1 {
+                pairs
+                    .into_par_iter()
+                    .map(diff)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .collect()
+            } else {
+                pairs.into_iter().map(diff).collect()
+            }
         };
         let mut differ = Differ::new(&known);
         // Each recomputed view with its delta (diffed where it is computed).

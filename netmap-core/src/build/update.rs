@@ -1284,15 +1284,19 @@ impl Plan {
         let mut deltas: SlotMap<usize, Arc<ListDelta>> = SlotMap::default();
         let class_ids: Vec<usize> = self.classes.live().collect();
         let old_plain = w.old_plain.clone();
-        let edited: Vec<(usize, SharedPeers, ListDelta)> = class_ids
-            .par_iter()
-            .filter_map(|&c| {
-                let key = self.classes.key(c)?;
-                let list = self.classes.lists.get(c)?;
-                self.edit_list(key, list, &cands, &groups, &old_plain)
-                    .map(|(l, d)| (c, l, d))
-            })
-            .collect();
+        let edit = |&c: &usize| {
+            let key = self.classes.key(c)?;
+            let list = self.classes.lists.get(c)?;
+            self.edit_list(key, list, &cands, &groups, &old_plain)
+                .map(|(l, d)| (c, l, d))
+        };
+        // A node change edits each list at a node or two: not worth waking the pool for.
+        let edited: Vec<(usize, SharedPeers, ListDelta)> =
+            if cands.len().saturating_mul(class_ids.len()) > 4096 {
+                class_ids.par_iter().filter_map(edit).collect()
+            } else {
+                class_ids.iter().filter_map(edit).collect()
+            };
         for (c, list, delta) in edited {
             self.classes.lists.set(c, list);
             deltas.insert(c, Arc::new(delta));

@@ -212,7 +212,7 @@ struct MovedNodes {
 }
 
 /// How rule `before` became `after` when only the nodes of its sets changed (`None`
-/// otherwise, or when more than a handful of sources moved).
+/// otherwise).
 fn moved_nodes(
     before: &crate::compute::NetRule,
     after: &crate::compute::NetRule,

@@ -1193,6 +1193,47 @@ impl Plan {
         self.stored_view_keeping(v, None)
     }
 
+    /// Node `v`'s stored view after an update that changed only the ports of rules
+    /// `patched` as far as its filter goes: `old` (its stored view before) with the entry
+    /// bound to each of those rules recomputed, and its current class. `None` when an entry
+    /// is not its rule's alone (merged with another rule's, or an `autogroup:self` rule's)
+    /// or would go: the whole view is recomputed then.
+    pub(crate) fn patched_view(
+        &self,
+        v: usize,
+        old: &StoredView,
+        patched: &[usize],
+    ) -> Option<StoredView> {
+        let mut filter: Option<Vec<(FilterRule, Option<usize>)>> = None;
+        for &ri in patched {
+            let rule = self.rules.get(ri)?;
+            if !self.covered_by(v, ri) {
+                continue;
+            }
+            let mut at = old
+                .filter
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, b))| *b == Some(ri))
+                .map(|(i, _)| i);
+            let (Some(i), None) = (at.next(), at.next()) else {
+                return None;
+            };
+            let entry = crate::compute::rule_entry(self, v, ri, rule)?;
+            let f = filter.get_or_insert_with(|| (*old.filter).clone());
+            let slot = f.get_mut(i)?;
+            if !entry.cap_grant.is_empty() || entry.ip_proto != slot.0.ip_proto {
+                return None;
+            }
+            slot.0.dst_ports = entry.dst_ports;
+        }
+        Some(StoredView {
+            class: self.class_of[v],
+            filter: filter.map_or_else(|| old.filter.clone(), Arc::new),
+            ..old.clone()
+        })
+    }
+
     /// Node `v`'s stored view, taking its SSH rules and capabilities from `kept` (its
     /// stored view before an update that, by its `keeps`, left them as they were)
     /// instead of computing them again.

@@ -362,102 +362,106 @@ impl NetRule {
 /// of one non-self rule alone is bound to it (`Some(rule id)`): its sources are that rule's
 /// current source list.
 pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule, Option<usize>)> {
-    let r = &plan.r;
     let mut out: Vec<(FilterRule, Option<usize>)> = Vec::new();
     for (ri, rule) in plan.rules.ordered() {
-        // Only rules that cover the node can give it entries.
-        if !plan.covered_by(d, ri) {
+        let Some(entry) = rule_entry(plan, d, ri, rule) else {
             continue;
-        }
-        if rule.self_rule && !r.nodes[d].is_member() {
-            continue;
-        }
-        let mut dst_ports = Vec::new();
-        let mut cap_dsts: Vec<String> = Vec::new();
-        for (dst, ports) in &rule.dsts {
-            let entries = rule.entries_for(r, dst, d);
-            if entries.is_empty() {
-                continue;
-            }
-            if rule.caps.is_some() {
-                for a in &r.nodes[d].addrs {
-                    let s = host_prefix(*a);
-                    if !cap_dsts.contains(&s) {
-                        cap_dsts.push(s);
-                    }
-                }
-                continue;
-            }
-            for e in entries {
-                for p in ports {
-                    dst_ports.push(DstPort {
-                        ip: e.clone(),
-                        ports: Ports {
-                            first: p.first,
-                            last: p.last,
-                        },
-                    });
-                }
-            }
-        }
-        let src_ips = if rule.self_rule {
-            match r.nodes[d]
-                .email
-                .as_ref()
-                .and_then(|e| plan.self_src.get(&(ri, e.clone())))
-            {
-                Some(s) => s.clone(),
-                None => continue,
-            }
-        } else {
-            match plan.src_strings.get(ri) {
-                Some(s) => s.clone(),
-                None => continue,
-            }
         };
-        if let Some(caps) = &rule.caps {
-            if cap_dsts.is_empty() {
-                continue;
-            }
-            out.push((
-                FilterRule {
-                    src_ips,
-                    dst_ports: Arc::default(),
-                    ip_proto: Vec::new(),
-                    cap_grant: vec![CapGrant {
-                        dsts: cap_dsts,
-                        cap_map: caps.clone(),
-                    }],
-                },
-                (!rule.self_rule).then_some(ri),
-            ));
-            continue;
-        }
-        if dst_ports.is_empty() || src_ips.is_empty() {
+        let bound = (!rule.self_rule).then_some(ri);
+        if !entry.cap_grant.is_empty() {
+            out.push((entry, bound));
             continue;
         }
         // Rules with the same sources and protocols merge.
         if let Some((existing, bound)) = out.iter_mut().find(|(f, _)| {
             f.cap_grant.is_empty()
-                && f.ip_proto == rule.protos
-                && (Arc::ptr_eq(&f.src_ips, &src_ips) || f.src_ips == src_ips)
+                && f.ip_proto == entry.ip_proto
+                && (Arc::ptr_eq(&f.src_ips, &entry.src_ips) || f.src_ips == entry.src_ips)
         }) {
-            Arc::make_mut(&mut existing.dst_ports).extend(dst_ports);
+            let more = Arc::try_unwrap(entry.dst_ports).unwrap_or_else(|a| (*a).clone());
+            Arc::make_mut(&mut existing.dst_ports).extend(more);
             // Two rules in one entry: it follows neither alone.
             *bound = None;
         } else {
-            out.push((
-                FilterRule {
-                    src_ips,
-                    dst_ports: Arc::new(dst_ports),
-                    ip_proto: rule.protos.clone(),
-                    cap_grant: Vec::new(),
-                },
-                (!rule.self_rule).then_some(ri),
-            ));
+            out.push((entry, bound));
         }
     }
     out
+}
+
+/// The filter entry rule `rule` (id `ri`) alone gives node `d`, before entries of rules
+/// with the same sources and protocols merge; `None` when it gives none.
+pub(crate) fn rule_entry(
+    plan: &crate::build::Plan,
+    d: usize,
+    ri: usize,
+    rule: &NetRule,
+) -> Option<FilterRule> {
+    let r = &plan.r;
+    // Only rules that cover the node can give it entries.
+    if !plan.covered_by(d, ri) || (rule.self_rule && !r.nodes[d].is_member()) {
+        return None;
+    }
+    let mut dst_ports = Vec::new();
+    let mut cap_dsts: Vec<String> = Vec::new();
+    for (dst, ports) in &rule.dsts {
+        let entries = rule.entries_for(r, dst, d);
+        if entries.is_empty() {
+            continue;
+        }
+        if rule.caps.is_some() {
+            for a in &r.nodes[d].addrs {
+                let s = host_prefix(*a);
+                if !cap_dsts.contains(&s) {
+                    cap_dsts.push(s);
+                }
+            }
+            continue;
+        }
+        for e in entries {
+            for p in ports {
+                dst_ports.push(DstPort {
+                    ip: e.clone(),
+                    ports: Ports {
+                        first: p.first,
+                        last: p.last,
+                    },
+                });
+            }
+        }
+    }
+    let src_ips = if rule.self_rule {
+        r.nodes[d]
+            .email
+            .as_ref()
+            .and_then(|e| plan.self_src.get(&(ri, e.clone())))?
+            .clone()
+    } else {
+        plan.src_strings.get(ri)?.clone()
+    };
+    if let Some(caps) = &rule.caps {
+        if cap_dsts.is_empty() {
+            return None;
+        }
+        return Some(FilterRule {
+            src_ips,
+            dst_ports: Arc::default(),
+            ip_proto: Vec::new(),
+            cap_grant: vec![CapGrant {
+                dsts: cap_dsts,
+                cap_map: caps.clone(),
+            }],
+        });
+    }
+    if dst_ports.is_empty() || src_ips.is_empty() {
+        return None;
+    }
+    Some(FilterRule {
+        src_ips,
+        dst_ports: Arc::new(dst_ports),
+        ip_proto: rule.protos.clone(),
+        cap_grant: Vec::new(),
+    })
 }
 
 /// Whether `rule` (id `ri`) lets a viewer reach prefix `route`, or lets `route` reach it:

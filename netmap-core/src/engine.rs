@@ -741,18 +741,21 @@ impl Engine {
         let old_tables = &self.current.tables;
         let affected = self.plan.update(&tailnet, batch);
         let new_tables = self.plan.tables();
-        let recompute: Vec<usize> = affected
+        // Views computed again: in whole, or patched (see `touch::PATCH`).
+        let fresh_flags = touch::RECOMPUTE | touch::PATCH;
+        let recompute: Vec<(usize, u8)> = affected
             .slots
             .iter()
-            .filter(|(_, f)| f & touch::RECOMPUTE != 0)
-            .map(|&(s, _)| s)
+            .filter(|(_, f)| f & fresh_flags != 0)
+            .copied()
             .collect();
         let plan = &self.plan;
         // The class list pairs recomputed views move between, each diffed once (in
         // parallel: a policy edit moves thousands of views between a few large lists).
         let known: KnownDeltas = {
             let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> = SlotMap::default();
-            for &s in &recompute {
+            // Only views that moved to another class read another list.
+            for &(s, _) in recompute.iter().filter(|(_, f)| f & touch::CLASS != 0) {
                 let Some(old) = old_views.get(plan.name(s)) else {
                     continue;
                 };
@@ -786,10 +789,15 @@ impl Engine {
         let mut differ = Differ::new(&known);
         // Each recomputed view with its delta (diffed where it is computed).
         let keeps = affected.keeps;
-        let fresh_view = |differ: &mut Differ, s: usize| {
+        let patched = &affected.patched;
+        let fresh_view = |differ: &mut Differ, (s, f): (usize, u8)| {
             let n = plan.name(s);
             let old = old_views.get(n);
-            let sv = plan.stored_view_keeping(s, old.map(|o| (o, keeps)));
+            let sv = match old {
+                Some(o) if f & touch::RECOMPUTE == 0 => plan.patched_view(s, o, patched),
+                _ => None,
+            }
+            .unwrap_or_else(|| plan.stored_view_keeping(s, old.map(|o| (o, keeps))));
             let d = match old {
                 Some(o) => differ.diff_stored(n, (o, old_tables), (&sv, &new_tables)),
                 None => NodeDelta {
@@ -819,7 +827,7 @@ impl Engine {
         let mut fresh = fresh.into_iter();
         for &(s, f) in &affected.slots {
             let n = plan.name(s);
-            if f & touch::RECOMPUTE != 0 {
+            if f & fresh_flags != 0 {
                 let Some((sv, d)) = fresh.next() else {
                     continue;
                 };

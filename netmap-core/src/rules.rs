@@ -90,8 +90,11 @@ pub(crate) struct RuleEdit {
     pub removed: Vec<(usize, NetRule)>,
     /// Ids of new rules (resolved when added).
     pub added: Vec<usize>,
-    /// Ids of rules whose ports, protocols or capability values changed (same selectors).
+    /// Ids of rules whose protocols or capability values changed (same selectors; their
+    /// ports may have changed too).
     pub restated: Vec<usize>,
+    /// Ids of network rules whose ports alone changed (same selectors and protocols).
+    pub ports_only: Vec<usize>,
     /// Ids of kept rules that name a group, host or ipset whose definition changed, with the
     /// rule as it was (their sets are resolved again).
     pub redefined: Vec<(usize, NetRule)>,
@@ -105,6 +108,7 @@ impl RuleEdit {
         self.removed.is_empty()
             && self.added.is_empty()
             && self.restated.is_empty()
+            && self.ports_only.is_empty()
             && self.redefined.is_empty()
             && !self.reordered
     }
@@ -227,9 +231,16 @@ impl RuleTable {
                                 let _ = d;
                                 *ports = new_ports;
                             }
+                            let ports_only = rule.caps.is_none()
+                                && spec.caps.is_none()
+                                && rule.protos == spec.protos;
                             rule.protos = spec.protos;
                             rule.caps = spec.caps;
-                            edit.restated.push(id);
+                            if ports_only {
+                                edit.ports_only.push(id);
+                            } else {
+                                edit.restated.push(id);
+                            }
                         }
                         if changed(rule) {
                             let before = rule.clone();

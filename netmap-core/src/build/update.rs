@@ -50,6 +50,9 @@ pub(crate) mod touch {
     pub const SSH: u8 = 8;
     /// It moved to another class (its stored view takes the new class).
     pub const CLASS: u8 = 16;
+    /// The ports of rules in [`super::Affected::patched`] that cover it changed: its filter
+    /// entry bound to each is recomputed (the whole view when it has no such entry).
+    pub const PATCH: u8 = 32;
 }
 
 /// A change to apply to a plan.
@@ -86,6 +89,8 @@ pub(crate) struct Affected {
     pub removed: Vec<Arc<str>>,
     /// The parts of every view that the update left as they were.
     pub keeps: Keeps,
+    /// Rules whose ports alone changed (for views under `PATCH`).
+    pub patched: Vec<usize>,
 }
 
 /// Parts of the views an update cannot have changed, so that a view recomputed for another
@@ -161,6 +166,8 @@ struct Work {
     self_rules_changed: bool,
     routes_set_changed: bool,
     recompute_all: bool,
+    /// Rules whose ports alone changed.
+    patched: Vec<usize>,
 }
 
 impl Work {
@@ -368,6 +375,7 @@ impl Plan {
             self_rules_changed: false,
             routes_set_changed: false,
             recompute_all: false,
+            patched: Vec::new(),
         };
         let mut names: BTreeSet<String> = batch.nodes.into_iter().collect();
 
@@ -715,6 +723,7 @@ impl Plan {
         };
         Affected {
             keeps,
+            patched: w.patched,
             slots: self
                 .name_order
                 .iter()
@@ -883,7 +892,7 @@ impl Plan {
     /// Applies the new policy's rules: matches them with the rules in force, resolves the new
     /// and redefined ones, and updates the bit columns of every rule that changed.
     fn apply_rule_edit(&mut self, old: &Policy, w: &mut Work) {
-        use super::touch::RECOMPUTE;
+        use super::touch::{PATCH, RECOMPUTE};
         let new = self.r.policy.clone();
         let specs = rule_specs(&new);
         let r = &self.r;
@@ -935,6 +944,14 @@ impl Plan {
                     w.flags[v] |= RECOMPUTE;
                 }
             }
+        }
+        for &id in &edit.ports_only {
+            for &v in &live {
+                if self.covered_by(v, id) {
+                    w.flags[v] |= PATCH;
+                }
+            }
+            w.patched.push(id);
         }
         for (id, before) in &edit.redefined {
             let Some(rule) = self.rules.get_mut(*id) else {

@@ -987,6 +987,7 @@ impl Plan {
                         }
                     }
                 }
+                None if !dst_changed => self.set_src_column(*id, &live, w),
                 None => {
                     self.set_column(*id, &live, w);
                     if dst_changed {
@@ -1069,6 +1070,23 @@ impl Plan {
             })
             .collect();
         for (v, s, d) in bits {
+            self.set_bits(v, ri, s, d, w);
+        }
+    }
+
+    /// Recomputes the source bits of rule `ri`'s column for the live slots (its
+    /// destinations are as they were).
+    fn set_src_column(&mut self, ri: usize, live: &[usize], w: &mut Work) {
+        let Some(rule) = self.rules.get(ri) else {
+            return;
+        };
+        let bits: Vec<(usize, bool)> = live
+            .iter()
+            .map(|&v| (v, self.r.src_contains(&rule.src, v)))
+            .filter(|&(v, s)| s != bit(self.src_bits.row(v), ri))
+            .collect();
+        for (v, s) in bits {
+            let d = bit(self.dst_bits.row(v), ri);
             self.set_bits(v, ri, s, d, w);
         }
     }

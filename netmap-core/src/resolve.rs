@@ -156,7 +156,13 @@ impl Resolved {
         self.danger_all |= o.danger_all;
         self.self_devices |= o.self_devices;
         self.internet |= o.internet;
-        self.nodes.extend(o.nodes);
+        // Merged in bulk (`extend` would insert node by node).
+        let mut nodes = o.nodes;
+        if self.nodes.is_empty() {
+            self.nodes = nodes;
+        } else {
+            self.nodes.append(&mut nodes);
+        }
         self.aliases.extend(o.aliases);
         for n in o.nets {
             if !self.nets.contains(&n) {

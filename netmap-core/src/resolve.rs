@@ -232,14 +232,11 @@ impl Resolver {
     /// Resolves one alias.
     pub fn resolve(&self, a: &Alias) -> Resolved {
         let mut nodes = Vec::new();
-        let mut r = self.resolve_with(
-            a,
-            Some(&mut |i| {
-                if self.nodes[i].alive {
-                    nodes.push(i);
-                }
-            }),
-        );
+        let mut r = self.resolve_with(a, &mut |i| {
+            if self.nodes[i].alive {
+                nodes.push(i);
+            }
+        });
         r.nodes = nodes.into_iter().collect();
         r.aliases = vec![a.clone()];
         r
@@ -386,14 +383,11 @@ impl Resolver {
     /// returned set's `nodes` stays empty.
     pub fn resolve_bits(&self, a: &Alias, words: usize) -> (Resolved, Vec<u64>) {
         let mut bits = vec![0u64; words];
-        let mut r = self.resolve_with(
-            a,
-            Some(&mut |i| {
-                if self.nodes[i].alive {
-                    crate::bits::set_bit(&mut bits, i);
-                }
-            }),
-        );
+        let mut r = self.resolve_with(a, &mut |i| {
+            if self.nodes[i].alive {
+                crate::bits::set_bit(&mut bits, i);
+            }
+        });
         r.aliases = vec![a.clone()];
         (r, bits)
     }
@@ -401,34 +395,32 @@ impl Resolver {
     /// What one alias resolves to but its nodes (`nodes` stays empty): its flags and
     /// prefixes, without visiting a node.
     pub fn resolve_shape(&self, a: &Alias) -> Resolved {
-        let mut r = self.resolve_with(a, None);
+        // Aliases that name nodes and nothing else resolve to an empty shape.
+        let nodes_only = match a {
+            Alias::User(_) | Alias::UserDomain(_) | Alias::Group(_) | Alias::Tag(_) => true,
+            Alias::AutoGroup(g) => !matches!(
+                g,
+                AutoGroup::SelfDevices
+                    | AutoGroup::Internet
+                    | AutoGroup::DangerAll
+                    | AutoGroup::NonRoot
+                    | AutoGroup::Shared
+            ),
+            _ => false,
+        };
+        let mut r = if nodes_only {
+            Resolved::default()
+        } else {
+            self.resolve_with(a, &mut |_| {})
+        };
         r.aliases = vec![a.clone()];
         r
     }
 
     /// Resolves one alias, handing each node it names by identity to `node` (dead slots
-    /// included; `nodes` of the result stays empty). Without `node`, nodes are not visited.
-    fn resolve_with(&self, a: &Alias, node: Option<&mut dyn FnMut(usize)>) -> Resolved {
+    /// included; `nodes` of the result stays empty).
+    fn resolve_with(&self, a: &Alias, node: &mut dyn FnMut(usize)) -> Resolved {
         let mut r = Resolved::default();
-        let Some(node) = node else {
-            // Aliases that name nodes and nothing else resolve to an empty shape.
-            let nodes_only = match a {
-                Alias::User(_) | Alias::UserDomain(_) | Alias::Group(_) | Alias::Tag(_) => true,
-                Alias::AutoGroup(g) => !matches!(
-                    g,
-                    AutoGroup::SelfDevices
-                        | AutoGroup::Internet
-                        | AutoGroup::DangerAll
-                        | AutoGroup::NonRoot
-                        | AutoGroup::Shared
-                ),
-                _ => false,
-            };
-            if nodes_only {
-                return r;
-            }
-            return self.resolve_with(a, Some(&mut |_| {}));
-        };
         let mut all = |pred: &dyn Fn(&NodeInfo) -> bool| {
             for (i, n) in self.nodes.iter().enumerate() {
                 if pred(n) {

@@ -451,7 +451,7 @@ impl<'a> Evaluator<'a> {
     /// The nodes of `sel` as a bitmap over slots (built on first use).
     fn sel_bits<'s>(&self, sel: &'s Sel<'a>) -> &'s [u64] {
         sel.bits.get_or_init(|| {
-            let words = self.r.nodes.len().div_ceil(64);
+            let words = self.words();
             let mut bits = vec![0u64; words];
             for &a in &sel.aliases {
                 let one = self
@@ -477,21 +477,7 @@ impl<'a> Evaluator<'a> {
         if let Some(bits) = sel.bits.get() {
             return bit(bits, i);
         }
-        sel.aliases.iter().any(|a| match a {
-            Alias::Group(g) => {
-                let n = &self.r.nodes[i];
-                n.alive
-                    && n.is_member()
-                    && n.email.as_deref().is_some_and(|e| {
-                        self.r
-                            .policy
-                            .groups
-                            .get(g)
-                            .is_some_and(|members| members.iter().any(|m| m == e))
-                    })
-            }
-            a => self.r.alias_names(a, i),
-        })
+        sel.aliases.iter().any(|a| self.r.alias_names(a, i))
     }
 
     fn policy(&self) -> &Policy {
@@ -1004,10 +990,9 @@ impl<'a> Evaluator<'a> {
                 // Devices that are sources of the same rules reach the same fixed targets
                 // alike (unless a rule reaches a device's own devices): a user's devices
                 // are settled once.
-                let shared = match (host, &target_bits) {
-                    (DstHost::Fixed(_), Some(bits)) => !self.self_dst || !self.owns_any(p, bits),
-                    _ => false,
-                };
+                let shared = target_bits
+                    .as_ref()
+                    .is_some_and(|bits| !self.self_dst || !self.owns_any(p, bits));
                 let rules = match memo.iter().find(|(s, _)| shared && *s == sources) {
                     Some((_, rules)) => rules.clone(),
                     None => {

@@ -259,12 +259,7 @@ fn moved_nodes(
 
 /// A resolved set's content (without the aliases it came from).
 fn same_set(a: &Resolved, b: &Resolved) -> bool {
-    a.wildcard == b.wildcard
-        && a.danger_all == b.danger_all
-        && a.self_devices == b.self_devices
-        && a.internet == b.internet
-        && a.nodes == b.nodes
-        && a.nets == b.nets
+    a.same_but_nodes(b) && a.nodes == b.nodes
 }
 
 /// Whether two policies' `nodeAttrs` (and tailnet-wide switches that become capabilities)
@@ -990,28 +985,23 @@ impl Plan {
                 None if !dst_changed => self.set_src_column(*id, &live, w),
                 None => {
                     self.set_column(*id, &live, w);
-                    if dst_changed {
-                        for &v in &live {
-                            if self.covered_by(v, *id) {
-                                w.flags[v] |= RECOMPUTE;
-                            }
+                    for &v in &live {
+                        if self.covered_by(v, *id) {
+                            w.flags[v] |= RECOMPUTE;
                         }
                     }
                 }
             }
             if src_changed {
                 w.self_rules_changed |= after.self_rule;
-                if !after.self_rule {
-                    let old = self.src_strings.get(*id).cloned().unwrap_or_default();
+                if let (false, Some(old)) = (after.self_rule, self.src_strings.get(*id).cloned()) {
                     let list = moved
                         .as_ref()
                         .and_then(|m| self.edit_src_list(*id, &old, &m.src, w))
                         .unwrap_or_else(|| self.src_list(*id));
-                    if let Some(old) = self.src_strings.get(*id).cloned() {
-                        if *old != *list {
-                            self.src_strings.set(*id, list);
-                            w.changed_lists.push((*id, old));
-                        }
+                    if *old != *list {
+                        self.src_strings.set(*id, list);
+                        w.changed_lists.push((*id, old));
                     }
                 }
             }

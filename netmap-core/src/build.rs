@@ -1145,32 +1145,6 @@ impl Plan {
         self.class_of[slot]
     }
 
-    /// Parses and checks a policy for the tailnet: validation, domain checks, tests. The
-    /// tests run against this plan's nodes when the new policy does not change what they
-    /// hold (IPv4 use, auto-approved routes), which saves preparing every node again; the
-    /// report of failing tests comes from a fresh preparation, as [`crate::run_tests`] makes it.
-    pub(crate) fn load_policy(
-        &mut self,
-        text: &str,
-        tailnet: &Tailnet,
-    ) -> Result<Policy, crate::CoreError> {
-        let policy = netmap_policy::parse_policy(text)?;
-        crate::tests_eval::check_policy_for_tailnet(&policy, tailnet)?;
-        if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
-            return Ok(policy);
-        }
-        if !update::node_facts_differ(&self.r.policy, &policy) {
-            let old = std::mem::replace(&mut self.r.policy, Arc::new(policy));
-            let passed = crate::tests_eval::run_tests_with(&self.r).passed();
-            let policy = std::mem::replace(&mut self.r.policy, old);
-            let policy = Arc::try_unwrap(policy).unwrap_or_else(|p| (*p).clone());
-            if passed {
-                return Ok(policy);
-            }
-        }
-        crate::engine::load_policy(text, tailnet)
-    }
-
     /// The name of a slot's node, shared.
     pub(crate) fn key(&self, slot: usize) -> &Arc<str> {
         &self.r.nodes[slot].key

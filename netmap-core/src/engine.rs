@@ -597,7 +597,7 @@ impl Engine {
     /// Builds an engine from a policy text and a tailnet; a rejected policy is an error.
     pub fn new(policy_text: &str, tailnet: Tailnet) -> Result<Engine, CoreError> {
         let policy = load_policy(policy_text, &tailnet)?;
-        Ok(Engine::with_policy(policy_text, policy, tailnet))
+        Ok(Engine::with_policy(policy_text, Arc::new(policy), tailnet))
     }
 
     /// Rebuilds an engine from state that was accepted before (a server restarting): the
@@ -605,11 +605,10 @@ impl Engine {
     /// set it, not this restart.
     pub fn restore(policy_text: &str, tailnet: Tailnet) -> Result<Engine, CoreError> {
         let policy = netmap_policy::parse_policy(policy_text)?;
-        Ok(Engine::with_policy(policy_text, policy, tailnet))
+        Ok(Engine::with_policy(policy_text, Arc::new(policy), tailnet))
     }
 
-    fn with_policy(policy_text: &str, policy: Policy, tailnet: Tailnet) -> Engine {
-        let policy = Arc::new(policy);
+    fn with_policy(policy_text: &str, policy: Arc<Policy>, tailnet: Tailnet) -> Engine {
         let mut tailnet = tailnet;
         // Nodes loaded without a recorded name get one now, oldest first.
         let mut unnamed: Vec<(String, String, (i64, u32))> = tailnet
@@ -657,6 +656,7 @@ impl Engine {
         let not_found =
             |what: &str, name: &str| CoreError::NotFound(format!("{what} {name:?} not found"));
         let mut batch = Batch::default();
+        let mut test_new_policy = false;
         match change {
             Change::UpsertNode { node, value } => {
                 // The same node again, its presence aside (which only routers' peers read).
@@ -710,12 +710,22 @@ impl Engine {
                 batch.nodes = self.plan.user_nodes(&name);
             }
             Change::SetPolicy { policy: text } => {
-                let new = self.plan.load_policy(&text, &tailnet)?;
-                policy_text = Arc::from(text.as_str());
+                let new = netmap_policy::parse_policy(&text)?;
+                crate::tests_eval::check_policy_for_tailnet(&new, &tailnet)?;
                 if new != *policy {
+                    // Tested once the plan holds it, beside the views being computed.
+                    test_new_policy = !(new.tests.is_empty() && new.ssh_tests.is_empty());
                     policy = Arc::new(new);
                     batch.policy = Some(policy.clone());
+                } else {
+                    // The same policy (its tests too), but the tailnet may have changed
+                    // since they last ran.
+                    let report = crate::tests_eval::run_tests_with(&self.plan.r);
+                    if !report.passed() {
+                        return Err(CoreError::TestsFailed(report));
+                    }
                 }
+                policy_text = Arc::from(text.as_str());
             }
             Change::ApproveRoutes { node, routes } => match tailnet.nodes.get_mut(&node) {
                 Some(n) => {
@@ -750,75 +760,104 @@ impl Engine {
             .copied()
             .collect();
         let plan = &self.plan;
-        // The class list pairs recomputed views move between, each diffed once (in
-        // parallel: a policy edit moves thousands of views between a few large lists).
-        let known: KnownDeltas = {
-            let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> = SlotMap::default();
-            // Only views that moved to another class read another list.
-            for &(s, _) in recompute.iter().filter(|(_, f)| f & touch::CLASS != 0) {
-                let Some(old) = old_views.get(plan.name(s)) else {
-                    continue;
-                };
-                if let (Some(a), Some(b)) = (
-                    old_tables.class_list(old.class),
-                    new_tables.class_list(plan.class_id(s)),
-                ) {
-                    if !Arc::ptr_eq(a, b) {
-                        pairs
-                            .entry(list_pair(a, b))
-                            .or_insert_with(|| (a.clone(), b.clone()));
-                    }
-                }
-            }
-            let pairs: Vec<((usize, usize), (SharedPeers, SharedPeers))> =
-                pairs.into_iter().collect();
-            let diff = |(k, (a, b)): ((usize, usize), (SharedPeers, SharedPeers))| {
-                (k, Arc::new(shared_diff(&a, &b)))
-            };
-            if pairs.len() > 1 {
-                pairs
-                    .into_par_iter()
-                    .map(diff)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .collect()
-            } else {
-                pairs.into_iter().map(diff).collect()
-            }
-        };
-        let mut differ = Differ::new(&known);
-        // Each recomputed view with its delta (diffed where it is computed).
         let keeps = affected.keeps;
         let patched = &affected.patched;
-        let fresh_view = |differ: &mut Differ, (s, f): (usize, u8)| {
-            let n = plan.name(s);
-            let old = old_views.get(n);
-            let sv = match old {
-                Some(o) if f & touch::RECOMPUTE == 0 => plan.patched_view(s, o, patched),
-                _ => None,
-            }
-            .unwrap_or_else(|| plan.stored_view_keeping(s, old.map(|o| (o, keeps))));
-            let d = match old {
-                Some(o) => differ.diff_stored(n, (o, old_tables), (&sv, &new_tables)),
-                None => NodeDelta {
-                    added: true,
-                    ..NodeDelta::default()
-                },
+        let touched = &affected.slots;
+        let tables = &new_tables;
+        let compute = move || {
+            // The class list pairs the views move between, each diffed once (in parallel:
+            // a policy edit moves thousands of views between a few large lists).
+            let known: KnownDeltas = {
+                let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> =
+                    SlotMap::default();
+                // Only views that moved to another class read another list.
+                for &(s, _) in touched.iter().filter(|(_, f)| f & touch::CLASS != 0) {
+                    let Some(old) = old_views.get(plan.name(s)) else {
+                        continue;
+                    };
+                    if let (Some(a), Some(b)) = (
+                        old_tables.class_list(old.class),
+                        tables.class_list(plan.class_id(s)),
+                    ) {
+                        if !Arc::ptr_eq(a, b) {
+                            pairs
+                                .entry(list_pair(a, b))
+                                .or_insert_with(|| (a.clone(), b.clone()));
+                        }
+                    }
+                }
+                let pairs: Vec<((usize, usize), (SharedPeers, SharedPeers))> =
+                    pairs.into_iter().collect();
+                let diff = |(k, (a, b)): ((usize, usize), (SharedPeers, SharedPeers))| {
+                    (k, Arc::new(shared_diff(&a, &b)))
+                };
+                if pairs.len() > 1 {
+                    pairs
+                        .into_par_iter()
+                        .map(diff)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .collect()
+                } else {
+                    pairs.into_iter().map(diff).collect()
+                }
             };
-            (sv, d)
+            // Each recomputed view with its delta (diffed where it is computed).
+            let fresh_view = |differ: &mut Differ, (s, f): (usize, u8)| {
+                let n = plan.name(s);
+                let old = old_views.get(n);
+                let sv = match old {
+                    Some(o) if f & touch::RECOMPUTE == 0 => plan.patched_view(s, o, patched),
+                    _ => None,
+                }
+                .unwrap_or_else(|| plan.stored_view_keeping(s, old.map(|o| (o, keeps))));
+                let d = match old {
+                    Some(o) => differ.diff_stored(n, (o, old_tables), (&sv, tables)),
+                    None => NodeDelta {
+                        added: true,
+                        ..NodeDelta::default()
+                    },
+                };
+                (sv, d)
+            };
+            // A handful of views is not worth handing to the thread pool.
+            let fresh: Vec<(StoredView, NodeDelta)> = if recompute.len() < 64 {
+                let mut differ = Differ::new(&known);
+                recompute
+                    .into_iter()
+                    .map(|s| fresh_view(&mut differ, s))
+                    .collect()
+            } else {
+                recompute
+                    .into_par_iter()
+                    .map_init(|| Differ::new(&known), |differ, s| fresh_view(differ, s))
+                    .collect()
+            };
+            (known, fresh)
         };
-        // A handful of views is not worth handing to the thread pool.
-        let fresh: Vec<(StoredView, NodeDelta)> = if recompute.len() < 64 {
-            recompute
-                .into_iter()
-                .map(|s| fresh_view(&mut differ, s))
-                .collect()
+        // A new policy's tests run on the plan that now holds it, beside the views; if one
+        // fails, the engine is built again from the state it had (the change is undone).
+        let (known, fresh) = if test_new_policy {
+            let (done, report) =
+                rayon::join(compute, || crate::tests_eval::run_tests_with(&plan.r));
+            // A failing report is made again as `run_tests` makes it (a fresh preparation
+            // of the nodes, in name order), which is also the reference for the verdict.
+            let report = match report.passed() {
+                true => report,
+                false => crate::tests_eval::run_tests(&policy, &tailnet),
+            };
+            if !report.passed() {
+                let cur = &self.current;
+                let before =
+                    Engine::with_policy(&cur.policy_text, cur.policy.clone(), cur.tailnet.clone());
+                *self = before;
+                return Err(CoreError::TestsFailed(report));
+            }
+            done
         } else {
-            recompute
-                .into_par_iter()
-                .map_init(|| Differ::new(&known), |differ, s| fresh_view(differ, s))
-                .collect()
+            compute()
         };
+        let mut differ = Differ::new(&known);
         let mut views = old_views.clone();
         let mut recorded: Vec<(usize, StoredView)> = Vec::new();
         // Deltas are produced in name order (the touched slots are), so the change set is

@@ -183,6 +183,7 @@ fn edit_op() -> impl Strategy<Value = Op> {
         1 => (0usize..6, any::<bool>()).prop_map(|(u, d)| Op::User(u, d)),
         1 => (0u32..14, prop::collection::vec(0usize..ROUTES.len(), 0..3)).prop_map(|(i, r)| Op::Approve(i, r)),
         6 => (0usize..EDITS, 0usize..8).prop_map(|(k, c)| Op::Edit(k, c)),
+        1 => Just(Op::Edit(TEST_EDIT, 0)),
     ]
 }
 
@@ -215,8 +216,13 @@ const EDITABLE: &str = r#"{
   "nodeAttrs": [{"target": ["tag:web"], "attr": ["funnel"]}]
 }"#;
 
-/// How many kinds of edit [`edit_policy`] makes.
+/// How many kinds of edit [`edit_policy`] makes that any tailnet accepts.
 const EDITS: usize = 16;
+
+/// The edit that adds or drops a policy test whose verdict depends on the tailnet and on the
+/// other edits (u1 reaches a `tag:web` device but no `tag:db` device on port 22): while it
+/// is in the policy, every edit runs it, and one that makes it fail is rejected.
+const TEST_EDIT: usize = EDITS;
 
 fn toggle(list: &mut serde_json::Value, item: serde_json::Value) {
     if let Some(v) = list.as_array_mut() {
@@ -319,6 +325,15 @@ fn edit_policy(p: &mut serde_json::Value, kind: usize, c: usize) {
         14 => {
             p["randomizeClientPort"] = json!([true, false][c % 2]);
             p["disableIPv4"] = json!([true, false, false][c % 3]);
+        }
+        TEST_EDIT => {
+            if p.get("tests").is_none() {
+                p["tests"] = json!([]);
+            }
+            toggle(
+                &mut p["tests"],
+                json!({"src": "u1@example.com", "accept": ["tag:web:80"], "deny": ["tag:db:22"]}),
+            );
         }
         _ => toggle(&mut p["grants"][1]["via"], json!("tag:db")),
     }
@@ -467,7 +482,21 @@ fn run_case(policy: &str, nodes: &[NodeSpec], ops: &[Op]) -> Result<(), TestCase
                 None => continue,
             },
         };
-        let cs = match engine.apply(change.clone()) {
+        let result = engine.apply(change.clone());
+        if let Change::SetPolicy { policy } = &change {
+            // The engine takes a policy exactly when it passes checks and tests from scratch.
+            let verdict = netmap_core::load_policy(policy, before.tailnet());
+            prop_assert_eq!(
+                result.is_ok(),
+                verdict.is_ok(),
+                "step {}: engine and scratch disagree on accepting {:?}: {:?} / {:?}",
+                step + 1,
+                op,
+                result.as_ref().err(),
+                verdict.as_ref().err()
+            );
+        }
+        let cs = match result {
             Ok(cs) => cs,
             Err(_) => {
                 // A rejected change leaves everything as it was.

@@ -337,17 +337,6 @@ fn approver_aliases(p: &Policy) -> Vec<netmap_policy::Alias> {
         .collect()
 }
 
-/// Whether nodes hold different facts under `new` than under `old`: IPv4 use
-/// (`disableIPv4`, `disable-ipv4` targets) or auto-approved routes.
-pub(crate) fn node_facts_differ(old: &Policy, new: &Policy) -> bool {
-    v4_key(old) != v4_key(new)
-        || approvers_key(old) != approvers_key(new)
-        || v4_targets(new)
-            .iter()
-            .chain(approver_aliases(new).iter())
-            .any(|a| redefined(old, new, a))
-}
-
 impl Plan {
     /// Brings the plan up to date with `tailnet` (whose records the batch names changed)
     /// and the batch's policy, and says which views that may have changed and how.

@@ -139,7 +139,11 @@ impl Parser<'_> {
     }
 
     fn peek(&self) -> Option<char> {
-        self.text.get(self.i..)?.chars().next()
+        match self.text.as_bytes().get(self.i) {
+            Some(&b) if b.is_ascii() => Some(char::from(b)),
+            Some(_) => self.text.get(self.i..)?.chars().next(),
+            None => None,
+        }
     }
 
     /// The character after the next one.
@@ -161,8 +165,20 @@ impl Parser<'_> {
 
     fn skip_ws(&mut self) -> Result<(), SyntaxError> {
         loop {
+            // Plain blanks a byte at a time.
+            while let Some(&b) = self.text.as_bytes().get(self.i) {
+                match b {
+                    b' ' | b'\t' | b'\r' => self.col += 1,
+                    b'\n' => {
+                        self.line += 1;
+                        self.col = 1;
+                    }
+                    _ => break,
+                }
+                self.i += 1;
+            }
             match self.peek() {
-                Some(' ' | '\t' | '\n' | '\r' | '\u{feff}') => {
+                Some('\u{feff}') => {
                     self.bump();
                 }
                 Some('/') => {
@@ -299,6 +315,7 @@ impl Parser<'_> {
                 .unwrap_or(rest.len());
             if run > 0 {
                 // The run ends at an ASCII byte (or the end): a character boundary.
+                out.reserve_exact(run);
                 out.push_str(self.text.get(self.i..self.i + run).unwrap_or_default());
                 let chars = rest[..run].iter().filter(|&&b| b & 0xC0 != 0x80).count();
                 self.i += run;

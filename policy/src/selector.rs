@@ -284,15 +284,16 @@ pub fn valid_tag_name(tag: &str) -> bool {
 
 /// Whether `s` is written like a user login (`local@domain`, no wildcard).
 pub fn is_login(s: &str) -> bool {
-    match s.split_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty()
-                && !domain.is_empty()
-                && !domain.contains('@')
-                && !s.contains(['*', ' ', ',', ':', '/'])
+    // One pass over the bytes (these are ASCII; other characters are allowed).
+    let mut at = None;
+    for (i, b) in s.bytes().enumerate() {
+        match b {
+            b'@' if at.is_none() => at = Some(i),
+            b'@' | b'*' | b' ' | b',' | b':' | b'/' => return false,
+            _ => {}
         }
-        None => false,
     }
+    at.is_some_and(|i| i > 0 && i + 1 < s.len())
 }
 
 /// Why an unrecognised selector is invalid: the service's words, then what it could have meant.
@@ -839,5 +840,11 @@ mod tests {
         assert!(!is_login("@example.com"));
         assert!(!is_login("a@"));
         assert!(!is_login("*@example.com"));
+        assert!(!is_login("a@b@c"));
+        assert!(!is_login("a b@c"));
+        assert!(!is_login("a@b:c"));
+        assert!(!is_login("a@b/c"));
+        assert!(!is_login("a,b@c"));
+        assert!(is_login("é@ü"));
     }
 }

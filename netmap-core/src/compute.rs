@@ -204,15 +204,29 @@ impl NetRule {
 
     /// Resolves (again) every selector set of this rule against `r`.
     pub(crate) fn resolve_in_place(&mut self, r: &Resolver) {
-        self.src = r.with_postures(
-            r.resolve_all(&std::mem::take(&mut self.src.aliases)),
-            &self.src_posture,
-        );
-        for (d, _) in &mut self.dsts {
-            *d = r.with_postures(
-                r.resolve_all(&std::mem::take(&mut d.aliases)),
-                &self.dst_posture,
+        self.resolve_stale(r, |_, _| true);
+    }
+
+    /// Resolves again the selector sets of this rule that `stale` picks (given a set and
+    /// the postures that narrow it); the others are kept as they are.
+    pub(crate) fn resolve_stale(
+        &mut self,
+        r: &Resolver,
+        stale: impl Fn(&Resolved, &[String]) -> bool,
+    ) {
+        if stale(&self.src, &self.src_posture) {
+            self.src = r.with_postures(
+                r.resolve_all(&std::mem::take(&mut self.src.aliases)),
+                &self.src_posture,
             );
+        }
+        for (d, _) in &mut self.dsts {
+            if stale(d, &self.dst_posture) {
+                *d = r.with_postures(
+                    r.resolve_all(&std::mem::take(&mut d.aliases)),
+                    &self.dst_posture,
+                );
+            }
         }
     }
 

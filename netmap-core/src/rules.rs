@@ -18,6 +18,8 @@ use crate::compute::NetRule;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RuleTable {
     slots: Vec<Option<NetRule>>,
+    /// Per id, the rule's [`NetRule::spec_key`] (made once, when the rule is stored).
+    spec_keys: Vec<String>,
     order: Vec<usize>,
     free: BTreeSet<usize>,
 }
@@ -27,6 +29,7 @@ impl RuleTable {
     pub(crate) fn new(rules: Vec<NetRule>) -> RuleTable {
         let order = (0..rules.len()).collect();
         RuleTable {
+            spec_keys: rules.iter().map(NetRule::spec_key).collect(),
             slots: rules.into_iter().map(Some).collect(),
             order,
             free: BTreeSet::new(),
@@ -66,6 +69,7 @@ impl RuleTable {
             Some(id) => id,
             None => {
                 self.slots.push(None);
+                self.spec_keys.push(String::new());
                 self.slots.len() - 1
             }
         };
@@ -77,6 +81,9 @@ impl RuleTable {
     /// Removes a rule; its id becomes free.
     fn remove(&mut self, id: usize) -> Option<NetRule> {
         let rule = self.slots.get_mut(id)?.take()?;
+        if let Some(k) = self.spec_keys.get_mut(id) {
+            k.clear();
+        }
         self.free.insert(id);
         self.order.retain(|&x| x != id);
         Some(rule)
@@ -155,21 +162,23 @@ impl RuleTable {
     ) -> RuleEdit {
         let mut edit = RuleEdit::default();
         // Exact matches first, then rules with the same selectors.
-        let mut by_spec: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_spec: HashMap<&str, Vec<usize>> = HashMap::new();
         for &id in self.order.iter().rev() {
-            if let Some(rule) = self.get(id) {
-                by_spec.entry(rule.spec_key()).or_default().push(id);
+            if let Some(key) = self.spec_keys.get(id) {
+                by_spec.entry(key.as_str()).or_default().push(id);
             }
         }
+        let new_keys: Vec<String> = specs.iter().map(NetRule::spec_key).collect();
         let mut taken: BTreeSet<usize> = BTreeSet::new();
-        let mut matched: Vec<Option<usize>> = specs
+        let mut matched: Vec<Option<usize>> = new_keys
             .iter()
-            .map(|spec| {
-                let id = by_spec.get_mut(&spec.spec_key())?.pop()?;
+            .map(|key| {
+                let id = by_spec.get_mut(key.as_str())?.pop()?;
                 taken.insert(id);
                 Some(id)
             })
             .collect();
+        drop(by_spec);
         let mut by_members: HashMap<String, Vec<usize>> = HashMap::new();
         for &id in self.order.iter().rev() {
             if let (false, Some(rule)) = (taken.contains(&id), self.get(id)) {
@@ -219,7 +228,12 @@ impl RuleTable {
             .collect();
         edit.reordered = kept_positions.windows(2).any(|w| w[0] > w[1]);
         let mut order = Vec::with_capacity(specs.len());
-        for ((spec, id), restated) in specs.into_iter().zip(matched).zip(restated_at) {
+        for (((spec, id), restated), key) in specs
+            .into_iter()
+            .zip(matched)
+            .zip(restated_at)
+            .zip(new_keys)
+        {
             match id {
                 Some(id) => {
                     if let Some(rule) = self.get_mut(id) {
@@ -248,16 +262,25 @@ impl RuleTable {
                         }
                     }
                     order.push(id);
+                    if let Some(k) = self.spec_keys.get_mut(id) {
+                        *k = key;
+                    }
                 }
                 None => {
                     let id = self.insert(resolve(spec));
                     self.order.pop();
                     edit.added.push(id);
                     order.push(id);
+                    if let Some(k) = self.spec_keys.get_mut(id) {
+                        *k = key;
+                    }
                 }
             }
         }
         self.order = order;
+        debug_assert!(self
+            .ordered()
+            .all(|(id, rule)| self.spec_keys.get(id) == Some(&rule.spec_key())));
         edit
     }
 }

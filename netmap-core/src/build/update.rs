@@ -941,7 +941,16 @@ impl Plan {
             let Some(rule) = self.rules.get_mut(*id) else {
                 continue;
             };
-            rule.resolve_in_place(&self.r);
+            // Only the sets that name what the edit redefined resolve differently.
+            let new = &self.r.policy;
+            rule.resolve_stale(&self.r, |set, postures| {
+                set.aliases
+                    .iter()
+                    .any(|a| crate::rules::redefined(old, new, a))
+                    || postures
+                        .iter()
+                        .any(|p| crate::rules::posture_redefined(old, new, p))
+            });
             let after = rule.clone();
             let src_changed = !same_set(&before.src, &after.src);
             let dst_changed = before

@@ -762,16 +762,36 @@ impl Engine {
         let plan = &self.plan;
         let keeps = affected.keeps;
         let patched = &affected.patched;
-        let touched = &affected.slots;
         let tables = &new_tables;
-        let compute = move || {
-            // The class list pairs the views move between, each diffed once (in parallel:
-            // a policy edit moves thousands of views between a few large lists).
+        // A new policy's tests run on the plan that now holds it (prepared for it, which a
+        // fresh resolver would have to do again); if one fails, the engine is built again
+        // from the state it had, so the change is undone. (Running them beside the views,
+        // on another thread, was measured no faster: the views' allocations then came from
+        // pool threads' heaps and kept faulting in fresh pages.)
+        if test_new_policy {
+            let report = crate::tests_eval::run_tests_with(&plan.r);
+            // A failing report is made again as `run_tests` makes it (a fresh preparation
+            // of the nodes, in name order), which is also the reference for the verdict.
+            let report = match report.passed() {
+                true => report,
+                false => crate::tests_eval::run_tests(&policy, &tailnet),
+            };
+            if !report.passed() {
+                let cur = &self.current;
+                let before =
+                    Engine::with_policy(&cur.policy_text, cur.policy.clone(), cur.tailnet.clone());
+                *self = before;
+                return Err(CoreError::TestsFailed(report));
+            }
+        }
+        let (known, fresh) = {
+            // The class list pairs recomputed views move between, each diffed once (in
+            // parallel: a policy edit moves thousands of views between a few large lists).
             let known: KnownDeltas = {
                 let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> =
                     SlotMap::default();
                 // Only views that moved to another class read another list.
-                for &(s, _) in touched.iter().filter(|(_, f)| f & touch::CLASS != 0) {
+                for &(s, _) in recompute.iter().filter(|(_, f)| f & touch::CLASS != 0) {
                     let Some(old) = old_views.get(plan.name(s)) else {
                         continue;
                     };
@@ -834,28 +854,6 @@ impl Engine {
                     .collect()
             };
             (known, fresh)
-        };
-        // A new policy's tests run on the plan that now holds it, beside the views; if one
-        // fails, the engine is built again from the state it had (the change is undone).
-        let (known, fresh) = if test_new_policy {
-            let (done, report) =
-                rayon::join(compute, || crate::tests_eval::run_tests_with(&plan.r));
-            // A failing report is made again as `run_tests` makes it (a fresh preparation
-            // of the nodes, in name order), which is also the reference for the verdict.
-            let report = match report.passed() {
-                true => report,
-                false => crate::tests_eval::run_tests(&policy, &tailnet),
-            };
-            if !report.passed() {
-                let cur = &self.current;
-                let before =
-                    Engine::with_policy(&cur.policy_text, cur.policy.clone(), cur.tailnet.clone());
-                *self = before;
-                return Err(CoreError::TestsFailed(report));
-            }
-            done
-        } else {
-            compute()
         };
         let mut differ = Differ::new(&known);
         let mut views = old_views.clone();

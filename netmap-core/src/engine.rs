@@ -331,6 +331,18 @@ pub fn load_policy(text: &str, tailnet: &Tailnet) -> Result<Policy, CoreError> {
     Ok(policy)
 }
 
+/// The report of `policy`'s tests on `tailnet`, run on `plan`, which holds that policy (and
+/// is prepared for it). A failing report is made again as [`crate::run_tests`] makes it (a
+/// fresh preparation of the nodes, in name order), which is also the reference for the
+/// verdict.
+fn policy_tests(plan: &Plan, policy: &Policy, tailnet: &Tailnet) -> crate::tests_eval::TestReport {
+    let report = crate::tests_eval::run_tests_with(&plan.r);
+    if report.passed() {
+        return report;
+    }
+    crate::tests_eval::run_tests(policy, tailnet)
+}
+
 /// The names that differ between two peer lists: (added, removed, changed).
 type PeerDelta = (PeerNames, PeerNames, PeerNames);
 
@@ -713,14 +725,14 @@ impl Engine {
                 let new = netmap_policy::parse_policy(&text)?;
                 crate::tests_eval::check_policy_for_tailnet(&new, &tailnet)?;
                 if new != *policy {
-                    // Tested once the plan holds it, beside the views being computed.
+                    // Tested once the plan holds it (below).
                     test_new_policy = !(new.tests.is_empty() && new.ssh_tests.is_empty());
                     policy = Arc::new(new);
                     batch.policy = Some(policy.clone());
                 } else {
                     // The same policy (its tests too), but the tailnet may have changed
                     // since they last ran.
-                    let report = crate::tests_eval::run_tests_with(&self.plan.r);
+                    let report = policy_tests(&self.plan, &policy, &tailnet);
                     if !report.passed() {
                         return Err(CoreError::TestsFailed(report));
                     }
@@ -762,20 +774,13 @@ impl Engine {
         let plan = &self.plan;
         let keeps = affected.keeps;
         let patched = &affected.patched;
-        let tables = &new_tables;
         // A new policy's tests run on the plan that now holds it (prepared for it, which a
         // fresh resolver would have to do again); if one fails, the engine is built again
         // from the state it had, so the change is undone. (Running them beside the views,
         // on another thread, was measured no faster: the views' allocations then came from
         // pool threads' heaps and kept faulting in fresh pages.)
         if test_new_policy {
-            let report = crate::tests_eval::run_tests_with(&plan.r);
-            // A failing report is made again as `run_tests` makes it (a fresh preparation
-            // of the nodes, in name order), which is also the reference for the verdict.
-            let report = match report.passed() {
-                true => report,
-                false => crate::tests_eval::run_tests(&policy, &tailnet),
-            };
+            let report = policy_tests(plan, &policy, &tailnet);
             if !report.passed() {
                 let cur = &self.current;
                 let before =
@@ -784,76 +789,72 @@ impl Engine {
                 return Err(CoreError::TestsFailed(report));
             }
         }
-        let (known, fresh) = {
-            // The class list pairs recomputed views move between, each diffed once (in
-            // parallel: a policy edit moves thousands of views between a few large lists).
-            let known: KnownDeltas = {
-                let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> =
-                    SlotMap::default();
-                // Only views that moved to another class read another list.
-                for &(s, _) in recompute.iter().filter(|(_, f)| f & touch::CLASS != 0) {
-                    let Some(old) = old_views.get(plan.name(s)) else {
-                        continue;
-                    };
-                    if let (Some(a), Some(b)) = (
-                        old_tables.class_list(old.class),
-                        tables.class_list(plan.class_id(s)),
-                    ) {
-                        if !Arc::ptr_eq(a, b) {
-                            pairs
-                                .entry(list_pair(a, b))
-                                .or_insert_with(|| (a.clone(), b.clone()));
-                        }
+        // The class list pairs recomputed views move between, each diffed once (in
+        // parallel: a policy edit moves thousands of views between a few large lists).
+        let known: KnownDeltas = {
+            let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> = SlotMap::default();
+            // Only views that moved to another class read another list.
+            for &(s, _) in recompute.iter().filter(|(_, f)| f & touch::CLASS != 0) {
+                let Some(old) = old_views.get(plan.name(s)) else {
+                    continue;
+                };
+                if let (Some(a), Some(b)) = (
+                    old_tables.class_list(old.class),
+                    new_tables.class_list(plan.class_id(s)),
+                ) {
+                    if !Arc::ptr_eq(a, b) {
+                        pairs
+                            .entry(list_pair(a, b))
+                            .or_insert_with(|| (a.clone(), b.clone()));
                     }
                 }
-                let pairs: Vec<((usize, usize), (SharedPeers, SharedPeers))> =
-                    pairs.into_iter().collect();
-                let diff = |(k, (a, b)): ((usize, usize), (SharedPeers, SharedPeers))| {
-                    (k, Arc::new(shared_diff(&a, &b)))
-                };
-                if pairs.len() > 1 {
-                    pairs
-                        .into_par_iter()
-                        .map(diff)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .collect()
-                } else {
-                    pairs.into_iter().map(diff).collect()
-                }
+            }
+            let pairs: Vec<((usize, usize), (SharedPeers, SharedPeers))> =
+                pairs.into_iter().collect();
+            let diff = |(k, (a, b)): ((usize, usize), (SharedPeers, SharedPeers))| {
+                (k, Arc::new(shared_diff(&a, &b)))
             };
-            // Each recomputed view with its delta (diffed where it is computed).
-            let fresh_view = |differ: &mut Differ, (s, f): (usize, u8)| {
-                let n = plan.name(s);
-                let old = old_views.get(n);
-                let sv = match old {
-                    Some(o) if f & touch::RECOMPUTE == 0 => plan.patched_view(s, o, patched),
-                    _ => None,
-                }
-                .unwrap_or_else(|| plan.stored_view_keeping(s, old.map(|o| (o, keeps))));
-                let d = match old {
-                    Some(o) => differ.diff_stored(n, (o, old_tables), (&sv, tables)),
-                    None => NodeDelta {
-                        added: true,
-                        ..NodeDelta::default()
-                    },
-                };
-                (sv, d)
-            };
-            // A handful of views is not worth handing to the thread pool.
-            let fresh: Vec<(StoredView, NodeDelta)> = if recompute.len() < 64 {
-                let mut differ = Differ::new(&known);
-                recompute
+            if pairs.len() > 1 {
+                pairs
+                    .into_par_iter()
+                    .map(diff)
+                    .collect::<Vec<_>>()
                     .into_iter()
-                    .map(|s| fresh_view(&mut differ, s))
                     .collect()
             } else {
-                recompute
-                    .into_par_iter()
-                    .map_init(|| Differ::new(&known), |differ, s| fresh_view(differ, s))
-                    .collect()
+                pairs.into_iter().map(diff).collect()
+            }
+        };
+        // Each recomputed view with its delta (diffed where it is computed).
+        let fresh_view = |differ: &mut Differ, (s, f): (usize, u8)| {
+            let n = plan.name(s);
+            let old = old_views.get(n);
+            let sv = match old {
+                Some(o) if f & touch::RECOMPUTE == 0 => plan.patched_view(s, o, patched),
+                _ => None,
+            }
+            .unwrap_or_else(|| plan.stored_view_keeping(s, old.map(|o| (o, keeps))));
+            let d = match old {
+                Some(o) => differ.diff_stored(n, (o, old_tables), (&sv, &new_tables)),
+                None => NodeDelta {
+                    added: true,
+                    ..NodeDelta::default()
+                },
             };
-            (known, fresh)
+            (sv, d)
+        };
+        // A handful of views is not worth handing to the thread pool.
+        let fresh: Vec<(StoredView, NodeDelta)> = if recompute.len() < 64 {
+            let mut differ = Differ::new(&known);
+            recompute
+                .into_iter()
+                .map(|s| fresh_view(&mut differ, s))
+                .collect()
+        } else {
+            recompute
+                .into_par_iter()
+                .map_init(|| Differ::new(&known), |differ, s| fresh_view(differ, s))
+                .collect()
         };
         let mut differ = Differ::new(&known);
         let mut views = old_views.clone();

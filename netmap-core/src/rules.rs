@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use netmap_policy::{Alias, Policy};
 
 use crate::compute::NetRule;
+use crate::resolve::Resolved;
 
 /// The rules in force, by id, and their policy order.
 #[derive(Debug, Clone, Default)]
@@ -150,6 +151,18 @@ pub(crate) fn rule_redefined(old: &Policy, new: &Policy, rule: &NetRule) -> bool
         || rule.posture_names().any(|p| posture_redefined(old, new, p))
 }
 
+/// Whether one selector set of a rule resolves differently under `new` than under `old`:
+/// one of its aliases or of the postures narrowing it is defined differently.
+pub(crate) fn set_redefined(
+    old: &Policy,
+    new: &Policy,
+    set: &Resolved,
+    postures: &[String],
+) -> bool {
+    set.aliases.iter().any(|a| redefined(old, new, a))
+        || postures.iter().any(|p| posture_redefined(old, new, p))
+}
+
 impl RuleTable {
     /// Replaces the rules with `specs` (a new policy's rules, not resolved), keeping the ids
     /// and resolved sets of the rules that stay; `resolve` resolves a new rule's sets and
@@ -234,7 +247,7 @@ impl RuleTable {
             .zip(restated_at)
             .zip(new_keys)
         {
-            match id {
+            let id = match id {
                 Some(id) => {
                     if let Some(rule) = self.get_mut(id) {
                         if restated {
@@ -261,20 +274,18 @@ impl RuleTable {
                             edit.redefined.push((id, before));
                         }
                     }
-                    order.push(id);
-                    if let Some(k) = self.spec_keys.get_mut(id) {
-                        *k = key;
-                    }
+                    id
                 }
                 None => {
                     let id = self.insert(resolve(spec));
                     self.order.pop();
                     edit.added.push(id);
-                    order.push(id);
-                    if let Some(k) = self.spec_keys.get_mut(id) {
-                        *k = key;
-                    }
+                    id
                 }
+            };
+            order.push(id);
+            if let Some(k) = self.spec_keys.get_mut(id) {
+                *k = key;
             }
         }
         self.order = order;

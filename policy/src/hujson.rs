@@ -315,7 +315,7 @@ impl Parser<'_> {
                 .unwrap_or(rest.len());
             if run > 0 {
                 // The run ends at an ASCII byte (or the end): a character boundary.
-                out.reserve_exact(run);
+                out.reserve(run);
                 out.push_str(self.text.get(self.i..self.i + run).unwrap_or_default());
                 let chars = rest[..run].iter().filter(|&&b| b & 0xC0 != 0x80).count();
                 self.i += run;

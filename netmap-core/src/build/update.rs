@@ -942,14 +942,8 @@ impl Plan {
                 continue;
             };
             // Only the sets that name what the edit redefined resolve differently.
-            let new = &self.r.policy;
             rule.resolve_stale(&self.r, |set, postures| {
-                set.aliases
-                    .iter()
-                    .any(|a| crate::rules::redefined(old, new, a))
-                    || postures
-                        .iter()
-                        .any(|p| crate::rules::posture_redefined(old, new, p))
+                crate::rules::set_redefined(old, &new, set, postures)
             });
             let after = rule.clone();
             let src_changed = !same_set(&before.src, &after.src);

@@ -27,7 +27,7 @@ use netmap_policy::Policy;
 use rayon::prelude::*;
 
 use crate::addr::{self, host_prefix};
-use crate::compute::{filter_for, net_rules, route_reachable};
+use crate::compute::{filter_for, net_rules, route_reachable, EntryFrom};
 use crate::resolve::{Resolved, Resolver};
 use crate::routes::Approvers;
 use crate::rules::RuleTable;
@@ -203,9 +203,9 @@ impl StoredView {
     /// The source list of filter entry `f` (bound ones read it from `tables`).
     pub(crate) fn entry_src<'a>(
         tables: &'a Tables,
-        (f, bound): &'a (FilterRule, Option<usize>),
+        (f, from): &'a (FilterRule, EntryFrom),
     ) -> &'a SrcList {
-        bound
+        from.bound()
             .and_then(|ri| tables.rule_src.get(ri))
             .unwrap_or(&f.src_ips)
     }
@@ -227,7 +227,7 @@ impl StoredView {
 #[derive(Debug, Clone)]
 pub(crate) struct StoredView {
     pub(crate) class: usize,
-    pub(crate) filter: Arc<Vec<(FilterRule, Option<usize>)>>,
+    pub(crate) filter: Arc<Vec<(FilterRule, EntryFrom)>>,
     /// Peers only this node has, or sees its own way (they take the place of the shared
     /// list's entries of the same name): its owner's other devices through
     /// `autogroup:self`, and routers of the subnet prefixes it serves itself.
@@ -248,7 +248,7 @@ impl StoredView {
             .filter
             .iter()
             .map(
-                |(f, bound)| match bound.and_then(|ri| tables.rule_src.get(ri)) {
+                |(f, from)| match from.bound().and_then(|ri| tables.rule_src.get(ri)) {
                     Some(src) => FilterRule {
                         src_ips: src.clone(),
                         ..f.clone()
@@ -469,7 +469,7 @@ impl Plan {
         let mut bound: Vec<u32> = view
             .filter
             .iter()
-            .filter_map(|(_, b)| b.and_then(|ri| u32::try_from(ri).ok()))
+            .filter_map(|(_, b)| b.bound().and_then(|ri| u32::try_from(ri).ok()))
             .collect();
         bound.sort_unstable();
         bound.dedup();
@@ -1167,44 +1167,121 @@ impl Plan {
         self.stored_view_keeping(v, None)
     }
 
-    /// Node `v`'s stored view after an update that changed only the ports of rules
-    /// `patched` as far as its filter goes: `old` (its stored view before) with the entry
-    /// bound to each of those rules recomputed, and its current class. `None` when an entry
-    /// is not its rule's alone (merged with another rule's, or an `autogroup:self` rule's)
-    /// or would go: the whole view is recomputed then.
+    /// Node `v`'s stored view after an update that, as far as its filter goes, changed only
+    /// the rules of `patch`: `old` (its stored view before) with its entries for those rules
+    /// derived again, and its current class. An entry bound to a rule is replaced in place
+    /// (removed when the rule gives none now, or when its id was a removed rule's); a rule
+    /// with no entry before that gives one now has it inserted in policy order. `None` (the
+    /// whole view is recomputed) where an entry is not its rule's alone: the rule's entry may
+    /// have merged with another's before (an unbound entry is there), would merge now (same
+    /// sources and protocols), or is an `autogroup:self` or capability entry; and where an
+    /// insertion's place is unknown (an unbound entry is there).
     pub(crate) fn patched_view(
         &self,
         v: usize,
         old: &StoredView,
-        patched: &[usize],
+        patch: &update::FilterPatch,
     ) -> Option<StoredView> {
-        let mut filter: Option<Vec<(FilterRule, Option<usize>)>> = None;
-        for &ri in patched {
-            let rule = self.rules.get(ri)?;
-            if !self.covered_by(v, ri) {
+        let mut filter: Option<Vec<(FilterRule, EntryFrom)>> = None;
+        let merged_before = old.filter.iter().any(|(_, b)| *b == EntryFrom::Merged);
+        let old_dst = patch.old_dst.get(&v);
+        for &ri in &patch.rules {
+            let now = self.covered_by(v, ri);
+            let before = old_dst.map_or(now, |row| bit(row, ri));
+            if !before && !now {
                 continue;
             }
-            let mut at = old
-                .filter
+            let f = filter.get_or_insert_with(|| (*old.filter).clone());
+            let mut at = f
                 .iter()
                 .enumerate()
-                .filter(|(_, (_, b))| *b == Some(ri))
+                .filter(|(_, (_, b))| b.rule() == Some(ri))
                 .map(|(i, _)| i);
-            let (Some(i), None) = (at.next(), at.next()) else {
+            let (at, None) = (at.next(), at.next()) else {
                 return None;
             };
-            let entry = crate::compute::rule_entry(self, v, ri, rule)?;
-            let f = filter.get_or_insert_with(|| (*old.filter).clone());
-            let slot = f.get_mut(i)?;
-            if !entry.cap_grant.is_empty() || entry.ip_proto != slot.0.ip_proto {
+            // An `autogroup:self` rule's entry (the id's rule before, if it was removed).
+            if at.is_some_and(|i| f.get(i).is_none_or(|(_, b)| *b != EntryFrom::Rule(ri))) {
                 return None;
             }
-            slot.0.dst_ports = entry.dst_ports;
+            // No entry of its own: it gave none, or merged into another rule's.
+            if before && at.is_none() && merged_before {
+                return None;
+            }
+            let entry = match self.rules.get(ri) {
+                Some(rule) if now => {
+                    if rule.self_rule || rule.caps.is_some() {
+                        return None;
+                    }
+                    crate::compute::rule_entry(self, v, ri, rule)
+                }
+                _ => None,
+            };
+            let in_place = patch.dropped.binary_search(&ri).is_err();
+            let at = match at {
+                Some(i) if in_place && entry.is_some() => Some(i),
+                Some(i) => {
+                    f.remove(i);
+                    None
+                }
+                None => None,
+            };
+            let Some(entry) = entry else {
+                continue;
+            };
+            if !entry.cap_grant.is_empty() || self.merges(f, at, &entry) {
+                return None;
+            }
+            let entry = (
+                FilterRule {
+                    src_ips: self.unbound_src.clone(),
+                    ..entry
+                },
+                EntryFrom::Rule(ri),
+            );
+            match at {
+                Some(i) => *f.get_mut(i)? = entry,
+                None => {
+                    // Entries are in the order of their rules; a merged entry's is unknown.
+                    let rank = |id: usize| patch.rank.get(id).copied().unwrap_or(usize::MAX);
+                    let mut pos = f.len();
+                    for (i, (_, b)) in f.iter().enumerate() {
+                        let b = b.rule()?;
+                        if rank(b) > rank(ri) {
+                            pos = pos.min(i);
+                        }
+                    }
+                    f.insert(pos, entry);
+                }
+            }
         }
         Some(StoredView {
             class: self.class_of[v],
             filter: filter.map_or_else(|| old.filter.clone(), Arc::new),
             ..old.clone()
+        })
+    }
+
+    /// Whether `entry` would merge with an entry of `filter` other than the one at `skip`:
+    /// one with its protocols and sources (bound entries' sources are in the tables).
+    fn merges(
+        &self,
+        filter: &[(FilterRule, EntryFrom)],
+        skip: Option<usize>,
+        entry: &FilterRule,
+    ) -> bool {
+        filter.iter().enumerate().any(|(i, (f, b))| {
+            if Some(i) == skip || !f.cap_grant.is_empty() || f.ip_proto != entry.ip_proto {
+                return false;
+            }
+            let src = match b.bound() {
+                Some(rj) => match self.src_strings.get(rj) {
+                    Some(s) => s,
+                    None => return true,
+                },
+                None => &f.src_ips,
+            };
+            Arc::ptr_eq(src, &entry.src_ips) || *src == entry.src_ips
         })
     }
 
@@ -1218,15 +1295,15 @@ impl Plan {
     ) -> StoredView {
         let filter = filter_for(self, v)
             .into_iter()
-            .map(|(f, bound)| match bound {
-                Some(_) => (
+            .map(|(f, from)| match from {
+                EntryFrom::Rule(_) => (
                     FilterRule {
                         src_ips: self.unbound_src.clone(),
                         ..f
                     },
-                    bound,
+                    from,
                 ),
-                None => (f, None),
+                EntryFrom::OwnRule(_) | EntryFrom::Merged => (f, from),
             })
             .collect();
         let extra = self.extra_peers(v);

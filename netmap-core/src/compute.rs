@@ -371,17 +371,51 @@ impl NetRule {
     }
 }
 
+/// Which rules a filter entry comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EntryFrom {
+    /// One rule alone: the entry is bound to it, its sources are that rule's current source
+    /// list (which views read from the tables).
+    Rule(usize),
+    /// One `autogroup:self` rule alone: its sources are the viewer's owner's devices, held
+    /// in the entry.
+    OwnRule(usize),
+    /// Several rules merged (same sources and protocols): the sources are held in the entry.
+    Merged,
+}
+
+impl EntryFrom {
+    /// The rule an entry is bound to (whose source list it reads from the tables).
+    pub(crate) fn bound(self) -> Option<usize> {
+        match self {
+            EntryFrom::Rule(ri) => Some(ri),
+            EntryFrom::OwnRule(_) | EntryFrom::Merged => None,
+        }
+    }
+
+    /// The one rule an entry comes from.
+    pub(crate) fn rule(self) -> Option<usize> {
+        match self {
+            EntryFrom::Rule(ri) | EntryFrom::OwnRule(ri) => Some(ri),
+            EntryFrom::Merged => None,
+        }
+    }
+}
+
 /// Node `d`'s packet filter: every rule whose destinations cover it, narrowed to what it
-/// serves, in policy order; rules with the same sources and protocols merge. An entry made
-/// of one non-self rule alone is bound to it (`Some(rule id)`): its sources are that rule's
-/// current source list.
-pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule, Option<usize>)> {
-    let mut out: Vec<(FilterRule, Option<usize>)> = Vec::new();
+/// serves, in policy order; rules with the same sources and protocols merge. Each entry
+/// says which rules it comes from ([`EntryFrom`]).
+pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule, EntryFrom)> {
+    let mut out: Vec<(FilterRule, EntryFrom)> = Vec::new();
     for (ri, rule) in plan.rules.ordered() {
         let Some(entry) = rule_entry(plan, d, ri, rule) else {
             continue;
         };
-        let bound = (!rule.self_rule).then_some(ri);
+        let bound = if rule.self_rule {
+            EntryFrom::OwnRule(ri)
+        } else {
+            EntryFrom::Rule(ri)
+        };
         if !entry.cap_grant.is_empty() {
             out.push((entry, bound));
             continue;
@@ -395,7 +429,7 @@ pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule
             let more = Arc::try_unwrap(entry.dst_ports).unwrap_or_else(|a| (*a).clone());
             Arc::make_mut(&mut existing.dst_ports).extend(more);
             // Two rules in one entry: it follows neither alone.
-            *bound = None;
+            *bound = EntryFrom::Merged;
         } else {
             out.push((entry, bound));
         }

@@ -773,7 +773,7 @@ impl Engine {
             .collect();
         let plan = &self.plan;
         let keeps = affected.keeps;
-        let patched = &affected.patched;
+        let patch = &affected.patch;
         // A new policy's tests run on the plan that now holds it (prepared for it, which a
         // fresh resolver would have to do again); if one fails, the engine is built again
         // from the state it had, so the change is undone. (Running them beside the views,
@@ -830,7 +830,7 @@ impl Engine {
             let n = plan.name(s);
             let old = old_views.get(n);
             let sv = match old {
-                Some(o) if f & touch::RECOMPUTE == 0 => plan.patched_view(s, o, patched),
+                Some(o) if f & touch::RECOMPUTE == 0 => plan.patched_view(s, o, patch),
                 _ => None,
             }
             .unwrap_or_else(|| plan.stored_view_keeping(s, old.map(|o| (o, keeps))));

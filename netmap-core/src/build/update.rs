@@ -50,8 +50,8 @@ pub(crate) mod touch {
     pub const SSH: u8 = 8;
     /// It moved to another class (its stored view takes the new class).
     pub const CLASS: u8 = 16;
-    /// The ports of rules in [`super::Affected::patched`] that cover it changed: its filter
-    /// entry bound to each is recomputed (the whole view when it has no such entry).
+    /// Rules in [`super::Affected::patch`] that cover it (or did) changed: its filter
+    /// entries bound to them are derived again in place (see [`super::FilterPatch`]).
     pub const PATCH: u8 = 32;
 }
 
@@ -89,8 +89,28 @@ pub(crate) struct Affected {
     pub removed: Vec<Arc<str>>,
     /// The parts of every view that the update left as they were.
     pub keeps: Keeps,
-    /// Rules whose ports alone changed (for views under `PATCH`).
-    pub patched: Vec<usize>,
+    /// The rules whose filter entries views under `PATCH` derive again.
+    pub patch: FilterPatch,
+}
+
+/// Rules whose filter entries a view may derive again instead of its whole filter: rules
+/// added or removed, rules whose ports alone changed, and rules whose destinations were
+/// redefined (a group's members, a host's address). A view's entry for such a rule is its
+/// alone (bound to it) unless it merged with another rule's; the patch replaces, removes or
+/// inserts (in policy order) bound entries, and gives up (the whole view is recomputed)
+/// wherever a merge was or would be involved.
+#[derive(Debug, Default)]
+pub(crate) struct FilterPatch {
+    /// The rule ids (no repeats).
+    pub rules: Vec<usize>,
+    /// Ids (sorted) that belonged to a rule removed by this update: an entry bound to one is
+    /// the removed rule's, whatever rule holds the id now.
+    pub dropped: Vec<usize>,
+    /// Per rule id, its position in the policy order (`usize::MAX` for free ids).
+    pub rank: Vec<usize>,
+    /// Destination rows before the update of the patched slots whose rows changed (the
+    /// others' rows are as they were).
+    pub old_dst: SlotMap<usize, Vec<u64>>,
 }
 
 /// Parts of the views an update cannot have changed, so that a view recomputed for another
@@ -166,8 +186,13 @@ struct Work {
     self_rules_changed: bool,
     routes_set_changed: bool,
     recompute_all: bool,
-    /// Rules whose ports alone changed.
+    /// Rules whose filter entries views derive again (see [`FilterPatch`]).
     patched: Vec<usize>,
+    /// Ids of removed rules among them.
+    dropped: Vec<usize>,
+    /// The same rules as a bit mask over rule ids: a destination row that changed only in
+    /// these columns leaves the view to the patch.
+    patch_cols: Vec<u64>,
 }
 
 impl Work {
@@ -175,6 +200,23 @@ impl Work {
         if let Some(f) = self.flags.get_mut(slot) {
             *f |= flag;
         }
+    }
+
+    /// Rule `ri`'s filter entries are derived again in the views marked `PATCH`.
+    fn patch_rule(&mut self, ri: usize) {
+        if self.patch_cols.len() <= ri / 64 {
+            self.patch_cols.resize(ri / 64 + 1, 0);
+        }
+        self.patch_cols[ri / 64] |= 1 << (ri % 64);
+        self.patched.push(ri);
+    }
+
+    /// Whether destination rows `old` and `new` differ outside the patched columns.
+    fn dst_changed_unpatched(&self, old: &[u64], new: &[u64]) -> bool {
+        old.iter()
+            .zip(new)
+            .enumerate()
+            .any(|(i, (a, b))| (a ^ b) & !self.patch_cols.get(i).copied().unwrap_or(0) != 0)
     }
 
     fn route_rule_changed(&mut self, rule: &crate::compute::NetRule) {
@@ -341,7 +383,7 @@ impl Plan {
     /// Brings the plan up to date with `tailnet` (whose records the batch names changed)
     /// and the batch's policy, and says which views that may have changed and how.
     pub(crate) fn update(&mut self, tailnet: &Tailnet, batch: Batch) -> Affected {
-        use super::touch::{CLASS, PEERS, RECOMPUTE};
+        use super::touch::{CLASS, PATCH, PEERS, RECOMPUTE};
         self.r.tailnet = tailnet.clone();
         let mut w = Work {
             flags: vec![0; self.r.nodes.len()],
@@ -360,6 +402,8 @@ impl Plan {
             routes_set_changed: false,
             recompute_all: false,
             patched: Vec::new(),
+            dropped: Vec::new(),
+            patch_cols: Vec::new(),
         };
         let mut names: BTreeSet<String> = batch.nodes.into_iter().collect();
 
@@ -536,7 +580,9 @@ impl Plan {
                 continue;
             }
             let (ns, nd) = (self.src_bits.row(s), self.dst_bits.row(s));
-            let dst_changed = od.as_slice() != nd;
+            // Columns of patched rules are the patch's to follow.
+            let dst_changed = w.dst_changed_unpatched(od, nd);
+            let patch = !dst_changed && od.as_slice() != nd;
             let self_changed = os
                 .iter()
                 .zip(ns)
@@ -561,6 +607,8 @@ impl Plan {
                 || (n.is_member() && has_self_rules && (self_changed || own_routes()))
             {
                 w.flags[s] |= RECOMPUTE;
+            } else if patch {
+                w.flags[s] |= PATCH;
             }
             if self_changed {
                 if let Some(e) = n.email.clone() {
@@ -705,9 +753,10 @@ impl Plan {
             ssh: w.changed.is_empty() && parts.ssh == SshEdit::Same,
             caps: w.changed.is_empty() && !parts.attrs,
         };
+        let patch = self.filter_patch(&mut w);
         Affected {
             keeps,
-            patched: w.patched,
+            patch,
             slots: self
                 .name_order
                 .iter()
@@ -896,10 +945,25 @@ impl Plan {
             self.src_strings.push_back(Arc::default());
         }
         let live: Vec<usize> = self.live().collect();
+        // Views a rule covers (or covered) derive its entries again where the entries are
+        // the rule's alone; `autogroup:self` rules (per-owner sources) and capability
+        // grants recompute them.
+        let flag_for = |rule: &crate::compute::NetRule| {
+            if rule.self_rule || rule.caps.is_some() {
+                RECOMPUTE
+            } else {
+                PATCH
+            }
+        };
         for (id, rule) in &edit.removed {
+            let flag = flag_for(rule);
+            if flag == PATCH {
+                w.patch_rule(*id);
+                w.dropped.push(*id);
+            }
             for &v in &live {
                 if self.covered_by(v, *id) {
-                    w.flags[v] |= RECOMPUTE;
+                    w.flags[v] |= flag;
                 }
                 self.set_bits(v, *id, false, false, w);
             }
@@ -910,9 +974,13 @@ impl Plan {
         }
         for &id in &edit.added {
             self.set_column(id, &live, w);
+            let flag = self.rules.get(id).map_or(RECOMPUTE, flag_for);
+            if flag == PATCH {
+                w.patch_rule(id);
+            }
             for &v in &live {
                 if self.covered_by(v, id) {
-                    w.flags[v] |= RECOMPUTE;
+                    w.flags[v] |= flag;
                 }
             }
             let list = self.src_list(id);
@@ -935,7 +1003,7 @@ impl Plan {
                     w.flags[v] |= PATCH;
                 }
             }
-            w.patched.push(id);
+            w.patch_rule(id);
         }
         for (id, before) in &edit.redefined {
             let Some(rule) = self.rules.get_mut(*id) else {
@@ -958,6 +1026,10 @@ impl Plan {
             // Sets that differ in their nodes only change the column, the filters and the
             // source list at those nodes.
             let moved = moved_nodes(before, &after);
+            let flag = flag_for(&after);
+            if dst_changed && flag == PATCH {
+                w.patch_rule(*id);
+            }
             match &moved {
                 Some(m) => {
                     let slots: Vec<usize> = m
@@ -970,16 +1042,17 @@ impl Plan {
                     self.set_column(*id, &slots, w);
                     for &x in &m.dst {
                         if self.r.nodes[x].alive {
-                            w.flags[x] |= RECOMPUTE;
+                            w.flags[x] |= flag;
                         }
                     }
                 }
                 None if !dst_changed => self.set_src_column(*id, &live, w),
                 None => {
+                    // Views it stops covering are marked with the rows that changed.
                     self.set_column(*id, &live, w);
                     for &v in &live {
                         if self.covered_by(v, *id) {
-                            w.flags[v] |= RECOMPUTE;
+                            w.flags[v] |= flag;
                         }
                     }
                 }
@@ -1009,6 +1082,42 @@ impl Plan {
             w.recompute_all = true;
         }
         self.refresh_masks();
+    }
+
+    /// The patch views under `PATCH` apply (taking the old destination rows it needs).
+    fn filter_patch(&self, w: &mut Work) -> FilterPatch {
+        use super::touch::{PATCH, RECOMPUTE};
+        if w.patched.is_empty() {
+            return FilterPatch::default();
+        }
+        let mut rules = std::mem::take(&mut w.patched);
+        rules.sort_unstable();
+        rules.dedup();
+        let mut dropped = std::mem::take(&mut w.dropped);
+        dropped.sort_unstable();
+        dropped.dedup();
+        let mut rank = vec![usize::MAX; self.rules.capacity()];
+        for (pos, &id) in self.rules.order().iter().enumerate() {
+            if let Some(r) = rank.get_mut(id) {
+                *r = pos;
+            }
+        }
+        let old_dst = w
+            .old_rows
+            .iter()
+            .filter(|(&s, _)| {
+                w.flags
+                    .get(s)
+                    .is_some_and(|f| f & (PATCH | RECOMPUTE) == PATCH)
+            })
+            .map(|(&s, (_, d, _))| (s, d.clone()))
+            .collect();
+        FilterPatch {
+            rules,
+            dropped,
+            rank,
+            old_dst,
+        }
     }
 
     /// Widens every row (and class key) to `words` words.

@@ -265,38 +265,49 @@ pub struct Snapshot {
     policy_text: Arc<str>,
     policy: Arc<Policy>,
     tailnet: Tailnet,
-    views: OrdMap<String, StoredView>,
+    /// The nodes' names, in order, with their slots in `views`.
+    names: OrdMap<Arc<str>, usize>,
+    /// Stored views by the engine's slot (a slot holds one node for its lifetime; `None`
+    /// where that node is gone): a change finds and replaces views without comparing names.
+    views: imbl::Vector<Option<StoredView>>,
     tables: Tables,
 }
 
 impl Snapshot {
+    /// The stored view in slot `s`.
+    fn stored(&self, s: usize) -> Option<&StoredView> {
+        self.views.get(s).and_then(Option::as_ref)
+    }
+
     /// A node's view.
     pub fn view(&self, node: &str) -> Option<NodeView> {
-        self.views
+        self.names
             .get(node)
+            .and_then(|&s| self.stored(s))
             .map(|v| v.materialize(&self.tables, node))
     }
 
     /// Whether the node has a view (it exists).
     pub fn contains(&self, node: &str) -> bool {
-        self.views.contains_key(node)
+        self.names.contains_key(node)
     }
 
     /// The number of nodes (views).
     pub fn node_count(&self) -> usize {
-        self.views.len()
+        self.names.len()
     }
 
     /// The nodes' names, in order.
     pub fn node_names(&self) -> impl Iterator<Item = &str> + '_ {
-        self.views.keys().map(String::as_str)
+        self.names.keys().map(|n| &**n)
     }
 
     /// Every node's view, in name order (each assembled as it is reached).
     pub fn views(&self) -> impl Iterator<Item = (&str, NodeView)> + '_ {
-        self.views
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.materialize(&self.tables, n)))
+        self.names.iter().filter_map(|(n, &s)| {
+            self.stored(s)
+                .map(|v| (&**n, v.materialize(&self.tables, n)))
+        })
     }
 
     /// The tailnet state (including recorded primary routers).
@@ -568,6 +579,16 @@ impl<'a> Differ<'a> {
     }
 }
 
+/// Puts `view` in slot `s` of `views` (grown with empty slots to reach it).
+fn set_slot(views: &mut imbl::Vector<Option<StoredView>>, s: usize, view: Option<StoredView>) {
+    while views.len() <= s {
+        views.push_back(None);
+    }
+    if let Some(v) = views.get_mut(s) {
+        *v = view;
+    }
+}
+
 /// The engine. `apply` changes state and returns what changed for whom.
 pub struct Engine {
     current: Snapshot,
@@ -639,16 +660,22 @@ impl Engine {
         for (s, v) in &sv {
             plan.record_view(*s, v);
         }
-        let views: OrdMap<String, StoredView> = sv
-            .into_iter()
-            .map(|(s, v)| (plan.name(s).to_string(), v))
-            .collect();
+        let names: OrdMap<Arc<str>, usize> =
+            sv.iter().map(|(s, _)| (plan.key(*s).clone(), *s)).collect();
+        let mut slots: Vec<Option<StoredView>> = Vec::new();
+        for (s, v) in sv {
+            if slots.len() <= s {
+                slots.resize(s + 1, None);
+            }
+            slots[s] = Some(v);
+        }
         Engine {
             current: Snapshot {
                 policy_text: Arc::from(policy_text),
                 policy,
                 tailnet,
-                views,
+                names,
+                views: slots.into_iter().collect(),
                 tables: plan.tables(),
             },
             plan,
@@ -759,7 +786,7 @@ impl Engine {
             };
             return Ok(ChangeSet::default());
         }
-        let old_views = &self.current.views;
+        let prev = &self.current;
         let old_tables = &self.current.tables;
         let affected = self.plan.update(&tailnet, batch);
         let new_tables = self.plan.tables();
@@ -795,7 +822,7 @@ impl Engine {
             let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> = SlotMap::default();
             // Only views that moved to another class read another list.
             for &(s, _) in recompute.iter().filter(|(_, f)| f & touch::CLASS != 0) {
-                let Some(old) = old_views.get(plan.name(s)) else {
+                let Some(old) = prev.stored(s) else {
                     continue;
                 };
                 if let (Some(a), Some(b)) = (
@@ -828,7 +855,7 @@ impl Engine {
         // Each recomputed view with its delta (diffed where it is computed).
         let fresh_view = |differ: &mut Differ, (s, f): (usize, u8)| {
             let n = plan.name(s);
-            let old = old_views.get(n);
+            let old = prev.stored(s);
             let sv = match old {
                 Some(o) if f & touch::RECOMPUTE == 0 => plan.patched_view(s, o, patch),
                 _ => None,
@@ -857,7 +884,8 @@ impl Engine {
                 .collect()
         };
         let mut differ = Differ::new(&known);
-        let mut views = old_views.clone();
+        let mut views = prev.views.clone();
+        let mut names = prev.names.clone();
         let mut recorded: Vec<(usize, StoredView)> = Vec::new();
         // Deltas are produced in name order (the touched slots are), so the change set is
         // built by pushing; the removed nodes are merged in at the end.
@@ -870,7 +898,10 @@ impl Engine {
                     continue;
                 };
                 recorded.push((s, sv.clone()));
-                views.insert(n.to_string(), sv);
+                if prev.stored(s).is_none() {
+                    names.insert(plan.key(s).clone(), s);
+                }
+                set_slot(&mut views, s, Some(sv));
                 if !d.is_empty() {
                     deltas.push((plan.key(s).clone(), d));
                 }
@@ -890,7 +921,7 @@ impl Engine {
             // The names the view's delta shows: its class's delta itself (shared) when that
             // names neither the node nor a peer it has aside.
             let names: Option<PeerDelta> = if f & touch::CLASS != 0 {
-                let Some(old) = old_views.get(n) else {
+                let Some(old) = prev.stored(s) else {
                     continue;
                 };
                 let class = plan.class_id(s);
@@ -901,12 +932,13 @@ impl Engine {
                     (Some(a), Some(b)) => Some(own(&differ.list_delta(a, b))),
                     _ => None,
                 };
-                views.insert(
-                    n.to_string(),
-                    StoredView {
+                set_slot(
+                    &mut views,
+                    s,
+                    Some(StoredView {
                         class,
                         ..old.clone()
-                    },
+                    }),
                 );
                 delta
             } else if f & touch::PEERS != 0 {
@@ -939,7 +971,9 @@ impl Engine {
         }
         let mut removed = affected.removed;
         for name in &removed {
-            views.remove(&**name);
+            if let Some(s) = names.remove(&**name) {
+                set_slot(&mut views, s, None);
+            }
         }
         let cs = if removed.is_empty() {
             ChangeSet::from_sorted(deltas)
@@ -966,6 +1000,7 @@ impl Engine {
                 policy_text,
                 policy,
                 tailnet,
+                names,
                 views,
                 tables: new_tables,
             },

@@ -942,9 +942,17 @@ impl<'a> Evaluator<'a> {
         accept: bool,
         what: &str,
     ) -> PairResult {
-        let mut rules: Vec<String> = Vec::new();
-        // First rules per target, by the rules a device is a source of.
-        let mut memo: Vec<(Vec<bool>, Vec<Option<usize>>)> = Vec::new();
+        // The rules that let sources reach targets, in the order first met (`usize::MAX`:
+        // the default policy).
+        let mut used: Vec<usize> = Vec::new();
+        let label = |ri: usize| -> &str {
+            self.net_rules
+                .get(ri)
+                .map_or(DEFAULT_POLICY, |r| r.label.as_str())
+        };
+        // The source patterns (the rules a device is a source of) already settled for the
+        // fixed targets: a device with one of them reaches them alike.
+        let mut settled: Vec<Vec<bool>> = Vec::new();
         // The devices fixed targets name.
         let target_bits = match host {
             DstHost::Fixed(targets) => {
@@ -962,10 +970,14 @@ impl<'a> Evaluator<'a> {
             DstHost::SelfDevices => None,
         };
         for &p in principals {
-            let targets = match host {
-                DstHost::Fixed(t) => t.clone(),
+            let own: Vec<Target>;
+            let targets: &[Target] = match host {
+                DstHost::Fixed(t) => t,
                 DstHost::SelfDevices => match self.own_devices(p) {
-                    Ok(v) => v.into_iter().map(Target::Node).collect(),
+                    Ok(v) => {
+                        own = v.into_iter().map(Target::Node).collect();
+                        &own
+                    }
                     Err(e) => {
                         return PairResult {
                             ok: false,
@@ -985,39 +997,30 @@ impl<'a> Evaluator<'a> {
                     ),
                 };
             }
-            let sources = self.net_sources(p, attrs);
-            let firsts: Vec<Option<&str>> = if self.policy().has_rules {
+            let firsts: Vec<Option<usize>> = if self.policy().has_rules {
+                let sources = self.net_sources(p, attrs);
                 // Devices that are sources of the same rules reach the same fixed targets
-                // alike (unless a rule reaches a device's own devices): a user's devices
-                // are settled once.
+                // alike (unless a rule reaches a device's own devices): a pattern settled
+                // before (every check passed, or the test would have ended) passes again.
                 let shared = target_bits
                     .as_ref()
                     .is_some_and(|bits| !self.self_dst || !self.owns_any(p, bits));
-                let rules = match memo.iter().find(|(s, _)| shared && *s == sources) {
-                    Some((_, rules)) => rules.clone(),
-                    None => {
-                        let rules = self.first_rules(p, &sources, &targets, protos, port);
-                        if shared {
-                            memo.push((sources, rules.clone()));
-                        }
-                        rules
-                    }
-                };
-                rules
-                    .into_iter()
-                    .map(|ri| {
-                        ri.and_then(|ri| self.net_rules.get(ri))
-                            .map(|r| r.label.as_str())
-                    })
-                    .collect()
+                if shared && settled.contains(&sources) {
+                    continue;
+                }
+                let firsts = self.first_rules(p, &sources, targets, protos, port);
+                if shared {
+                    settled.push(sources);
+                }
+                firsts
             } else {
-                vec![Some(DEFAULT_POLICY); targets.len()]
+                vec![Some(usize::MAX); targets.len()]
             };
-            for (t, first) in targets.into_iter().zip(firsts) {
+            for (t, first) in targets.iter().zip(firsts) {
                 match (first, accept) {
-                    (Some(label), true) => {
-                        if !rules.iter().any(|r| r == label) {
-                            rules.push(label.to_string());
+                    (Some(ri), true) => {
+                        if !used.contains(&ri) {
+                            used.push(ri);
                         }
                     }
                     (None, true) => {
@@ -1027,30 +1030,32 @@ impl<'a> Evaluator<'a> {
                             reason: format!(
                                 "{} cannot reach {} on {what}: no rule in acls or grants allows it",
                                 self.principal_name(p),
-                                self.target_name(t)
+                                self.target_name(*t)
                             ),
                         }
                     }
-                    (Some(label), false) => {
+                    (Some(ri), false) => {
+                        let label = label(ri);
                         return PairResult {
                             ok: false,
                             rule: Some(label.to_string()),
                             reason: format!(
                                 "{} can reach {} on {what}: allowed by {label}",
                                 self.principal_name(p),
-                                self.target_name(t)
+                                self.target_name(*t)
                             ),
-                        }
+                        };
                     }
                     (None, false) => {}
                 }
             }
         }
         if accept {
+            let rules: Vec<&str> = used.iter().map(|&ri| label(ri)).collect();
             PairResult {
                 ok: true,
                 reason: format!("allowed by {}", rules.join(", ")),
-                rule: rules.into_iter().next(),
+                rule: rules.first().map(|r| r.to_string()),
             }
         } else {
             PairResult {

@@ -243,12 +243,12 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// Every string value in the tree with where it is (for whole-file checks).
-pub(crate) fn all_strings<'a>(node: &'a Node, out: &mut Vec<(&'a str, Pos)>) {
+/// Hands every string value in the tree, with where it is, to `f` (for whole-file checks).
+pub(crate) fn each_string<'a>(node: &'a Node, f: &mut impl FnMut(&'a str, Pos)) {
     match &node.value {
-        Value::String(s) => out.push((s, node.pos)),
-        Value::Array(a) => a.iter().for_each(|n| all_strings(n, out)),
-        Value::Object(m) => m.iter().for_each(|(_, n)| all_strings(n, out)),
+        Value::String(s) => f(s, node.pos),
+        Value::Array(a) => a.iter().for_each(|n| each_string(n, f)),
+        Value::Object(m) => m.iter().for_each(|(_, n)| each_string(n, f)),
         _ => {}
     }
 }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::decode::{all_strings, invalid, Ctx, Fields};
+use crate::decode::{each_string, invalid, Ctx, Fields};
 use crate::error::PolicyError;
 use crate::hujson::{self, Pos, Value};
 use crate::ipset::AddrSet;
@@ -398,20 +398,26 @@ fn malformed_test(e: PolicyError) -> PolicyError {
 
 /// `autogroup:member` and its legacy name `autogroup:members` may not both be used.
 fn check_member_spellings(root: &hujson::Node) -> Result<(), PolicyError> {
-    let mut strings = Vec::new();
-    all_strings(root, &mut strings);
     let is = |s: &str, name: &str| {
         s.trim()
             .strip_prefix(name)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
     };
-    let new = strings.iter().find(|(s, _)| is(s, "autogroup:member"));
-    let old = strings.iter().find(|(s, _)| is(s, "autogroup:members"));
-    if let (Some(_), Some((_, pos))) = (new, old) {
+    // Whether the new name is used, and where the old one is first.
+    let (mut new, mut old) = (false, None);
+    each_string(root, &mut |s, pos| {
+        if s.trim_start().starts_with("autogroup:member") {
+            new |= is(s, "autogroup:member");
+            if old.is_none() && is(s, "autogroup:members") {
+                old = Some(pos);
+            }
+        }
+    });
+    if let (true, Some(pos)) = (new, old) {
         return Err(invalid(
             "autogroup:member and autogroup:members (its old name) cannot both be used; write autogroup:member everywhere",
             "$",
-            *pos,
+            pos,
         ));
     }
     Ok(())

@@ -431,10 +431,18 @@ fn masked(names: &PeerNames, own: &str, extra: &[Arc<Peer>]) -> PeerNames {
 
 /// Two name-ordered delta lists (naming different nodes) merged into one.
 fn merge_sorted(
-    a: Vec<(Arc<str>, NodeDelta)>,
-    b: impl Iterator<Item = (Arc<str>, NodeDelta)>,
+    mut a: Vec<(Arc<str>, NodeDelta)>,
+    b: impl ExactSizeIterator<Item = (Arc<str>, NodeDelta)>,
 ) -> Vec<(Arc<str>, NodeDelta)> {
-    let mut out = Vec::with_capacity(a.len());
+    // A few entries (a node removed) are inserted where they belong, found by bisection.
+    if b.len() <= 8 {
+        for y in b {
+            let at = a.partition_point(|x| x.0 < y.0);
+            a.insert(at, y);
+        }
+        return a;
+    }
+    let mut out = Vec::with_capacity(a.len() + b.len());
     let mut b = b.peekable();
     for x in a {
         while let Some(y) = b.next_if(|y| y.0 < x.0) {

@@ -1173,9 +1173,9 @@ impl Plan {
     /// (removed when the rule gives none now, or when its id was a removed rule's); a rule
     /// with no entry before that gives one now has it inserted in policy order. `None` (the
     /// whole view is recomputed) where an entry is not its rule's alone: the rule's entry may
-    /// have merged with another's before (an unbound entry is there), would merge now (same
+    /// have merged with another's before (a merged entry is there), would merge now (same
     /// sources and protocols), or is an `autogroup:self` or capability entry; and where an
-    /// insertion's place is unknown (an unbound entry is there).
+    /// insertion's place is unknown (a merged entry is there).
     pub(crate) fn patched_view(
         &self,
         v: usize,
@@ -1262,8 +1262,9 @@ impl Plan {
         })
     }
 
-    /// Whether `entry` would merge with an entry of `filter` other than the one at `skip`:
-    /// one with its protocols and sources (bound entries' sources are in the tables).
+    /// Whether `entry` would merge with an entry of `filter` other than the one at `skip`
+    /// ([`crate::compute::merges_into`]; bound entries' sources are in the tables, and one
+    /// whose list is missing counts as merging).
     fn merges(
         &self,
         filter: &[(FilterRule, EntryFrom)],
@@ -1271,17 +1272,16 @@ impl Plan {
         entry: &FilterRule,
     ) -> bool {
         filter.iter().enumerate().any(|(i, (f, b))| {
-            if Some(i) == skip || !f.cap_grant.is_empty() || f.ip_proto != entry.ip_proto {
+            if Some(i) == skip {
                 return false;
             }
-            let src = match b.bound() {
-                Some(rj) => match self.src_strings.get(rj) {
-                    Some(s) => s,
-                    None => return true,
-                },
-                None => &f.src_ips,
-            };
-            Arc::ptr_eq(src, &entry.src_ips) || *src == entry.src_ips
+            match b.bound() {
+                Some(rj) => self
+                    .src_strings
+                    .get(rj)
+                    .is_none_or(|src| crate::compute::merges_into(f, src, entry)),
+                None => crate::compute::merges_into(f, &f.src_ips, entry),
+            }
         })
     }
 

@@ -9,7 +9,7 @@ use netmap_policy::{Alias, AutoGroup, Policy, PortRange};
 
 use crate::addr::{self, fmt_net, host_prefix};
 use crate::resolve::{Resolved, Resolver};
-use crate::wire::{CapGrant, DstPort, FilterRule, Ports};
+use crate::wire::{CapGrant, DstPort, FilterRule, Ports, SrcList};
 
 /// A network or application rule with its selectors resolved.
 ///
@@ -421,11 +421,10 @@ pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule
             continue;
         }
         // Rules with the same sources and protocols merge.
-        if let Some((existing, bound)) = out.iter_mut().find(|(f, _)| {
-            f.cap_grant.is_empty()
-                && f.ip_proto == entry.ip_proto
-                && (Arc::ptr_eq(&f.src_ips, &entry.src_ips) || f.src_ips == entry.src_ips)
-        }) {
+        if let Some((existing, bound)) = out
+            .iter_mut()
+            .find(|(f, _)| merges_into(f, &f.src_ips, &entry))
+        {
             let more = Arc::try_unwrap(entry.dst_ports).unwrap_or_else(|a| (*a).clone());
             Arc::make_mut(&mut existing.dst_ports).extend(more);
             // Two rules in one entry: it follows neither alone.
@@ -435,6 +434,18 @@ pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule
         }
     }
     out
+}
+
+/// Whether filter entry `entry` (of a network rule) merges into `existing`, whose sources
+/// are `existing_src`: no capability grant, the same protocols and the same sources.
+pub(crate) fn merges_into(
+    existing: &FilterRule,
+    existing_src: &SrcList,
+    entry: &FilterRule,
+) -> bool {
+    existing.cap_grant.is_empty()
+        && existing.ip_proto == entry.ip_proto
+        && (Arc::ptr_eq(existing_src, &entry.src_ips) || *existing_src == entry.src_ips)
 }
 
 /// The filter entry rule `rule` (id `ri`) alone gives node `d`, before entries of rules

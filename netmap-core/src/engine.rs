@@ -795,7 +795,7 @@ impl Engine {
             return Ok(ChangeSet::default());
         }
         let prev = &self.current;
-        let old_tables = &self.current.tables;
+        let old_tables = &prev.tables;
         let affected = self.plan.update(&tailnet, batch);
         let new_tables = self.plan.tables();
         // Views computed again: in whole, or patched (see `touch::PATCH`).
@@ -928,7 +928,7 @@ impl Engine {
             };
             // The names the view's delta shows: its class's delta itself (shared) when that
             // names neither the node nor a peer it has aside.
-            let names: Option<PeerDelta> = if f & touch::CLASS != 0 {
+            let shown: Option<PeerDelta> = if f & touch::CLASS != 0 {
                 let Some(old) = prev.stored(s) else {
                     continue;
                 };
@@ -958,8 +958,8 @@ impl Engine {
             } else {
                 None
             };
-            let (peers_added, peers_removed, peers_changed) = match names {
-                Some(names) => names,
+            let (peers_added, peers_removed, peers_changed) = match shown {
+                Some(shown) => shown,
                 None if filter_changed || ssh_changed => Default::default(),
                 None => continue,
             };

@@ -978,11 +978,7 @@ impl Plan {
             if flag == PATCH {
                 w.patch_rule(id);
             }
-            for &v in &live {
-                if self.covered_by(v, id) {
-                    w.flags[v] |= flag;
-                }
-            }
+            self.mark_covered(id, &live, flag, w);
             let list = self.src_list(id);
             self.src_strings.set(id, list);
             if let Some(rule) = self.rules.get(id).cloned() {
@@ -991,18 +987,10 @@ impl Plan {
             }
         }
         for &id in &edit.restated {
-            for &v in &live {
-                if self.covered_by(v, id) {
-                    w.flags[v] |= RECOMPUTE;
-                }
-            }
+            self.mark_covered(id, &live, RECOMPUTE, w);
         }
         for &id in &edit.ports_only {
-            for &v in &live {
-                if self.covered_by(v, id) {
-                    w.flags[v] |= PATCH;
-                }
-            }
+            self.mark_covered(id, &live, PATCH, w);
             w.patch_rule(id);
         }
         for (id, before) in &edit.redefined {
@@ -1050,11 +1038,7 @@ impl Plan {
                 None => {
                     // Views it stops covering are marked with the rows that changed.
                     self.set_column(*id, &live, w);
-                    for &v in &live {
-                        if self.covered_by(v, *id) {
-                            w.flags[v] |= flag;
-                        }
-                    }
+                    self.mark_covered(*id, &live, flag, w);
                 }
             }
             if src_changed {
@@ -1082,6 +1066,15 @@ impl Plan {
             w.recompute_all = true;
         }
         self.refresh_masks();
+    }
+
+    /// Marks with `flag` the views among `live` that rule `ri` covers.
+    fn mark_covered(&self, ri: usize, live: &[usize], flag: u8, w: &mut Work) {
+        for &v in live {
+            if self.covered_by(v, ri) {
+                w.flags[v] |= flag;
+            }
+        }
     }
 
     /// The patch views under `PATCH` apply (taking the old destination rows it needs).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use imbl::ordmap::DiffItem;
 use imbl::OrdMap;
 use ipnet::IpNet;
-use netmap_policy::Policy;
+use netmap_policy::{GroupSpans, Policy};
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
@@ -264,6 +264,9 @@ pub fn diff_views(old: Option<&NodeView>, new: Option<&NodeView>) -> NodeDelta {
 pub struct Snapshot {
     policy_text: Arc<str>,
     policy: Arc<Policy>,
+    /// Where the groups lie in `policy_text` (the next policy text takes the groups it
+    /// leaves alone from `policy`).
+    group_spans: Arc<GroupSpans>,
     tailnet: Tailnet,
     /// The nodes' names, in order, with their slots in `views`.
     names: OrdMap<Arc<str>, usize>,
@@ -333,13 +336,18 @@ impl Snapshot {
 
 /// Parses and checks a policy for a tailnet: validation, domain checks, tests.
 pub fn load_policy(text: &str, tailnet: &Tailnet) -> Result<Policy, CoreError> {
-    let policy = netmap_policy::parse_policy(text)?;
+    Ok(load_policy_spans(text, tailnet)?.0)
+}
+
+/// [`load_policy`], also telling where the text's groups lie.
+fn load_policy_spans(text: &str, tailnet: &Tailnet) -> Result<(Policy, GroupSpans), CoreError> {
+    let (policy, spans) = netmap_policy::parse_policy_spans(text)?;
     crate::tests_eval::check_policy_for_tailnet(&policy, tailnet)?;
     let report = crate::tests_eval::run_tests(&policy, tailnet);
     if !report.passed() {
         return Err(CoreError::TestsFailed(report));
     }
-    Ok(policy)
+    Ok((policy, spans))
 }
 
 /// The report of `policy`'s tests on `tailnet`, run on `plan`, which holds that policy (and
@@ -637,19 +645,31 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Builds an engine from a policy text and a tailnet; a rejected policy is an error.
     pub fn new(policy_text: &str, tailnet: Tailnet) -> Result<Engine, CoreError> {
-        let policy = load_policy(policy_text, &tailnet)?;
-        Ok(Engine::with_policy(policy_text, Arc::new(policy), tailnet))
+        let (policy, spans) = load_policy_spans(policy_text, &tailnet)?;
+        Ok(Engine::with_policy(
+            policy_text,
+            (Arc::new(policy), Arc::new(spans)),
+            tailnet,
+        ))
     }
 
     /// Rebuilds an engine from state that was accepted before (a server restarting): the
     /// policy must still parse, but its `tests` and the tailnet checks gated the change that
     /// set it, not this restart.
     pub fn restore(policy_text: &str, tailnet: Tailnet) -> Result<Engine, CoreError> {
-        let policy = netmap_policy::parse_policy(policy_text)?;
-        Ok(Engine::with_policy(policy_text, Arc::new(policy), tailnet))
+        let (policy, spans) = netmap_policy::parse_policy_spans(policy_text)?;
+        Ok(Engine::with_policy(
+            policy_text,
+            (Arc::new(policy), Arc::new(spans)),
+            tailnet,
+        ))
     }
 
-    fn with_policy(policy_text: &str, policy: Arc<Policy>, tailnet: Tailnet) -> Engine {
+    fn with_policy(
+        policy_text: &str,
+        (policy, spans): (Arc<Policy>, Arc<GroupSpans>),
+        tailnet: Tailnet,
+    ) -> Engine {
         let mut tailnet = tailnet;
         // Nodes loaded without a recorded name get one now, oldest first.
         let mut unnamed: Vec<(String, String, (i64, u32))> = tailnet
@@ -681,6 +701,7 @@ impl Engine {
             current: Snapshot {
                 policy_text: Arc::from(policy_text),
                 policy,
+                group_spans: spans,
                 tailnet,
                 names,
                 views: slots.into_iter().collect(),
@@ -700,6 +721,7 @@ impl Engine {
         let mut tailnet = self.current.tailnet.clone();
         let mut policy = self.current.policy.clone();
         let mut policy_text = self.current.policy_text.clone();
+        let mut group_spans = self.current.group_spans.clone();
         let not_found =
             |what: &str, name: &str| CoreError::NotFound(format!("{what} {name:?} not found"));
         let mut batch = Batch::default();
@@ -757,7 +779,8 @@ impl Engine {
                 batch.nodes = self.plan.user_nodes(&name);
             }
             Change::SetPolicy { policy: text } => {
-                let new = netmap_policy::parse_policy(&text)?;
+                let (new, spans) =
+                    netmap_policy::reparse_policy(&text, &policy_text, &policy, &group_spans)?;
                 crate::tests_eval::check_policy_for_tailnet(&new, &tailnet)?;
                 if new != *policy {
                     // Tested once the plan holds it (below).
@@ -773,6 +796,7 @@ impl Engine {
                     }
                 }
                 policy_text = Arc::from(text.as_str());
+                group_spans = Arc::new(spans);
             }
             Change::ApproveRoutes { node, routes } => match tailnet.nodes.get_mut(&node) {
                 Some(n) => {
@@ -790,6 +814,7 @@ impl Engine {
                 tailnet,
                 policy,
                 policy_text,
+                group_spans,
                 ..self.current.clone()
             };
             return Ok(ChangeSet::default());
@@ -818,8 +843,11 @@ impl Engine {
             let report = policy_tests(plan, &policy, &tailnet);
             if !report.passed() {
                 let cur = &self.current;
-                let before =
-                    Engine::with_policy(&cur.policy_text, cur.policy.clone(), cur.tailnet.clone());
+                let before = Engine::with_policy(
+                    &cur.policy_text,
+                    (cur.policy.clone(), cur.group_spans.clone()),
+                    cur.tailnet.clone(),
+                );
                 *self = before;
                 return Err(CoreError::TestsFailed(report));
             }
@@ -1007,6 +1035,7 @@ impl Engine {
             Snapshot {
                 policy_text,
                 policy,
+                group_spans,
                 tailnet,
                 names,
                 views,

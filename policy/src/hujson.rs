@@ -100,11 +100,43 @@ const MAX_DEPTH: usize = 128;
 
 /// Parses HuJSON text into a positioned tree.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
+    Ok(parse_groups_reusing(text, &mut |_, _| None)?.0)
+}
+
+/// Where a member of the top-level `groups` object lies in the text (byte offsets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MemberSpan {
+    /// The member's key as written (unescaped).
+    pub name: String,
+    /// The key's opening quote.
+    pub key: usize,
+    /// The value's first byte.
+    pub value: usize,
+    /// Just past the value's last byte.
+    pub end: usize,
+}
+
+/// What [`parse_groups_reusing`] read: the tree, where the `groups` members lie, and the
+/// indices (into those) of the members whose values were taken as read.
+pub(crate) type GroupsRead = (Node, Vec<MemberSpan>, Vec<usize>);
+
+/// [`parse`], also telling where each member of the top-level `groups` object lies. At each
+/// such member, `reuse(key offset, value offset)` may give the offset just past its value:
+/// the caller knows those bytes (from an earlier text it read) to be a complete value, so
+/// they are stepped over, not read, and the member's value in the tree is `null`.
+pub(crate) fn parse_groups_reusing(
+    text: &str,
+    reuse: &mut dyn FnMut(usize, usize) -> Option<usize>,
+) -> Result<GroupsRead, SyntaxError> {
     let mut p = Parser {
         text,
         i: 0,
         line: 1,
         col: 1,
+        groups_next: false,
+        reuse,
+        spans: Vec::new(),
+        reused: Vec::new(),
     };
     p.skip_ws()?;
     let v = p.value(0)?;
@@ -112,18 +144,23 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     if p.i < p.text.len() {
         return Err(p.err("unexpected text after the top-level value"));
     }
-    Ok(v)
+    Ok((v, p.spans, p.reused))
 }
 
 /// Reads `text` from byte `i` (always at a character boundary).
-struct Parser<'t> {
+struct Parser<'t, 'r> {
     text: &'t str,
     i: usize,
     line: u32,
     col: u32,
+    /// The next object read is the top-level `groups` object.
+    groups_next: bool,
+    reuse: &'r mut dyn FnMut(usize, usize) -> Option<usize>,
+    spans: Vec<MemberSpan>,
+    reused: Vec<usize>,
 }
 
-impl Parser<'_> {
+impl Parser<'_, '_> {
     fn pos(&self) -> Pos {
         Pos {
             line: self.line,
@@ -149,6 +186,26 @@ impl Parser<'_> {
     /// The character after the next one.
     fn peek2(&self) -> Option<char> {
         self.text.get(self.i..)?.chars().nth(1)
+    }
+
+    /// Steps to byte `end` (a character boundary past `i`), keeping the line and column.
+    fn step_to(&mut self, end: usize) {
+        let skipped = self.text.as_bytes().get(self.i..end).unwrap_or_default();
+        let chars = |b: &[u8]| {
+            let n = b.iter().filter(|&&c| c & 0xC0 != 0x80).count();
+            u32::try_from(n).unwrap_or(u32::MAX)
+        };
+        match skipped.iter().rposition(|&b| b == b'\n') {
+            Some(last) => {
+                let lines = skipped.iter().filter(|&&b| b == b'\n').count();
+                self.line = self
+                    .line
+                    .saturating_add(u32::try_from(lines).unwrap_or(u32::MAX));
+                self.col = 1 + chars(&skipped[last + 1..]);
+            }
+            None => self.col = self.col.saturating_add(chars(skipped)),
+        }
+        self.i = end;
     }
 
     fn bump(&mut self) -> Option<char> {
@@ -397,6 +454,7 @@ impl Parser<'_> {
     }
 
     fn object(&mut self, depth: usize) -> Result<Value, SyntaxError> {
+        let groups = std::mem::take(&mut self.groups_next) && depth == 1;
         self.bump();
         let mut members: Vec<(Key, Node)> = Vec::new();
         loop {
@@ -411,6 +469,7 @@ impl Parser<'_> {
                 Some(_) => return Err(self.err("expected a string key or '}'")),
             }
             let kpos = self.pos();
+            let kstart = self.i;
             let name = self.string()?;
             if members.iter().any(|(k, _)| k.name == name) {
                 return Err(SyntaxError {
@@ -424,7 +483,39 @@ impl Parser<'_> {
             }
             self.bump();
             self.skip_ws()?;
-            let v = self.value(depth + 1)?;
+            let vstart = self.i;
+            let reused = if groups {
+                (self.reuse)(kstart, vstart).filter(|&end| {
+                    end > vstart && end <= self.text.len() && self.text.is_char_boundary(end)
+                })
+            } else {
+                None
+            };
+            let v = match reused {
+                Some(end) => {
+                    let pos = self.pos();
+                    self.step_to(end);
+                    self.reused.push(self.spans.len());
+                    Node {
+                        value: Value::Null,
+                        pos,
+                    }
+                }
+                None => {
+                    self.groups_next = depth == 0 && name == "groups";
+                    let v = self.value(depth + 1);
+                    self.groups_next = false;
+                    v?
+                }
+            };
+            if groups {
+                self.spans.push(MemberSpan {
+                    name: name.clone(),
+                    key: kstart,
+                    value: vstart,
+                    end: self.i,
+                });
+            }
             members.push((Key { name, pos: kpos }, v));
             self.skip_ws()?;
             match self.peek() {

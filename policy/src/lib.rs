@@ -20,8 +20,9 @@ mod selector;
 
 pub use error::PolicyError;
 pub use model::{
-    go_duration, parse_policy, parse_prefix, Acl, AclTest, AutoApprovers, Grant, Located, NodeAttr,
-    Policy, PolicyWarning, SshAction, SshRule, SshTest, SshUser, TestDst,
+    go_duration, parse_policy, parse_policy_spans, parse_prefix, reparse_policy, Acl, AclTest,
+    AutoApprovers, Grant, GroupSpans, Located, NodeAttr, Policy, PolicyWarning, SshAction, SshRule,
+    SshTest, SshUser, TestDst,
 };
 pub use posture::{
     compare_versions, Posture, PostureAttrs, PostureCondition, PostureOp, PostureValue,

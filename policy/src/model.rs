@@ -1,6 +1,6 @@
 //! The typed policy model, read from the positioned HuJSON tree with strict validation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -269,8 +269,85 @@ const TOP_KEYS: &[&str] = &[
 /// is saved that needs no tailnet (`tests` are checked for form here and run against a
 /// tailnet by netmap-core).
 pub fn parse_policy(text: &str) -> Result<Policy, PolicyError> {
-    let root = hujson::parse(text)?;
-    let top = Ctx::root(&root);
+    Ok(parse_policy_spans(text)?.0)
+}
+
+/// Where the `groups` members lie in the text a policy was read from: what lets
+/// [`reparse_policy`] take the groups that an edit leaves alone from the policy before it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupSpans(Vec<hujson::MemberSpan>);
+
+/// [`parse_policy`], also telling where the text's groups lie (for [`reparse_policy`]).
+pub fn parse_policy_spans(text: &str) -> Result<(Policy, GroupSpans), PolicyError> {
+    let (root, spans, _) = hujson::parse_groups_reusing(text, &mut |_, _| None)?;
+    Ok((read_policy(&root, &HashMap::new())?, GroupSpans(spans)))
+}
+
+/// [`parse_policy_spans`] of `text`, an edit of `old_text` (which was read into `old`, its
+/// groups lying at `old_spans`): a group whose text lies wholly in the part the two texts
+/// start with, or in the part they end with, is not read again but taken from `old` (a
+/// group's members carry no position, and those bytes passed every check before). The
+/// result is the same as [`parse_policy_spans`]'s, errors included (an error is reported
+/// by reading the whole text).
+pub fn reparse_policy(
+    text: &str,
+    old_text: &str,
+    old: &Policy,
+    old_spans: &GroupSpans,
+) -> Result<(Policy, GroupSpans), PolicyError> {
+    let (a, b) = (old_text.as_bytes(), text.as_bytes());
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let room = a.len().min(b.len()) - prefix;
+    let suffix = a
+        .iter()
+        .rev()
+        .zip(b.iter().rev())
+        .take(room)
+        .take_while(|(x, y)| x == y)
+        .count();
+    // Old offsets in the common tail move by `shift` (new = old + shift).
+    let tail_new = b.len() - suffix;
+    let by_key: HashMap<usize, &hujson::MemberSpan> =
+        old_spans.0.iter().map(|m| (m.key, m)).collect();
+    let mut reuse = |key: usize, value: usize| -> Option<usize> {
+        let (m, shift) = if key >= tail_new {
+            let old_key = key - tail_new + (a.len() - suffix);
+            (*by_key.get(&old_key)?, b.len() as isize - a.len() as isize)
+        } else {
+            let m = *by_key.get(&key)?;
+            if m.end > prefix {
+                return None;
+            }
+            (m, 0)
+        };
+        let moved = |x: usize| usize::try_from(x as isize + shift).ok();
+        if moved(m.value)? != value || !old.groups.contains_key(&m.name) {
+            return None;
+        }
+        moved(m.end)
+    };
+    let read = hujson::parse_groups_reusing(text, &mut reuse)
+        .map_err(PolicyError::from)
+        .and_then(|(root, spans, reused)| {
+            let from_old: HashMap<&str, &Vec<String>> = reused
+                .iter()
+                .filter_map(|&i| spans.get(i))
+                .filter_map(|m| old.groups.get_key_value(&m.name))
+                .map(|(k, v)| (k.as_str(), v))
+                .collect();
+            Ok((read_policy(&root, &from_old)?, GroupSpans(spans)))
+        });
+    // An error is reported as reading the whole text reports it.
+    read.or_else(|_| parse_policy_spans(text))
+}
+
+/// Reads a policy from its tree; `groups` members whose values are `from_old`'s were not
+/// read (their values in the tree are `null`).
+fn read_policy(
+    root: &hujson::Node,
+    from_old: &HashMap<&str, &Vec<String>>,
+) -> Result<Policy, PolicyError> {
+    let top = Ctx::root(root);
     if !matches!(root.value, Value::Object(_)) {
         return Err(top.err(format!(
             "the policy must be a JSON object, not {}",
@@ -278,11 +355,11 @@ pub fn parse_policy(text: &str) -> Result<Policy, PolicyError> {
         )));
     }
     let f = top.fields("the policy", TOP_KEYS, false)?;
-    check_member_spellings(&root)?;
+    check_member_spellings(root)?;
     let mut p = Policy::default();
     // Groups, tags, hosts, ipsets and postures first: rules refer to them.
     if let Some(c) = f.get("groups") {
-        read_groups(c, &mut p)?;
+        read_groups(c, &mut p, from_old)?;
     }
     if let Some(c) = f.get("hosts") {
         read_hosts(c, &mut p)?;
@@ -423,7 +500,11 @@ fn check_member_spellings(root: &hujson::Node) -> Result<(), PolicyError> {
     Ok(())
 }
 
-fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
+fn read_groups(
+    c: &Ctx<'_>,
+    p: &mut Policy,
+    from_old: &HashMap<&str, &Vec<String>>,
+) -> Result<(), PolicyError> {
     let members = c.map("groups")?;
     // The hosted service reports the last group (in name order) that nests another.
     let mut nested: Option<PolicyError> = None;
@@ -446,6 +527,10 @@ fn read_groups(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
                 &gc.path(),
                 k.pos,
             ));
+        }
+        if let Some(members) = from_old.get(name) {
+            p.groups.insert(name.to_string(), (*members).clone());
+            continue;
         }
         let mut list = Vec::new();
         for (m, mc) in gc.strings("group members")? {

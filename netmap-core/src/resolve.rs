@@ -449,7 +449,7 @@ impl Resolver {
                 }
             }
             Alias::Group(g) => {
-                for m in self.policy.groups.get(g).into_iter().flatten() {
+                for m in self.policy.groups.get(g).into_iter().flat_map(|m| m.iter()) {
                     for &i in self.by_email.get(m.as_str()).into_iter().flatten() {
                         if self.nodes[i].is_member() {
                             node(i);

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -19,8 +20,9 @@ pub use crate::selector::{Alias, AutoGroup};
 /// A validated policy file.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Policy {
-    /// `groups`: group name (with `group:` prefix) → member logins (groups may not nest).
-    pub groups: BTreeMap<String, Vec<String>>,
+    /// `groups`: group name (with `group:` prefix) → member logins (groups may not nest);
+    /// shared with the policy an edit was read against where the edit left the group alone.
+    pub groups: BTreeMap<String, Arc<Vec<String>>>,
     /// `tagOwners`: tag (lower case) → owners (users, groups, tags, autogroups).
     pub tag_owners: BTreeMap<String, Vec<Located<Alias>>>,
     /// `hosts`: alias → prefix.
@@ -329,7 +331,7 @@ pub fn reparse_policy(
     let read = hujson::parse_groups_reusing(text, &mut reuse)
         .map_err(PolicyError::from)
         .and_then(|(root, spans, reused)| {
-            let from_old: HashMap<&str, &Vec<String>> = reused
+            let from_old: HashMap<&str, &Arc<Vec<String>>> = reused
                 .iter()
                 .filter_map(|&i| spans.get(i))
                 .filter_map(|m| old.groups.get_key_value(&m.name))
@@ -345,7 +347,7 @@ pub fn reparse_policy(
 /// read (their values in the tree are `null`).
 fn read_policy(
     root: &hujson::Node,
-    from_old: &HashMap<&str, &Vec<String>>,
+    from_old: &HashMap<&str, &Arc<Vec<String>>>,
 ) -> Result<Policy, PolicyError> {
     let top = Ctx::root(root);
     if !matches!(root.value, Value::Object(_)) {
@@ -503,7 +505,7 @@ fn check_member_spellings(root: &hujson::Node) -> Result<(), PolicyError> {
 fn read_groups(
     c: &Ctx<'_>,
     p: &mut Policy,
-    from_old: &HashMap<&str, &Vec<String>>,
+    from_old: &HashMap<&str, &Arc<Vec<String>>>,
 ) -> Result<(), PolicyError> {
     let members = c.map("groups")?;
     // The hosted service reports the last group (in name order) that nests another.
@@ -529,7 +531,7 @@ fn read_groups(
             ));
         }
         if let Some(members) = from_old.get(name) {
-            p.groups.insert(name.to_string(), (*members).clone());
+            p.groups.insert(name.to_string(), Arc::clone(members));
             continue;
         }
         let mut list = Vec::new();
@@ -569,7 +571,7 @@ fn read_groups(
             }
             list.push(login.to_string());
         }
-        p.groups.insert(name.to_string(), list);
+        p.groups.insert(name.to_string(), Arc::new(list));
     }
     match nested {
         Some(e) => Err(e),

@@ -271,8 +271,9 @@ struct Evaluator<'a> {
     net_rules: Vec<NetRuleEval<'a>>,
     /// Check rules first, then accept rules, each in policy order.
     ssh_rules: Vec<SshRuleEval<'a>>,
-    /// Every approved subnet route of a live node.
-    routes: Vec<IpNet>,
+    /// Every approved subnet route of a live node (gathered when first asked for: only
+    /// address principals and targets ask).
+    routes: OnceCell<Vec<IpNet>>,
     /// The nodes of each alias a destination bitmap was built from.
     alias_bits: RefCell<HashMap<&'a Alias, Rc<Vec<u64>>>>,
     /// Whether a destination of some network rule is `autogroup:self` (what a rule lets
@@ -427,17 +428,11 @@ impl<'a> Evaluator<'a> {
         let self_dst = net_rules
             .iter()
             .any(|rule| rule.entries.iter().any(|(d, _, _)| d.set.self_devices));
-        let routes = r
-            .nodes
-            .iter()
-            .filter(|x| x.alive)
-            .flat_map(|x| x.routes.iter().copied())
-            .collect();
         Evaluator {
             r,
             net_rules,
             ssh_rules,
-            routes,
+            routes: OnceCell::new(),
             alias_bits: RefCell::new(HashMap::new()),
             self_dst,
         }
@@ -521,7 +516,15 @@ impl<'a> Evaluator<'a> {
 
     /// Whether a range lies inside an approved subnet route.
     fn in_routes(&self, n: &IpNet) -> bool {
-        self.routes.iter().any(|rt| rt.contains(n))
+        let routes = self.routes.get_or_init(|| {
+            self.r
+                .nodes
+                .iter()
+                .filter(|x| x.alive)
+                .flat_map(|x| x.routes.iter().copied())
+                .collect()
+        });
+        routes.iter().any(|rt| rt.contains(n))
     }
 
     /// Whether a range lies in what `*` means as a source: the tailnet's own ranges and
@@ -681,15 +684,9 @@ impl<'a> Evaluator<'a> {
                 .count();
         let mut own: Option<Vec<u64>> = None;
         let mut cover = vec![0u64; words];
-        // Per slot, the first rule reaching it (targets may name a device twice).
-        let mut first = vec![
-            usize::MAX;
-            if open_nodes > 0 {
-                self.r.nodes.len()
-            } else {
-                0
-            }
-        ];
+        // The rules that reached devices first, each with the devices it reached first
+        // (few rules: a slot-long table would cost more to clear than to search these).
+        let mut firsts: Vec<(usize, Vec<u64>)> = Vec::new();
         for (ri, (rule, _)) in self
             .net_rules
             .iter()
@@ -735,9 +732,10 @@ impl<'a> Evaluator<'a> {
                     *c &= *w;
                     *w &= !*c;
                 }
-                for j in ones(&cover) {
-                    first[j] = ri;
-                    open_nodes -= 1;
+                let reached = ones(&cover).count();
+                if reached > 0 {
+                    open_nodes -= reached;
+                    firsts.push((ri, cover.clone()));
                 }
             }
             if open_addrs > 0 {
@@ -754,7 +752,10 @@ impl<'a> Evaluator<'a> {
         }
         for (k, t) in targets.iter().enumerate() {
             if let Target::Node(j) = *t {
-                out[k] = first.get(j).copied().filter(|&ri| ri != usize::MAX);
+                out[k] = firsts
+                    .iter()
+                    .find(|(_, reached)| bit(reached, j))
+                    .map(|&(ri, _)| ri);
             }
         }
         out

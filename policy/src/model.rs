@@ -298,15 +298,9 @@ pub fn reparse_policy(
     old_spans: &GroupSpans,
 ) -> Result<(Policy, GroupSpans), PolicyError> {
     let (a, b) = (old_text.as_bytes(), text.as_bytes());
-    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let prefix = common_prefix(a, b);
     let room = a.len().min(b.len()) - prefix;
-    let suffix = a
-        .iter()
-        .rev()
-        .zip(b.iter().rev())
-        .take(room)
-        .take_while(|(x, y)| x == y)
-        .count();
+    let suffix = common_suffix(a, b).min(room);
     // Old offsets in the common tail move by `shift` (new = old + shift).
     let tail_new = b.len() - suffix;
     let by_key: HashMap<usize, &hujson::MemberSpan> =
@@ -341,6 +335,37 @@ pub fn reparse_policy(
         });
     // An error is reported as reading the whole text reports it.
     read.or_else(|_| parse_policy_spans(text))
+}
+
+/// How many bytes `a` and `b` start with alike (compared a block at a time).
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let blocks = a
+        .chunks_exact(64)
+        .zip(b.chunks_exact(64))
+        .take_while(|(x, y)| x == y)
+        .count()
+        * 64;
+    blocks + common_len(a[blocks..].iter(), b[blocks..].iter())
+}
+
+/// How many bytes `a` and `b` end with alike (compared a block at a time).
+fn common_suffix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[a.len() - n..], &b[b.len() - n..]);
+    let blocks = a
+        .rchunks_exact(64)
+        .zip(b.rchunks_exact(64))
+        .take_while(|(x, y)| x == y)
+        .count()
+        * 64;
+    let rest = n - blocks;
+    blocks + common_len(a[..rest].iter().rev(), b[..rest].iter().rev())
+}
+
+fn common_len<'a>(a: impl Iterator<Item = &'a u8>, b: impl Iterator<Item = &'a u8>) -> usize {
+    a.zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Reads a policy from its tree; `groups` members whose values are `from_old`'s were not
@@ -1989,6 +2014,34 @@ fn check_attr_config(c: &Ctx<'_>) -> Result<(), PolicyError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_ends_match_a_byte_by_byte_count() {
+        let naive_prefix = |a: &[u8], b: &[u8]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+        let naive_suffix = |a: &[u8], b: &[u8]| {
+            a.iter()
+                .rev()
+                .zip(b.iter().rev())
+                .take_while(|(x, y)| x == y)
+                .count()
+        };
+        let base: Vec<u8> = (0..300u32)
+            .map(|i| b"abcdefgh"[(i * 7 % 8) as usize])
+            .collect();
+        for len in [0, 1, 63, 64, 65, 128, 200, 300] {
+            for at in [0, 1, 31, 63, 64, 65, 127, 128, 199, 299] {
+                let a = &base[..len];
+                let mut b = a.to_vec();
+                if at < b.len() {
+                    b[at] = b'z';
+                }
+                for (x, y) in [(a, &b[..]), (a, &b[..b.len() / 2]), (&b[..], a)] {
+                    assert_eq!(common_prefix(x, y), naive_prefix(x, y), "{len} {at}");
+                    assert_eq!(common_suffix(x, y), naive_suffix(x, y), "{len} {at}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn durations() {

@@ -243,25 +243,46 @@ impl NetRule {
             .chain(self.dsts.iter().flat_map(|(d, _)| d.aliases.iter()))
     }
 
-    /// The rule as written, as a key: equal keys compile to equal rules (given equal
-    /// definitions of the groups, hosts and ipsets they name).
-    pub(crate) fn spec_key(&self) -> String {
-        format!(
-            "{:?}",
-            (
-                &self.src.aliases,
-                self.dsts
-                    .iter()
-                    .map(|(d, p)| (&d.aliases, p))
-                    .collect::<Vec<_>>(),
-                &self.protos,
-                &self.caps,
-                self.self_rule,
-                &self.via,
-                &self.src_posture,
-                &self.dst_posture,
-            )
-        )
+    /// The rule as written, hashed: equal rules as written ([`NetRule::same_spec`]) hash
+    /// alike, and compile to equal rules (given equal definitions of the groups, hosts and
+    /// ipsets they name).
+    pub(crate) fn spec_hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.src.aliases.hash(&mut h);
+        for (d, ports) in &self.dsts {
+            d.aliases.hash(&mut h);
+            ports.hash(&mut h);
+        }
+        self.protos.hash(&mut h);
+        // Capability values are JSON (not hashable): their names stand for them here.
+        self.caps
+            .as_ref()
+            .map(|c| c.keys().collect::<Vec<_>>())
+            .hash(&mut h);
+        self.self_rule.hash(&mut h);
+        self.via.hash(&mut h);
+        self.src_posture.hash(&mut h);
+        self.dst_posture.hash(&mut h);
+        h.finish()
+    }
+
+    /// Whether two rules are the same as written (selectors, ports, protocols,
+    /// capabilities, postures), whatever their sets resolve to.
+    pub(crate) fn same_spec(&self, o: &NetRule) -> bool {
+        self.src.aliases == o.src.aliases
+            && self.dsts.len() == o.dsts.len()
+            && self
+                .dsts
+                .iter()
+                .zip(&o.dsts)
+                .all(|((a, pa), (b, pb))| a.aliases == b.aliases && pa == pb)
+            && self.protos == o.protos
+            && self.caps == o.caps
+            && self.self_rule == o.self_rule
+            && self.via == o.via
+            && self.src_posture == o.src_posture
+            && self.dst_posture == o.dst_posture
     }
 
     /// What decides which nodes the rule links (its sources and destinations), as a key;

@@ -19,8 +19,8 @@ use crate::resolve::Resolved;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RuleTable {
     slots: Vec<Option<NetRule>>,
-    /// Per id, the rule's [`NetRule::spec_key`] (made once, when the rule is stored).
-    spec_keys: Vec<String>,
+    /// Per id, the rule's [`NetRule::spec_hash`] (made once, when the rule is stored).
+    spec_hashes: Vec<u64>,
     order: Vec<usize>,
     free: BTreeSet<usize>,
 }
@@ -30,7 +30,7 @@ impl RuleTable {
     pub(crate) fn new(rules: Vec<NetRule>) -> RuleTable {
         let order = (0..rules.len()).collect();
         RuleTable {
-            spec_keys: rules.iter().map(NetRule::spec_key).collect(),
+            spec_hashes: rules.iter().map(NetRule::spec_hash).collect(),
             slots: rules.into_iter().map(Some).collect(),
             order,
             free: BTreeSet::new(),
@@ -70,7 +70,7 @@ impl RuleTable {
             Some(id) => id,
             None => {
                 self.slots.push(None);
-                self.spec_keys.push(String::new());
+                self.spec_hashes.push(0);
                 self.slots.len() - 1
             }
         };
@@ -82,8 +82,8 @@ impl RuleTable {
     /// Removes a rule; its id becomes free.
     fn remove(&mut self, id: usize) -> Option<NetRule> {
         let rule = self.slots.get_mut(id)?.take()?;
-        if let Some(k) = self.spec_keys.get_mut(id) {
-            k.clear();
+        if let Some(k) = self.spec_hashes.get_mut(id) {
+            *k = 0;
         }
         self.free.insert(id);
         self.order.retain(|&x| x != id);
@@ -175,18 +175,24 @@ impl RuleTable {
     ) -> RuleEdit {
         let mut edit = RuleEdit::default();
         // Exact matches first, then rules with the same selectors.
-        let mut by_spec: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut by_spec: HashMap<u64, Vec<usize>> = HashMap::new();
         for &id in self.order.iter().rev() {
-            if let Some(key) = self.spec_keys.get(id) {
-                by_spec.entry(key.as_str()).or_default().push(id);
+            if let Some(&key) = self.spec_hashes.get(id) {
+                by_spec.entry(key).or_default().push(id);
             }
         }
-        let new_keys: Vec<String> = specs.iter().map(NetRule::spec_key).collect();
+        let new_keys: Vec<u64> = specs.iter().map(NetRule::spec_hash).collect();
         let mut taken: BTreeSet<usize> = BTreeSet::new();
         let mut matched: Vec<Option<usize>> = new_keys
             .iter()
-            .map(|key| {
-                let id = by_spec.get_mut(key.as_str())?.pop()?;
+            .zip(&specs)
+            .map(|(key, spec)| {
+                // The earliest kept rule written the same way (hashes may collide).
+                let ids = by_spec.get_mut(key)?;
+                let at = ids
+                    .iter()
+                    .rposition(|&id| self.get(id).is_some_and(|r| r.same_spec(spec)))?;
+                let id = ids.remove(at);
                 taken.insert(id);
                 Some(id)
             })
@@ -284,14 +290,14 @@ impl RuleTable {
                 }
             };
             order.push(id);
-            if let Some(k) = self.spec_keys.get_mut(id) {
+            if let Some(k) = self.spec_hashes.get_mut(id) {
                 *k = key;
             }
         }
         self.order = order;
         debug_assert!(self
             .ordered()
-            .all(|(id, rule)| self.spec_keys.get(id) == Some(&rule.spec_key())));
+            .all(|(id, rule)| self.spec_hashes.get(id) == Some(&rule.spec_hash())));
         edit
     }
 }

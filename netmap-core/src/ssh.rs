@@ -125,8 +125,8 @@ fn match_order(p: &Policy) -> impl Iterator<Item = &SshRule> + '_ {
         .chain(p.ssh.iter().filter(|x| x.action == SshAction::Accept))
 }
 
-/// An SSH rule as written (positions aside), as a key.
-fn spec_key(rule: &SshRule) -> String {
+/// Whether two SSH rules are the same as written (positions aside).
+fn same_as_written(x: &SshRule, y: &SshRule) -> bool {
     // Every field, so that a new one cannot be left out of the comparison.
     let SshRule {
         action,
@@ -138,21 +138,20 @@ fn spec_key(rule: &SshRule) -> String {
         src_posture,
         recorder,
         enforce_recorder,
-    } = rule;
-    format!(
-        "{:?}",
-        (
-            action,
-            src.iter().map(|a| &a.value).collect::<Vec<_>>(),
-            dst.iter().map(|a| &a.value).collect::<Vec<_>>(),
-            users,
-            check_period_secs,
-            accept_env,
-            src_posture,
-            recorder,
-            enforce_recorder,
-        )
-    )
+    } = x;
+    let same_aliases = |a: &[netmap_policy::Located<netmap_policy::Alias>],
+                        b: &[netmap_policy::Located<netmap_policy::Alias>]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.value == b.value)
+    };
+    *action == y.action
+        && same_aliases(src, &y.src)
+        && same_aliases(dst, &y.dst)
+        && *users == y.users
+        && *check_period_secs == y.check_period_secs
+        && *accept_env == y.accept_env
+        && *src_posture == y.src_posture
+        && *recorder == y.recorder
+        && *enforce_recorder == y.enforce_recorder
 }
 
 impl SshPlan {
@@ -160,7 +159,7 @@ impl SshPlan {
     pub(crate) fn edit(old: &Policy, new: &Policy) -> SshEdit {
         let (a, b): (Vec<&SshRule>, Vec<&SshRule>) =
             (match_order(old).collect(), match_order(new).collect());
-        if a.len() != b.len() || a.iter().zip(&b).any(|(x, y)| spec_key(x) != spec_key(y)) {
+        if a.len() != b.len() || a.iter().zip(&b).any(|(x, y)| !same_as_written(x, y)) {
             return SshEdit::Rebuild;
         }
         let redefined: Vec<usize> = b

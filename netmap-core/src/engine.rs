@@ -272,14 +272,16 @@ pub struct Snapshot {
     names: OrdMap<Arc<str>, usize>,
     /// Stored views by the engine's slot (a slot holds one node for its lifetime; `None`
     /// where that node is gone): a change finds and replaces views without comparing names.
-    views: imbl::Vector<Option<StoredView>>,
+    /// Each behind its own `Arc`: replacing a view copies the vector's leaf around it, and
+    /// a leaf of single pointers costs a quarter of the reference counts to copy.
+    views: imbl::Vector<Option<Arc<StoredView>>>,
     tables: Tables,
 }
 
 impl Snapshot {
     /// The stored view in slot `s`.
     fn stored(&self, s: usize) -> Option<&StoredView> {
-        self.views.get(s).and_then(Option::as_ref)
+        self.views.get(s).and_then(Option::as_deref)
     }
 
     /// A node's view.
@@ -596,7 +598,11 @@ impl<'a> Differ<'a> {
 }
 
 /// Puts `view` in slot `s` of `views` (grown with empty slots to reach it).
-fn set_slot(views: &mut imbl::Vector<Option<StoredView>>, s: usize, view: Option<StoredView>) {
+fn set_slot(
+    views: &mut imbl::Vector<Option<Arc<StoredView>>>,
+    s: usize,
+    view: Option<Arc<StoredView>>,
+) {
     while views.len() <= s {
         views.push_back(None);
     }
@@ -690,12 +696,12 @@ impl Engine {
         }
         let names: OrdMap<Arc<str>, usize> =
             sv.iter().map(|(s, _)| (plan.key(*s).clone(), *s)).collect();
-        let mut slots: Vec<Option<StoredView>> = Vec::new();
+        let mut slots: Vec<Option<Arc<StoredView>>> = Vec::new();
         for (s, v) in sv {
             if slots.len() <= s {
                 slots.resize(s + 1, None);
             }
-            slots[s] = Some(v);
+            slots[s] = Some(Arc::new(v));
         }
         Engine {
             current: Snapshot {
@@ -922,7 +928,7 @@ impl Engine {
         let mut differ = Differ::new(&known);
         let mut views = prev.views.clone();
         let mut names = prev.names.clone();
-        let mut recorded: Vec<(usize, StoredView)> = Vec::new();
+        let mut recorded: Vec<(usize, Arc<StoredView>)> = Vec::new();
         // Deltas are produced in name order (the touched slots are), so the change set is
         // built by pushing; the removed nodes are merged in at the end.
         let mut deltas: Vec<(Arc<str>, NodeDelta)> = Vec::with_capacity(affected.slots.len());
@@ -933,6 +939,7 @@ impl Engine {
                 let Some((sv, d)) = fresh.next() else {
                     continue;
                 };
+                let sv = Arc::new(sv);
                 recorded.push((s, sv.clone()));
                 if prev.stored(s).is_none() {
                     names.insert(plan.key(s).clone(), s);
@@ -971,10 +978,10 @@ impl Engine {
                 set_slot(
                     &mut views,
                     s,
-                    Some(StoredView {
+                    Some(Arc::new(StoredView {
                         class,
                         ..old.clone()
-                    }),
+                    })),
                 );
                 delta
             } else if f & touch::PEERS != 0 {

@@ -100,7 +100,7 @@ const MAX_DEPTH: usize = 128;
 
 /// Parses HuJSON text into a positioned tree.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
-    Ok(parse_groups_reusing(text, &mut |_, _| None)?.0)
+    Ok(parse_groups_reusing(text, &mut |_, _, _| None)?.0)
 }
 
 /// Where a member of the top-level `groups` object lies in the text (byte offsets).
@@ -121,12 +121,12 @@ pub(crate) struct MemberSpan {
 pub(crate) type GroupsRead = (Node, Vec<MemberSpan>, Vec<usize>);
 
 /// [`parse`], also telling where each member of the top-level `groups` object lies. At each
-/// such member, `reuse(key offset, value offset)` may give the offset just past its value:
+/// such member, `reuse(key, key offset, value offset)` may give the offset just past its value:
 /// the caller knows those bytes (from an earlier text it read) to be a complete value, so
 /// they are stepped over, not read, and the member's value in the tree is `null`.
 pub(crate) fn parse_groups_reusing(
     text: &str,
-    reuse: &mut dyn FnMut(usize, usize) -> Option<usize>,
+    reuse: &mut dyn FnMut(&str, usize, usize) -> Option<usize>,
 ) -> Result<GroupsRead, SyntaxError> {
     let mut p = Parser {
         text,
@@ -164,7 +164,7 @@ struct Parser<'t, 'r> {
     col: u32,
     /// The next object read is the top-level `groups` object.
     groups_next: bool,
-    reuse: &'r mut dyn FnMut(usize, usize) -> Option<usize>,
+    reuse: &'r mut dyn FnMut(&str, usize, usize) -> Option<usize>,
     spans: Vec<MemberSpan>,
     reused: Vec<usize>,
 }
@@ -492,7 +492,7 @@ impl Parser<'_, '_> {
             self.skip_ws()?;
             let vstart = self.i;
             let reused = if groups {
-                (self.reuse)(kstart, vstart).filter(|&end| {
+                (self.reuse)(&name, kstart, vstart).filter(|&end| {
                     end > vstart && end <= self.text.len() && self.text.is_char_boundary(end)
                 })
             } else {

@@ -281,7 +281,7 @@ pub struct GroupSpans(Vec<hujson::MemberSpan>);
 
 /// [`parse_policy`], also telling where the text's groups lie (for [`reparse_policy`]).
 pub fn parse_policy_spans(text: &str) -> Result<(Policy, GroupSpans), PolicyError> {
-    let (root, spans, _) = hujson::parse_groups_reusing(text, &mut |_, _| None)?;
+    let (root, spans, _) = hujson::parse_groups_reusing(text, &mut |_, _, _| None)?;
     Ok((read_policy(&root, &HashMap::new())?, GroupSpans(spans)))
 }
 
@@ -305,7 +305,7 @@ pub fn reparse_policy(
     let tail_new = b.len() - suffix;
     let by_key: HashMap<usize, &hujson::MemberSpan> =
         old_spans.0.iter().map(|m| (m.key, m)).collect();
-    let mut reuse = |key: usize, value: usize| -> Option<usize> {
+    let mut reuse = |name: &str, key: usize, value: usize| -> Option<usize> {
         let (m, shift) = if key >= tail_new {
             let old_key = key - tail_new + (a.len() - suffix);
             (*by_key.get(&old_key)?, b.len() as isize - a.len() as isize)
@@ -317,7 +317,7 @@ pub fn reparse_policy(
             (m, 0)
         };
         let moved = |x: usize| usize::try_from(x as isize + shift).ok();
-        if moved(m.value)? != value || !old.groups.contains_key(&m.name) {
+        if m.name != name || moved(m.value)? != value || !old.groups.contains_key(name) {
             return None;
         }
         moved(m.end)

@@ -1229,7 +1229,7 @@ impl Plan {
             let Some(entry) = entry else {
                 continue;
             };
-            if !entry.cap_grant.is_empty() || self.merges(f, at, &entry) {
+            if !entry.cap_grant.is_empty() || self.merges(f, at, (ri, &entry), patch) {
                 return None;
             }
             let entry = (
@@ -1262,24 +1262,28 @@ impl Plan {
         })
     }
 
-    /// Whether `entry` would merge with an entry of `filter` other than the one at `skip`
-    /// ([`crate::compute::merges_into`]; bound entries' sources are in the tables, and one
-    /// whose list is missing counts as merging).
+    /// Whether `entry` (rule `ri`'s alone) would merge with an entry of `filter` other than
+    /// the one at `skip` ([`crate::compute::merges_into`]; bound entries' sources are in the
+    /// tables, and one whose list is missing counts as merging). Whether a bound entry's
+    /// rule has `ri`'s sources is known from `patch` (asked once per update, not per view).
     fn merges(
         &self,
         filter: &[(FilterRule, EntryFrom)],
         skip: Option<usize>,
-        entry: &FilterRule,
+        (ri, entry): (usize, &FilterRule),
+        patch: &update::FilterPatch,
     ) -> bool {
         filter.iter().enumerate().any(|(i, (f, b))| {
             if Some(i) == skip {
                 return false;
             }
             match b.bound() {
-                Some(rj) => self
-                    .src_strings
-                    .get(rj)
-                    .is_none_or(|src| crate::compute::merges_into(f, src, entry)),
+                Some(rj) => self.src_strings.get(rj).is_none_or(|src| {
+                    crate::compute::merges_given(f, entry, || match patch.same_sources(ri, rj) {
+                        Some(same) => same,
+                        None => Arc::ptr_eq(src, &entry.src_ips) || *src == entry.src_ips,
+                    })
+                }),
                 None => crate::compute::merges_into(f, &f.src_ips, entry),
             }
         })

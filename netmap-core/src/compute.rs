@@ -464,9 +464,19 @@ pub(crate) fn merges_into(
     existing_src: &SrcList,
     entry: &FilterRule,
 ) -> bool {
-    existing.cap_grant.is_empty()
-        && existing.ip_proto == entry.ip_proto
-        && (Arc::ptr_eq(existing_src, &entry.src_ips) || *existing_src == entry.src_ips)
+    merges_given(existing, entry, || {
+        Arc::ptr_eq(existing_src, &entry.src_ips) || *existing_src == entry.src_ips
+    })
+}
+
+/// [`merges_into`], with whether the two entries' sources are the same answered by
+/// `same_sources` (asked last).
+pub(crate) fn merges_given(
+    existing: &FilterRule,
+    entry: &FilterRule,
+    same_sources: impl FnOnce() -> bool,
+) -> bool {
+    existing.cap_grant.is_empty() && existing.ip_proto == entry.ip_proto && same_sources()
 }
 
 /// The filter entry rule `rule` (id `ri`) alone gives node `d`, before entries of rules

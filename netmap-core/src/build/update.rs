@@ -111,6 +111,17 @@ pub(crate) struct FilterPatch {
     /// Destination rows before the update of the patched slots whose rows changed (the
     /// others' rows are as they were).
     pub old_dst: SlotMap<usize, Vec<u64>>,
+    /// Per patched rule (sorted), whether each rule id's source list (as `src_strings`
+    /// holds it) is the same as that rule's: what the merge check asks of every view.
+    same_src: Vec<(usize, Vec<bool>)>,
+}
+
+impl FilterPatch {
+    /// Whether rule id `rj`'s source list is patched rule `ri`'s (`None`: not recorded).
+    pub(crate) fn same_sources(&self, ri: usize, rj: usize) -> Option<bool> {
+        let at = self.same_src.binary_search_by_key(&ri, |(r, _)| *r).ok()?;
+        self.same_src.get(at)?.1.get(rj).copied()
+    }
 }
 
 /// Parts of the views an update cannot have changed, so that a view recomputed for another
@@ -1105,11 +1116,24 @@ impl Plan {
             })
             .map(|(&s, (_, d, _))| (s, d.clone()))
             .collect();
+        let same_src = rules
+            .iter()
+            .filter_map(|&ri| {
+                let own = self.src_strings.get(ri)?;
+                let same = self
+                    .src_strings
+                    .iter()
+                    .map(|src| Arc::ptr_eq(src, own) || src == own)
+                    .collect();
+                Some((ri, same))
+            })
+            .collect();
         FilterPatch {
             rules,
             dropped,
             rank,
             old_dst,
+            same_src,
         }
     }
 

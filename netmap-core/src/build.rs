@@ -466,17 +466,19 @@ impl Plan {
     /// Records what the engine's stored view of slot `s` holds that updates read: the peers
     /// it has aside and the rules its filter entries are bound to.
     pub(crate) fn record_view(&mut self, s: usize, view: &StoredView) {
-        let mut bound: Vec<u32> = view
-            .filter
-            .iter()
-            .filter_map(|(_, b)| b.bound().and_then(|ri| u32::try_from(ri).ok()))
-            .collect();
-        bound.sort_unstable();
-        bound.dedup();
         if self.bound_of.len() <= s {
             self.bound_of.resize(s + 1, Vec::new());
         }
-        self.bound_of[s] = bound;
+        // In the slot's own list (a view replaced keeps its allocation).
+        let bound = &mut self.bound_of[s];
+        bound.clear();
+        bound.extend(
+            view.filter
+                .iter()
+                .filter_map(|(_, b)| b.bound().and_then(|ri| u32::try_from(ri).ok())),
+        );
+        bound.sort_unstable();
+        bound.dedup();
         self.record_extra(s, &view.extra);
     }
 

@@ -1280,12 +1280,14 @@ impl Plan {
                 return false;
             }
             match b.bound() {
-                Some(rj) => self.src_strings.get(rj).is_none_or(|src| {
-                    crate::compute::merges_given(f, entry, || match patch.same_sources(ri, rj) {
-                        Some(same) => same,
-                        None => Arc::ptr_eq(src, &entry.src_ips) || *src == entry.src_ips,
-                    })
-                }),
+                Some(rj) => {
+                    self.src_strings
+                        .get(rj)
+                        .is_none_or(|src| match patch.same_sources(ri, rj) {
+                            Some(same) => crate::compute::merges_given(f, entry, || same),
+                            None => crate::compute::merges_into(f, src, entry),
+                        })
+                }
                 None => crate::compute::merges_into(f, &f.src_ips, entry),
             }
         })

@@ -270,19 +270,29 @@ impl NetRule {
     /// Whether two rules are the same as written (selectors, ports, protocols,
     /// capabilities, postures), whatever their sets resolve to.
     pub(crate) fn same_spec(&self, o: &NetRule) -> bool {
-        self.src.aliases == o.src.aliases
-            && self.dsts.len() == o.dsts.len()
-            && self
-                .dsts
+        // Every field, so that a new one cannot be left out of the comparison.
+        let NetRule {
+            src,
+            dsts,
+            protos,
+            caps,
+            self_rule,
+            via,
+            src_posture,
+            dst_posture,
+        } = self;
+        src.aliases == o.src.aliases
+            && dsts.len() == o.dsts.len()
+            && dsts
                 .iter()
                 .zip(&o.dsts)
                 .all(|((a, pa), (b, pb))| a.aliases == b.aliases && pa == pb)
-            && self.protos == o.protos
-            && self.caps == o.caps
-            && self.self_rule == o.self_rule
-            && self.via == o.via
-            && self.src_posture == o.src_posture
-            && self.dst_posture == o.dst_posture
+            && *protos == o.protos
+            && *caps == o.caps
+            && *self_rule == o.self_rule
+            && *via == o.via
+            && *src_posture == o.src_posture
+            && *dst_posture == o.dst_posture
     }
 
     /// What decides which nodes the rule links (its sources and destinations), as a key;

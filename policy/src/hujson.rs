@@ -156,6 +156,11 @@ fn count_bytes(b: &[u8], which: impl Fn(u8) -> bool) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// How many characters the UTF-8 bytes `b` hold (the bytes that do not continue one).
+fn char_count(b: &[u8]) -> u32 {
+    count_bytes(b, |c| c & 0xC0 != 0x80)
+}
+
 /// Reads `text` from byte `i` (always at a character boundary).
 struct Parser<'t, 'r> {
     text: &'t str,
@@ -201,16 +206,15 @@ impl Parser<'_, '_> {
     fn step_to(&mut self, end: usize) {
         let skipped = self.text.as_bytes().get(self.i..end).unwrap_or_default();
         let lines = count_bytes(skipped, |c| c == b'\n');
-        let chars = |b: &[u8]| count_bytes(b, |c| c & 0xC0 != 0x80);
         if lines > 0 {
             let last = skipped
                 .iter()
                 .rposition(|&c| c == b'\n')
                 .unwrap_or_default();
             self.line = self.line.saturating_add(lines);
-            self.col = 1 + chars(&skipped[last + 1..]);
+            self.col = 1 + char_count(&skipped[last + 1..]);
         } else {
-            self.col = self.col.saturating_add(chars(skipped));
+            self.col = self.col.saturating_add(char_count(skipped));
         }
         self.i = end;
     }
@@ -381,11 +385,8 @@ impl Parser<'_, '_> {
                 // The run ends at an ASCII byte (or the end): a character boundary.
                 out.reserve(run);
                 out.push_str(self.text.get(self.i..self.i + run).unwrap_or_default());
-                let chars = rest[..run].iter().filter(|&&b| b & 0xC0 != 0x80).count();
+                self.col = self.col.saturating_add(char_count(&rest[..run]));
                 self.i += run;
-                self.col = self
-                    .col
-                    .saturating_add(u32::try_from(chars).unwrap_or(u32::MAX));
             }
             let c = self.bump().ok_or(SyntaxError {
                 pos: start,

@@ -972,10 +972,9 @@ impl Plan {
                 w.patch_rule(*id);
                 w.dropped.push(*id);
             }
+            // Marked while its columns still say whom it covered.
+            self.mark_covered(*id, &live, flag, w);
             for &v in &live {
-                if self.covered_by(v, *id) {
-                    w.flags[v] |= flag;
-                }
                 self.set_bits(v, *id, false, false, w);
             }
             self.src_strings.set(*id, Arc::default());

@@ -458,7 +458,7 @@ impl Plan {
             .name_order
             .iter()
             .copied()
-            .filter(|&i| self.r.nodes[i].alive)
+            .filter(|&i| self.r.is_alive(i))
             .collect();
         live.par_iter().map(|&v| (v, self.stored_view(v))).collect()
     }
@@ -543,7 +543,7 @@ impl Plan {
     }
 
     fn live(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.r.nodes.len()).filter(|&i| self.r.nodes[i].alive)
+        self.r.live_slots()
     }
 
     /// Whether rule `ri`'s destinations cover slot `v`.
@@ -767,7 +767,7 @@ impl Plan {
 
     /// Whether `viewer` sees node `x` (through non-self rules).
     fn sees(&self, viewer: Viewer<'_>, x: usize) -> bool {
-        self.r.nodes[x].alive
+        self.r.is_alive(x)
             && viewer.links(self.src_bits.row(x), self.dst_bits.row(x), &self.plain_mask)
     }
 
@@ -808,9 +808,7 @@ impl Plan {
         let (pviewer, viewer) = (Plan::key_viewer(pkey), Plan::key_viewer(key));
         let mut list = (**plist).clone();
         for &x in &self.name_order {
-            if !self.r.nodes[x].alive {
-                continue;
-            }
+            // The rows first: they are at hand, the node's record is not.
             let linked = self
                 .src_bits
                 .row(x)
@@ -818,6 +816,9 @@ impl Plan {
                 .zip(self.dst_bits.row(x))
                 .zip(&plain_diff)
                 .any(|((s, d), m)| (s | d) & m != 0);
+            if !(linked || routing || exiting) || !self.r.is_alive(x) {
+                continue;
+            }
             let xn = &self.r.nodes[x];
             let entry_differs = (routing && !xn.routes.is_empty()) || (exiting && xn.exit);
             if !linked && !entry_differs {
@@ -1115,7 +1116,7 @@ impl Plan {
             .by_name
             .get(name)
             .copied()
-            .filter(|&i| self.r.nodes[i].alive)
+            .filter(|&i| self.r.is_alive(i))
     }
 
     /// Whether a live node's presence decides anything (it serves subnet routes).

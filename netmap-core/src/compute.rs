@@ -1,7 +1,7 @@
 //! The from-scratch computation: policy + tailnet → every node's view. This is the reference
 //! the incremental engine must always equal; it is kept simple and pure.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -204,26 +204,28 @@ impl NetRule {
 
     /// Resolves (again) every selector set of this rule against `r`.
     pub(crate) fn resolve_in_place(&mut self, r: &Resolver) {
-        self.resolve_stale(r, |_, _| true);
+        self.resolve_stale(r, &mut HashMap::new(), |_, _| true);
     }
 
     /// Resolves again the selector sets of this rule that `stale` picks (given a set and
-    /// the postures that narrow it); the others are kept as they are.
+    /// the postures that narrow it); the others are kept as they are. Aliases resolved
+    /// before are taken from `memo` (see [`Resolver::resolve_all_memo`]).
     pub(crate) fn resolve_stale(
         &mut self,
         r: &Resolver,
+        memo: &mut HashMap<Alias, Resolved>,
         stale: impl Fn(&Resolved, &[String]) -> bool,
     ) {
         if stale(&self.src, &self.src_posture) {
             self.src = r.with_postures(
-                r.resolve_all(&std::mem::take(&mut self.src.aliases)),
+                r.resolve_all_memo(&std::mem::take(&mut self.src.aliases), memo),
                 &self.src_posture,
             );
         }
         for (d, _) in &mut self.dsts {
             if stale(d, &self.dst_posture) {
                 *d = r.with_postures(
-                    r.resolve_all(&std::mem::take(&mut d.aliases)),
+                    r.resolve_all_memo(&std::mem::take(&mut d.aliases), memo),
                     &self.dst_posture,
                 );
             }

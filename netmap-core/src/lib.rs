@@ -8,6 +8,7 @@ mod build;
 mod compute;
 mod engine;
 mod error;
+mod node_set;
 mod resolve;
 mod routes;
 mod rules;

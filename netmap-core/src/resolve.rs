@@ -1,6 +1,6 @@
 //! Resolution of selectors against a tailnet.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -122,7 +122,7 @@ pub(crate) struct Resolved {
     /// `autogroup:internet`.
     pub internet: bool,
     /// Nodes named by identity (user, group, tag, autogroup), by index.
-    pub nodes: BTreeSet<usize>,
+    pub nodes: crate::node_set::NodeSet,
     /// Literal prefixes (IPs, CIDRs, hosts, ipsets).
     pub nets: Vec<IpNet>,
     /// The aliases this set was resolved from (to re-evaluate one node after a change).
@@ -185,6 +185,9 @@ pub(crate) struct Resolver {
     pub v4_off: Vec<Resolved>,
     /// Slots by tag (sorted; dead slots are dropped when their node goes).
     by_tag: HashMap<String, Vec<usize>>,
+    /// Per slot, whether it holds a live node (`nodes[i].alive`, kept apart so that scans
+    /// over every slot do not read every node record).
+    alive: Vec<bool>,
 }
 
 impl Resolver {
@@ -205,9 +208,11 @@ impl Resolver {
                 by_email.entry(e.clone()).or_default().push(i);
             }
         }
+        let alive = nodes.iter().map(|n| n.alive).collect();
         let mut r = Resolver {
             policy,
             tailnet: tailnet.clone(),
+            alive,
             nodes,
             by_email,
             by_name,
@@ -229,11 +234,25 @@ impl Resolver {
         r
     }
 
+    /// Whether slot `i` holds a live node.
+    pub fn is_alive(&self, i: usize) -> bool {
+        self.alive.get(i).copied().unwrap_or(false)
+    }
+
+    /// The live slots, in slot order.
+    pub fn live_slots(&self) -> impl Iterator<Item = usize> + '_ {
+        self.alive
+            .iter()
+            .enumerate()
+            .filter(|(_, &a)| a)
+            .map(|(i, _)| i)
+    }
+
     /// Resolves one alias.
     pub fn resolve(&self, a: &Alias) -> Resolved {
         let mut nodes = Vec::new();
         let mut r = self.resolve_with(a, &mut |i| {
-            if self.nodes[i].alive {
+            if self.is_alive(i) {
                 nodes.push(i);
             }
         });
@@ -339,6 +358,7 @@ impl Resolver {
                     ..node_info(tailnet, name, &Arc::default())
                 });
                 self.by_name.insert(name.to_string(), self.nodes.len() - 1);
+                self.alive.push(false);
                 self.nodes.len() - 1
             }
         };
@@ -368,9 +388,11 @@ impl Resolver {
                     v.insert(at, slot);
                 }
                 self.nodes[slot] = info;
+                self.alive[slot] = true;
             }
             None => {
                 self.nodes[slot].alive = false;
+                self.alive[slot] = false;
                 self.nodes[slot].routes.clear();
                 self.nodes[slot].exit = false;
                 self.by_name.remove(name);
@@ -384,7 +406,7 @@ impl Resolver {
     pub fn resolve_bits(&self, a: &Alias, words: usize) -> (Resolved, Vec<u64>) {
         let mut bits = vec![0u64; words];
         let mut r = self.resolve_with(a, &mut |i| {
-            if self.nodes[i].alive {
+            if self.is_alive(i) {
                 crate::bits::set_bit(&mut bits, i);
             }
         });
@@ -502,6 +524,28 @@ impl Resolver {
         r
     }
 
+    /// [`Resolver::resolve_all`], taking each alias's set from `memo` when it was resolved
+    /// before (rules name the same groups and tags over and over).
+    pub fn resolve_all_memo<'x>(
+        &self,
+        aliases: impl IntoIterator<Item = &'x Alias>,
+        memo: &mut HashMap<Alias, Resolved>,
+    ) -> Resolved {
+        let mut r = Resolved::default();
+        for a in aliases {
+            let one = match memo.get(a) {
+                Some(one) => one.clone(),
+                None => {
+                    let one = self.resolve(a);
+                    memo.insert(a.clone(), one.clone());
+                    one
+                }
+            };
+            r.union(one);
+        }
+        r
+    }
+
     /// Narrows a rule's source set to the nodes satisfying one of the named postures (`*`
     /// becomes those nodes plus every approved route); addresses are not narrowed.
     pub fn with_postures(&self, mut r: Resolved, names: &[String]) -> Resolved {
@@ -516,9 +560,7 @@ impl Resolver {
         if r.wildcard && !r.danger_all {
             r.wildcard = false;
             r.all_nodes = true;
-            r.nodes = (0..self.nodes.len())
-                .filter(|&i| self.nodes[i].alive)
-                .collect();
+            r.nodes = self.live_slots().collect();
         }
         let nodes = std::mem::take(&mut r.nodes);
         r.nodes = nodes

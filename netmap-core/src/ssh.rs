@@ -15,7 +15,7 @@ const CHECK_URL: &str =
 /// (where a session recorder listens on the tailnet), in join order.
 fn recorders(r: &Resolver, tags: &[String]) -> Vec<String> {
     let mut nodes: Vec<usize> = (0..r.nodes.len())
-        .filter(|&i| r.nodes[i].alive && r.nodes[i].node.tags.iter().any(|t| tags.contains(t)))
+        .filter(|&i| r.is_alive(i) && r.nodes[i].node.tags.iter().any(|t| tags.contains(t)))
         .collect();
     nodes.sort_by_cached_key(|&i| (r.nodes[i].node.created_key(), r.nodes[i].name.clone()));
     nodes

@@ -480,7 +480,7 @@ impl<'a> Evaluator<'a> {
     }
 
     fn alive_nodes(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.r.nodes.len()).filter(|&i| self.r.nodes[i].alive)
+        self.r.live_slots()
     }
 
     fn node_by_addr(&self, ip: &IpAddr) -> Option<usize> {

@@ -772,7 +772,7 @@ impl Plan {
                 .name_order
                 .iter()
                 .map(|&s| (s, w.flags[s]))
-                .filter(|&(s, f)| f != 0 && self.r.nodes[s].alive)
+                .filter(|&(s, f)| f != 0 && self.r.is_alive(s))
                 .collect(),
             class_delta,
             removed,
@@ -1003,12 +1003,14 @@ impl Plan {
             self.mark_covered(id, &live, PATCH, w);
             w.patch_rule(id);
         }
+        // Sets of aliases the redefined rules share are resolved once.
+        let mut memo = HashMap::new();
         for (id, before) in &edit.redefined {
             let Some(rule) = self.rules.get_mut(*id) else {
                 continue;
             };
             // Only the sets that name what the edit redefined resolve differently.
-            rule.resolve_stale(&self.r, |set, postures| {
+            rule.resolve_stale(&self.r, &mut memo, |set, postures| {
                 crate::rules::set_redefined(old, &new, set, postures)
             });
             let after = rule.clone();
@@ -1035,11 +1037,11 @@ impl Plan {
                         .iter()
                         .map(|&(x, _, _)| x)
                         .chain(m.dst.iter().copied())
-                        .filter(|&x| self.r.nodes[x].alive)
+                        .filter(|&x| self.r.is_alive(x))
                         .collect();
                     self.set_column(*id, &slots, w);
                     for &x in &m.dst {
-                        if self.r.nodes[x].alive {
+                        if self.r.is_alive(x) {
                             w.flags[x] |= flag;
                         }
                     }

@@ -98,8 +98,9 @@ impl BitRows {
         }
     }
 
-    /// The same rows with room for `words` words each.
+    /// The same rows with room for `words` words each (never fewer than they have).
     fn widened(&self, words: usize) -> BitRows {
+        let words = words.max(self.words);
         let mut out = BitRows::new(words, self.rows());
         for i in 0..self.rows() {
             out.row_mut(i)[..self.words].copy_from_slice(self.row(i));
@@ -341,8 +342,9 @@ pub(crate) struct Plan {
     /// The peers a slot's stored view has aside (kept by the engine), with their slots,
     /// for the slots that have some.
     extra_of: Vec<Option<ExtraPeers>>,
-    /// Per slot, the rules its stored view's filter has entries bound to (sorted).
-    bound_of: Vec<Vec<u32>>,
+    /// Per slot, the rules its stored view's filter has entries bound to (a bit per rule
+    /// id, like the rows above: a scan over every view reads them in one block).
+    bound_bits: BitRows,
     /// Shared empty parts of views.
     no_extra: Arc<Vec<Arc<Peer>>>,
     no_ssh: Arc<Vec<BoundSshRule>>,
@@ -390,7 +392,7 @@ impl Plan {
             unbound_src: Arc::default(),
             unbound_principals: Arc::default(),
             extra_of: Vec::new(),
-            bound_of: Vec::new(),
+            bound_bits: BitRows::new(words, 0),
             no_extra: Arc::default(),
             no_ssh: Arc::default(),
             no_caps: Arc::default(),
@@ -466,29 +468,24 @@ impl Plan {
     /// Records what the engine's stored view of slot `s` holds that updates read: the peers
     /// it has aside and the rules its filter entries are bound to.
     pub(crate) fn record_view(&mut self, s: usize, view: &StoredView) {
-        if self.bound_of.len() <= s {
-            self.bound_of.resize(s + 1, Vec::new());
+        while self.bound_bits.rows() <= s {
+            self.bound_bits.push_row();
         }
-        // In the slot's own list (a view replaced keeps its allocation).
-        let bound = &mut self.bound_of[s];
-        bound.clear();
-        bound.extend(
-            view.filter
-                .iter()
-                .filter_map(|(_, b)| b.bound().and_then(|ri| u32::try_from(ri).ok())),
-        );
-        bound.sort_unstable();
-        bound.dedup();
+        self.bound_bits.row_mut(s).fill(0);
+        for ri in view.filter.iter().filter_map(|(_, b)| b.bound()) {
+            if ri / 64 >= self.bound_bits.words {
+                self.bound_bits = self.bound_bits.widened(ri / 64 + 1);
+            }
+            self.bound_bits.set(s, ri, true);
+        }
         self.record_extra(s, &view.extra);
     }
 
     /// Whether slot `s`'s stored filter has an entry bound to rule `ri`'s source list.
     pub(crate) fn binds_rule(&self, s: usize, ri: usize) -> bool {
-        u32::try_from(ri).is_ok_and(|ri| {
-            self.bound_of
-                .get(s)
-                .is_some_and(|b| b.binary_search(&ri).is_ok())
-        })
+        s < self.bound_bits.rows()
+            && ri / 64 < self.bound_bits.words
+            && bit(self.bound_bits.row(s), ri)
     }
 
     /// Records the peers slot `s`'s stored view has aside (see [`StoredView::extra`]), which

@@ -177,7 +177,8 @@ pub(crate) struct Resolver {
     pub policy: Arc<Policy>,
     pub tailnet: Tailnet,
     pub nodes: Vec<NodeInfo>,
-    /// Untagged nodes by owner email.
+    /// Untagged live nodes by owner email (the members of a user's devices: a live slot
+    /// with an owner and no tags).
     pub by_email: HashMap<String, Vec<usize>>,
     /// Node index by name.
     pub by_name: HashMap<String, usize>,
@@ -454,7 +455,7 @@ impl Resolver {
             Alias::Wildcard => r.wildcard = true,
             Alias::User(email) => {
                 for &i in self.by_email.get(email.as_str()).into_iter().flatten() {
-                    if self.nodes[i].is_member() {
+                    if self.is_alive(i) {
                         node(i);
                     }
                 }
@@ -463,7 +464,7 @@ impl Resolver {
                 for (e, v) in &self.by_email {
                     if e.rsplit_once('@').is_some_and(|(_, ed)| ed == d) {
                         for &i in v {
-                            if self.nodes[i].is_member() {
+                            if self.is_alive(i) {
                                 node(i);
                             }
                         }
@@ -473,7 +474,7 @@ impl Resolver {
             Alias::Group(g) => {
                 for m in self.policy.groups.get(g).into_iter().flat_map(|m| m.iter()) {
                     for &i in self.by_email.get(m.as_str()).into_iter().flatten() {
-                        if self.nodes[i].is_member() {
+                        if self.is_alive(i) {
                             node(i);
                         }
                     }

@@ -1142,6 +1142,7 @@ impl Plan {
     fn widen(&mut self, words: usize, w: &mut Work) {
         self.src_bits = self.src_bits.widened(words);
         self.dst_bits = self.dst_bits.widened(words);
+        self.bound_bits = self.bound_bits.widened(words);
         for (s, d, _) in w.old_rows.values_mut() {
             s.resize(words, 0);
             d.resize(words, 0);

@@ -315,58 +315,65 @@ fn same_set(a: &Resolved, b: &Resolved) -> bool {
     a.same_but_nodes(b) && a.nodes == b.nodes
 }
 
-/// Whether two policies' `nodeAttrs` (and tailnet-wide switches that become capabilities)
-/// give the same capabilities to the same selectors.
-fn attrs_key(p: &Policy) -> String {
-    format!(
-        "{:?}",
-        (
-            p.node_attrs
-                .iter()
-                .map(|na| {
-                    (
-                        na.target.iter().map(|t| &t.value).collect::<Vec<_>>(),
-                        &na.attr,
-                        &na.app,
-                        &na.ip_pool,
-                    )
-                })
-                .collect::<Vec<_>>(),
-            p.randomize_client_port,
-        )
+/// What decides which capabilities `nodeAttrs` (and tailnet-wide switches that become
+/// capabilities) give to which selectors: two policies with equal keys give the same.
+type AttrsKey<'a> = (
+    Vec<(
+        Vec<&'a netmap_policy::Alias>,
+        &'a [String],
+        &'a [(String, Vec<serde_json::Value>)],
+        &'a [IpNet],
+    )>,
+    bool,
+);
+
+fn attrs_key(p: &Policy) -> AttrsKey<'_> {
+    (
+        p.node_attrs
+            .iter()
+            .map(|na| {
+                (
+                    na.target.iter().map(|t| &t.value).collect(),
+                    na.attr.as_slice(),
+                    na.app.as_slice(),
+                    na.ip_pool.as_slice(),
+                )
+            })
+            .collect(),
+        p.randomize_client_port,
     )
 }
 
 /// What decides which nodes lose IPv4.
-fn v4_key(p: &Policy) -> String {
-    format!(
-        "{:?}",
-        (
-            p.disable_ipv4,
-            p.node_attrs
-                .iter()
-                .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
-                .map(|na| na.target.iter().map(|t| &t.value).collect::<Vec<_>>())
-                .collect::<Vec<_>>(),
-        )
+fn v4_key(p: &Policy) -> (bool, Vec<Vec<&netmap_policy::Alias>>) {
+    (
+        p.disable_ipv4,
+        p.node_attrs
+            .iter()
+            .filter(|na| na.attr.iter().any(|a| a == "disable-ipv4"))
+            .map(|na| na.target.iter().map(|t| &t.value).collect())
+            .collect(),
     )
 }
 
-fn approvers_key(p: &Policy) -> String {
-    format!(
-        "{:?}",
-        (
-            p.auto_approvers
-                .routes
-                .iter()
-                .map(|(n, who)| (n, who.iter().map(|a| &a.value).collect::<Vec<_>>()))
-                .collect::<Vec<_>>(),
-            p.auto_approvers
-                .exit_node
-                .iter()
-                .map(|a| &a.value)
-                .collect::<Vec<_>>(),
-        )
+/// What decides which routes and exit nodes are approved automatically.
+type ApproversKey<'a> = (
+    Vec<(&'a IpNet, Vec<&'a netmap_policy::Alias>)>,
+    Vec<&'a netmap_policy::Alias>,
+);
+
+fn approvers_key(p: &Policy) -> ApproversKey<'_> {
+    (
+        p.auto_approvers
+            .routes
+            .iter()
+            .map(|(n, who)| (n, who.iter().map(|a| &a.value).collect()))
+            .collect(),
+        p.auto_approvers
+            .exit_node
+            .iter()
+            .map(|a| &a.value)
+            .collect(),
     )
 }
 

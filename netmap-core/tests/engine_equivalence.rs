@@ -297,6 +297,10 @@ fn edit_policy(p: &mut serde_json::Value, kind: usize, c: usize) {
             }
         }
         9 => toggle(&mut p["ssh"][0]["users"], json!(["ubuntu", "admin"][c % 2])),
+        10 if c % 4 == 3 => {
+            // An attribute alone, for the same nodes.
+            toggle(&mut p["nodeAttrs"][0]["attr"], json!("drive:share"));
+        }
         10 => {
             let targets = [json!(["tag:web"]), json!(["tag:db"]), json!(["group:devs"])];
             p["nodeAttrs"][0]["target"] = targets[c % 3].clone();

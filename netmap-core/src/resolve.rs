@@ -518,29 +518,29 @@ impl Resolver {
 
     /// Resolves a list of aliases into one set.
     pub fn resolve_all<'x>(&self, aliases: impl IntoIterator<Item = &'x Alias>) -> Resolved {
-        let mut r = Resolved::default();
-        for a in aliases {
-            r.union(self.resolve(a));
-        }
-        r
+        self.resolve_all_memo(aliases, None)
     }
 
-    /// [`Resolver::resolve_all`], taking each alias's set from `memo` when it was resolved
-    /// before (rules name the same groups and tags over and over).
+    /// [`Resolver::resolve_all`], taking each alias's set from `memo` (when given) if it
+    /// was resolved before, and keeping the ones it resolves there (the rules one policy
+    /// edit redefines name the same groups and tags over and over).
     pub fn resolve_all_memo<'x>(
         &self,
         aliases: impl IntoIterator<Item = &'x Alias>,
-        memo: &mut HashMap<Alias, Resolved>,
+        mut memo: Option<&mut HashMap<Alias, Resolved>>,
     ) -> Resolved {
         let mut r = Resolved::default();
         for a in aliases {
-            let one = match memo.get(a) {
-                Some(one) => one.clone(),
-                None => {
-                    let one = self.resolve(a);
-                    memo.insert(a.clone(), one.clone());
-                    one
-                }
+            let one = match memo.as_deref_mut() {
+                None => self.resolve(a),
+                Some(memo) => match memo.get(a) {
+                    Some(one) => one.clone(),
+                    None => {
+                        let one = self.resolve(a);
+                        memo.insert(a.clone(), one.clone());
+                        one
+                    }
+                },
             };
             r.union(one);
         }

@@ -14,8 +14,9 @@ const CHECK_URL: &str =
 /// The recorders of a rule: every address of every node carrying a recorder tag, port 80
 /// (where a session recorder listens on the tailnet), in join order.
 fn recorders(r: &Resolver, tags: &[String]) -> Vec<String> {
-    let mut nodes: Vec<usize> = (0..r.nodes.len())
-        .filter(|&i| r.is_alive(i) && r.nodes[i].node.tags.iter().any(|t| tags.contains(t)))
+    let mut nodes: Vec<usize> = r
+        .live_slots()
+        .filter(|&i| r.nodes[i].node.tags.iter().any(|t| tags.contains(t)))
         .collect();
     nodes.sort_by_cached_key(|&i| (r.nodes[i].node.created_key(), r.nodes[i].name.clone()));
     nodes

@@ -34,7 +34,8 @@ use crate::rules::RuleTable;
 use crate::ssh::{BoundSshRule, SshPlan};
 use crate::tailnet::Tailnet;
 use crate::wire::{
-    CapMap, FilterRule, NodeView, Peer, PeerList, SharedPeers, SrcList, SshPrincipal,
+    CapMap, DstPort, FilterRule, NodeView, Peer, PeerList, Ports, SharedPeers, SrcList,
+    SshPrincipal,
 };
 
 use crate::bits::{bit, intersects};
@@ -190,6 +191,7 @@ impl ClassTable {
 pub(crate) struct Tables {
     class_peers: imbl::Vector<SharedPeers>,
     rule_src: imbl::Vector<SrcList>,
+    rule_ports: imbl::Vector<RulePorts>,
     ssh_principals: imbl::Vector<Arc<Vec<SshPrincipal>>>,
 }
 
@@ -209,6 +211,50 @@ impl StoredView {
         from.bound()
             .and_then(|ri| tables.rule_src.get(ri))
             .unwrap_or(&f.src_ips)
+    }
+
+    /// The destinations of filter entry `f` with their ports (bound ones hold them compact,
+    /// their ports are in `tables`).
+    pub(crate) fn entry_dst<'a>(
+        tables: &Tables,
+        (f, from): &'a (FilterRule, EntryFrom),
+    ) -> std::borrow::Cow<'a, Arc<Vec<DstPort>>> {
+        match from {
+            EntryFrom::Rule(ri) => {
+                let ports = tables.rule_ports.get(*ri).map_or(&[][..], |p| p.as_slice());
+                std::borrow::Cow::Owned(Arc::new(crate::compute::expand_dst(&f.dst_ports, ports)))
+            }
+            EntryFrom::OwnRule(_) | EntryFrom::Merged => std::borrow::Cow::Borrowed(&f.dst_ports),
+        }
+    }
+
+    /// Whether entries `a` (read with tables `at`) and `b` (with `bt`) have the same
+    /// destinations and ports; compact ones are compared without expanding them when
+    /// their rules' ports are the same.
+    pub(crate) fn same_dst(
+        at: &Tables,
+        a: &(FilterRule, EntryFrom),
+        bt: &Tables,
+        b: &(FilterRule, EntryFrom),
+    ) -> bool {
+        let same_list = |x: &Arc<Vec<DstPort>>, y: &Arc<Vec<DstPort>>| Arc::ptr_eq(x, y) || x == y;
+        match (a.1, b.1) {
+            (EntryFrom::Rule(x), EntryFrom::Rule(y))
+                if same_list(&a.0.dst_ports, &b.0.dst_ports)
+                    && match (at.rule_ports.get(x), bt.rule_ports.get(y)) {
+                        (Some(p), Some(q)) => Arc::ptr_eq(p, q) || p == q,
+                        _ => false,
+                    } =>
+            {
+                true
+            }
+            // Compact entries that differ can still show the same (destinations with the
+            // same ports).
+            (EntryFrom::Rule(_), _) | (_, EntryFrom::Rule(_)) => {
+                Self::entry_dst(at, a) == Self::entry_dst(bt, b)
+            }
+            _ => same_list(&a.0.dst_ports, &b.0.dst_ports),
+        }
     }
 
     /// The principals of SSH rule `r` (bound ones read them from `tables`).
@@ -248,15 +294,14 @@ impl StoredView {
         let packet_filter = self
             .filter
             .iter()
-            .map(
-                |(f, from)| match from.bound().and_then(|ri| tables.rule_src.get(ri)) {
-                    Some(src) => FilterRule {
-                        src_ips: src.clone(),
-                        ..f.clone()
-                    },
-                    None => f.clone(),
+            .map(|entry| match entry.1 {
+                EntryFrom::Rule(ri) => FilterRule {
+                    src_ips: tables.rule_src.get(ri).cloned().unwrap_or_default(),
+                    dst_ports: StoredView::entry_dst(tables, entry).into_owned(),
+                    ..entry.0.clone()
                 },
-            )
+                EntryFrom::OwnRule(_) | EntryFrom::Merged => entry.0.clone(),
+            })
             .collect();
         let ssh_rules = self
             .ssh
@@ -279,6 +324,9 @@ impl StoredView {
         }
     }
 }
+
+/// A rule's ports per destination, as filters show them ([`NetRule::dst_port_lists`]).
+pub(crate) type RulePorts = Arc<Vec<Vec<Ports>>>;
 
 /// The peers a view has aside, with the slots they name (sorted).
 type ExtraPeers = (Arc<Vec<Arc<Peer>>>, Vec<usize>);
@@ -323,6 +371,9 @@ pub(crate) struct Plan {
     exit_mask: Vec<u64>,
     /// Per rule id, its source list (empty for ids not in use).
     pub src_strings: imbl::Vector<SrcList>,
+    /// Per rule id, its ports per destination (empty for ids not in use): what the compact
+    /// entries bound to it stand for.
+    rule_ports: imbl::Vector<RulePorts>,
     /// Sources of `autogroup:self` rules, per (rule id, owner email).
     pub self_src: HashMap<(usize, String), SrcList>,
     classes: ClassTable,
@@ -381,6 +432,7 @@ impl Plan {
             route_mask: Vec::new(),
             exit_mask: Vec::new(),
             src_strings: imbl::Vector::new(),
+            rule_ports: imbl::Vector::new(),
             self_src: HashMap::new(),
             classes: ClassTable::default(),
             class_of: vec![usize::MAX; n],
@@ -420,6 +472,9 @@ impl Plan {
         plan.refresh_masks();
         plan.src_strings = (0..plan.rules.capacity())
             .map(|ri| plan.src_list(ri))
+            .collect();
+        plan.rule_ports = (0..plan.rules.capacity())
+            .map(|ri| plan.ports_of(ri))
             .collect();
         let owners: Vec<String> = plan.r.by_email.keys().cloned().collect();
         for email in owners {
@@ -535,6 +590,7 @@ impl Plan {
         Tables {
             class_peers: self.classes.lists.clone(),
             rule_src: self.src_strings.clone(),
+            rule_ports: self.rule_ports.clone(),
             ssh_principals: self.ssh.principals.clone(),
         }
     }
@@ -584,6 +640,32 @@ impl Plan {
             }
         }
         (self.plain_mask, self.route_mask, self.exit_mask) = (plain, route, exit);
+    }
+
+    /// Rule `ri`'s ports per destination (empty for an unused id).
+    fn ports_of(&self, ri: usize) -> RulePorts {
+        Arc::new(
+            self.rules
+                .get(ri)
+                .map(crate::compute::NetRule::dst_port_lists)
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Sets rule `ri`'s entry in `rule_ports` to its ports in force (growing the table).
+    pub(crate) fn refresh_ports(&mut self, ri: usize) {
+        while self.rule_ports.len() <= ri {
+            self.rule_ports.push_back(Arc::default());
+        }
+        let ports = self.ports_of(ri);
+        if self.rule_ports.get(ri).is_none_or(|p| *p != ports) {
+            self.rule_ports.set(ri, ports);
+        }
+    }
+
+    /// Rule `ri`'s ports per destination as the tables hold them.
+    pub(crate) fn table_ports(&self, ri: usize) -> Option<&RulePorts> {
+        self.rule_ports.get(ri)
     }
 
     /// Rule `ri`'s source list (empty for an `autogroup:self` rule or an unused id).
@@ -1213,7 +1295,7 @@ impl Plan {
                     if rule.self_rule || rule.caps.is_some() {
                         return None;
                     }
-                    crate::compute::rule_entry(self, v, ri, rule)
+                    crate::compute::rule_entry(self, v, ri, rule, true)
                 }
                 _ => None,
             };

@@ -395,6 +395,30 @@ impl NetRule {
         entries_covering(r, dst, i, self.caps.is_none() && self.via_ok(r, i))
     }
 
+    /// The ports of each destination, in the filter's form.
+    pub(crate) fn dst_port_lists(&self) -> Vec<Vec<Ports>> {
+        self.dsts
+            .iter()
+            .map(|(_, ports)| {
+                ports
+                    .iter()
+                    .map(|p| Ports {
+                        first: p.first,
+                        last: p.last,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Whether node `i` receives entries from destination `index` of this rule (given it is
+    /// among the nodes the rule covers).
+    pub(crate) fn dst_gives(&self, r: &Resolver, index: usize, i: usize) -> bool {
+        self.dsts
+            .get(index)
+            .is_some_and(|(dst, _)| dst_covers(r, dst, i, self.caps.is_none() && self.via_ok(r, i)))
+    }
+
     /// Whether any destination of this rule covers node `i` (for visibility).
     /// Capability grants to a subnet make its routers visible without filtering there.
     pub(crate) fn covers(&self, r: &Resolver, i: usize) -> bool {
@@ -408,7 +432,8 @@ impl NetRule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EntryFrom {
     /// One rule alone: the entry is bound to it, its sources are that rule's current source
-    /// list (which views read from the tables).
+    /// list and its ports the rule's current ports (which views read from the tables). Its
+    /// destinations are held compact (see [`compact_dst`]).
     Rule(usize),
     /// One `autogroup:self` rule alone: its sources are the viewer's owner's devices, held
     /// in the entry.
@@ -441,7 +466,8 @@ impl EntryFrom {
 pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule, EntryFrom)> {
     let mut out: Vec<(FilterRule, EntryFrom)> = Vec::new();
     for (ri, rule) in plan.rules.ordered() {
-        let Some(entry) = rule_entry(plan, d, ri, rule) else {
+        // An entry bound to its rule holds its destinations compact.
+        let Some(entry) = rule_entry(plan, d, ri, rule, !rule.self_rule) else {
             continue;
         };
         let bound = if rule.self_rule {
@@ -454,16 +480,60 @@ pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule
             continue;
         }
         // Rules with the same sources and protocols merge.
-        if let Some((existing, bound)) = out
+        if let Some((existing, bound_before)) = out
             .iter_mut()
             .find(|(f, _)| merges_into(f, &f.src_ips, &entry))
         {
-            let more = Arc::try_unwrap(entry.dst_ports).unwrap_or_else(|a| (*a).clone());
+            if let EntryFrom::Rule(rj) = *bound_before {
+                let ports = plan.rules.get(rj).map(NetRule::dst_port_lists);
+                existing.dst_ports = Arc::new(expand_dst(
+                    &existing.dst_ports,
+                    ports.as_deref().unwrap_or_default(),
+                ));
+            }
+            let more = match bound {
+                EntryFrom::Rule(_) => expand_dst(&entry.dst_ports, &rule.dst_port_lists()),
+                _ => Arc::try_unwrap(entry.dst_ports).unwrap_or_else(|a| (*a).clone()),
+            };
             Arc::make_mut(&mut existing.dst_ports).extend(more);
             // Two rules in one entry: it follows neither alone.
-            *bound = EntryFrom::Merged;
+            *bound_before = EntryFrom::Merged;
         } else {
             out.push((entry, bound));
+        }
+    }
+    out
+}
+
+/// A destination of a compact entry: the address, with the index of the rule's destination
+/// it comes from in place of the ports (high and low halves), which are the rule's current
+/// ports for that destination (a ports-only edit changes no compact entry).
+fn compact_port(ip: Arc<str>, index: usize) -> DstPort {
+    DstPort {
+        ip,
+        ports: Ports {
+            first: (index >> 16) as u16,
+            last: (index & 0xffff) as u16,
+        },
+    }
+}
+
+/// The destination index a compact destination holds.
+fn compact_index(p: &DstPort) -> usize {
+    (usize::from(p.ports.first) << 16) | usize::from(p.ports.last)
+}
+
+/// The destinations of a compact entry with the ports they stand for (`ports`: the rule's
+/// ports per destination, [`NetRule::dst_port_lists`]): each address with each port range
+/// of its destination, in the order [`rule_entry`] gives them.
+pub(crate) fn expand_dst(compact: &[DstPort], ports: &[Vec<Ports>]) -> Vec<DstPort> {
+    let mut out = Vec::with_capacity(compact.len());
+    for c in compact {
+        for p in ports.get(compact_index(c)).into_iter().flatten() {
+            out.push(DstPort {
+                ip: c.ip.clone(),
+                ports: *p,
+            });
         }
     }
     out
@@ -492,12 +562,15 @@ pub(crate) fn merges_given(
 }
 
 /// The filter entry rule `rule` (id `ri`) alone gives node `d`, before entries of rules
-/// with the same sources and protocols merge; `None` when it gives none.
+/// with the same sources and protocols merge; `None` when it gives none. With `compact`,
+/// its destinations are compact: one per address and destination of the rule, the ports
+/// left out ([`expand_dst`] puts them in).
 pub(crate) fn rule_entry(
     plan: &crate::build::Plan,
     d: usize,
     ri: usize,
     rule: &NetRule,
+    compact: bool,
 ) -> Option<FilterRule> {
     let r = &plan.r;
     // Only rules that cover the node can give it entries.
@@ -506,7 +579,7 @@ pub(crate) fn rule_entry(
     }
     let mut dst_ports = Vec::new();
     let mut cap_dsts: Vec<String> = Vec::new();
-    for (dst, ports) in &rule.dsts {
+    for (index, (dst, ports)) in rule.dsts.iter().enumerate() {
         let entries = rule.entries_for(r, dst, d);
         if entries.is_empty() {
             continue;
@@ -517,6 +590,12 @@ pub(crate) fn rule_entry(
                 if !cap_dsts.contains(&s) {
                     cap_dsts.push(s);
                 }
+            }
+            continue;
+        }
+        if compact {
+            if !ports.is_empty() {
+                dst_ports.extend(entries.into_iter().map(|e| compact_port(e, index)));
             }
             continue;
         }

@@ -521,8 +521,7 @@ impl<'a> Differ<'a> {
         let filter_changed = !Arc::ptr_eq(&o.filter, &n.filter)
             && (o.filter.len() != n.filter.len()
                 || o.filter.iter().zip(n.filter.iter()).any(|(a, b)| {
-                    !((Arc::ptr_eq(&a.0.dst_ports, &b.0.dst_ports)
-                        || a.0.dst_ports == b.0.dst_ports)
+                    !(StoredView::same_dst(ot, a, nt, b)
                         && a.0.ip_proto == b.0.ip_proto
                         && a.0.cap_grant == b.0.cap_grant
                         && self

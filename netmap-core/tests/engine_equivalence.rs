@@ -202,7 +202,8 @@ const EDITABLE: &str = r#"{
     {"action": "accept", "src": ["group:devs"], "dst": ["tag:web:80,443", "corp:22", "ipset:lan:22"]},
     {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
     {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
-    {"action": "accept", "src": ["group:devs"], "dst": ["autogroup:internet:*"]}
+    {"action": "accept", "src": ["group:devs"], "dst": ["autogroup:internet:*"]},
+    {"action": "accept", "src": ["group:devs"], "dst": ["tag:web:8080"]}
   ],
   "grants": [
     {"src": ["*"], "dst": ["tag:db"], "app": {"example.com/cap/x": [{"a": 1}]}},
@@ -252,6 +253,22 @@ fn edit_policy(p: &mut serde_json::Value, kind: usize, c: usize) {
         0 => {
             let g = ["group:admins", "group:devs"][c % 2];
             toggle(&mut p["groups"][g], json!(users[c / 2 % users.len()]));
+        }
+        1 if c >= 5 => {
+            // One destination's ports, of a rule with several (on `tag:web` devices its
+            // entry merges with the last rule's).
+            let (a, b) = [
+                ("tag:web:80,443", "tag:web:443"),
+                ("corp:22", "corp:22-23"),
+                ("ipset:lan:22", "ipset:lan:*"),
+            ][(c - 5) % 3];
+            let rule = p["acls"].as_array_mut().and_then(|acls| {
+                acls.iter_mut()
+                    .find(|r| r["dst"].as_array().is_some_and(|d| d.len() == 3))
+            });
+            if let Some(dst) = rule.and_then(|r| r["dst"].get_mut((c - 5) % 3)) {
+                *dst = json!(if *dst == json!(a) { b } else { a });
+            }
         }
         1 => {
             let ports = ["80,443", "443", "80,443,8080", "*", "1000-2000"][c % 5];

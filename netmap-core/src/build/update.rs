@@ -943,7 +943,7 @@ impl Plan {
     /// Applies the new policy's rules: matches them with the rules in force, resolves the new
     /// and redefined ones, and updates the bit columns of every rule that changed.
     fn apply_rule_edit(&mut self, old: &Policy, w: &mut Work) {
-        use super::touch::{PATCH, RECOMPUTE};
+        use super::touch::{FILTER, PATCH, RECOMPUTE};
         let new = self.r.policy.clone();
         let specs = rule_specs(&new);
         let r = &self.r;
@@ -985,6 +985,7 @@ impl Plan {
                 self.set_bits(v, *id, false, false, w);
             }
             self.src_strings.set(*id, Arc::default());
+            self.refresh_ports(*id);
             self.self_src.retain(|(ri, _), _| ri != id);
             w.self_rules_changed |= rule.self_rule;
             w.route_rule_changed(rule);
@@ -998,17 +999,55 @@ impl Plan {
             self.mark_covered(id, &live, flag, w);
             let list = self.src_list(id);
             self.src_strings.set(id, list);
+            self.refresh_ports(id);
             if let Some(rule) = self.rules.get(id).cloned() {
                 w.self_rules_changed |= rule.self_rule;
                 w.route_rule_changed(&rule);
             }
         }
         for &id in &edit.restated {
+            self.refresh_ports(id);
             self.mark_covered(id, &live, RECOMPUTE, w);
         }
         for &id in &edit.ports_only {
-            self.mark_covered(id, &live, PATCH, w);
-            w.patch_rule(id);
+            let before = self.table_ports(id).cloned();
+            self.refresh_ports(id);
+            // Entries bound to the rule are compact: they show the ports in the tables, so
+            // the views holding one only learn that their filter changed, if a destination
+            // whose ports changed gives them entries. The others (an entry merged with
+            // another rule's, or none) are patched.
+            let changed: Option<Vec<usize>> =
+                match (before, self.table_ports(id), self.rules.get(id)) {
+                    (Some(b), Some(n), Some(rule))
+                        if !rule.self_rule
+                            && rule.caps.is_none()
+                            && b.len() == n.len()
+                            && b.iter().chain(n.iter()).all(|p| !p.is_empty()) =>
+                    {
+                        Some((0..n.len()).filter(|&d| b.get(d) != n.get(d)).collect())
+                    }
+                    _ => None,
+                };
+            let (Some(changed), Some(rule)) = (changed, self.rules.get(id)) else {
+                self.mark_covered(id, &live, PATCH, w);
+                w.patch_rule(id);
+                continue;
+            };
+            let mut patched = false;
+            for &v in &live {
+                if !self.covered_by(v, id) {
+                    continue;
+                }
+                if !self.binds_rule(v, id) {
+                    w.flags[v] |= PATCH;
+                    patched = true;
+                } else if changed.iter().any(|&d| rule.dst_gives(&self.r, d, v)) {
+                    w.flags[v] |= FILTER;
+                }
+            }
+            if patched {
+                w.patch_rule(id);
+            }
         }
         // Sets of aliases the redefined rules share are resolved once.
         let mut memo = HashMap::new();

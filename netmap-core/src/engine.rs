@@ -933,7 +933,6 @@ impl Engine {
         let mut deltas: Vec<(Arc<str>, NodeDelta)> = Vec::with_capacity(affected.slots.len());
         let mut fresh = fresh.into_iter();
         for &(s, f) in &affected.slots {
-            let n = plan.name(s);
             if f & fresh_flags != 0 {
                 let Some((sv, d)) = fresh.next() else {
                     continue;
@@ -956,7 +955,7 @@ impl Engine {
             let ssh_changed = f & touch::SSH != 0;
             let whole = |cd: &ListDelta| (cd.added.clone(), cd.removed.clone(), cd.changed.clone());
             let own = |pd: &PeerDelta| {
-                let extra = plan.extra_of(s);
+                let (n, extra) = (plan.name(s), plan.extra_of(s));
                 let own = |v: &PeerNames| masked(v, n, extra);
                 (own(&pd.0), own(&pd.1), own(&pd.2))
             };

@@ -355,13 +355,55 @@ fn load_policy_spans(text: &str, tailnet: &Tailnet) -> Result<(Policy, GroupSpan
 /// The report of `policy`'s tests on `tailnet`, run on `plan`, which holds that policy (and
 /// is prepared for it). A failing report is made again as [`crate::run_tests`] makes it (a
 /// fresh preparation of the nodes, in name order), which is also the reference for the
-/// verdict.
-fn policy_tests(plan: &Plan, policy: &Policy, tailnet: &Tailnet) -> crate::tests_eval::TestReport {
-    let report = crate::tests_eval::run_tests_with(&plan.r);
+/// verdict. The devices the `tests` named come with it (see
+/// [`crate::tests_eval::run_tests_naming`]).
+fn policy_tests_naming(
+    plan: &Plan,
+    policy: &Policy,
+    tailnet: &Tailnet,
+) -> (crate::tests_eval::TestReport, Vec<usize>) {
+    let (report, named) = crate::tests_eval::run_tests_naming(&plan.r);
     if report.passed() {
-        return report;
+        return (report, named);
     }
-    crate::tests_eval::run_tests(policy, tailnet)
+    (crate::tests_eval::run_tests(policy, tailnet), named)
+}
+
+/// Whether policy `new`'s tests pass because `old`'s passed, on the same tailnet, naming the
+/// devices `named`: the two policies have the same `tests` (positions aside), nothing those
+/// read is redefined (postures, the groups, hosts and ipsets they name), there are no
+/// `sshTests`, and the update between them changed rules only in which nodes their sets hold
+/// (`moved`), none of them a device the tests name. A rule's verdict for a source and a
+/// destination depends on the rule's sets only at those two.
+fn tests_still_pass(old: &Policy, new: &Policy, named: &[usize], moved: Option<&[usize]>) -> bool {
+    let Some(moved) = moved else {
+        return false;
+    };
+    let same_dst = |a: &[netmap_policy::Located<netmap_policy::TestDst>],
+                    b: &[netmap_policy::Located<netmap_policy::TestDst>]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.value == y.value)
+    };
+    let same_tests = old.tests.len() == new.tests.len()
+        && old.tests.iter().zip(&new.tests).all(|(a, b)| {
+            a.src.value == b.src.value
+                && a.proto == b.proto
+                && same_dst(&a.accept, &b.accept)
+                && same_dst(&a.deny, &b.deny)
+                && a.src_posture_attrs == b.src_posture_attrs
+        });
+    let redefined = new.tests.iter().any(|t| {
+        std::iter::once(&t.src.value)
+            .chain(t.accept.iter().chain(&t.deny).map(|d| &d.value.host))
+            .any(|a| crate::rules::redefined(old, new, a))
+    });
+    same_tests
+        && !redefined
+        && new.ssh_tests.is_empty()
+        && old.ssh_tests.is_empty()
+        && old.has_rules == new.has_rules
+        && old.postures == new.postures
+        && old.default_src_posture == new.default_src_posture
+        && moved.iter().all(|x| named.binary_search(x).is_err())
 }
 
 /// The names that differ between two peer lists: (added, removed, changed).
@@ -614,6 +656,13 @@ fn set_slot(
 pub struct Engine {
     current: Snapshot,
     plan: Plan,
+    /// The devices the policy's `tests` named when they last ran and passed, kept while
+    /// nothing they read has changed since: a policy edit that leaves them as they were need
+    /// not run them again (see [`tests_still_pass`]). Every change that updates the plan
+    /// takes it, and only a policy edit whose tests passed (or still pass) puts it back;
+    /// changes that leave the plan alone (a non-router's presence, a user no node names)
+    /// change nothing the tests read.
+    tests_passed: Option<Vec<usize>>,
 }
 
 /// Frees a replaced snapshot off the path of a change: what only the snapshot before a
@@ -713,6 +762,7 @@ impl Engine {
                 tables: plan.tables(),
             },
             plan,
+            tests_passed: None,
         }
     }
 
@@ -795,9 +845,12 @@ impl Engine {
                 } else {
                     // The same policy (its tests too), but the tailnet may have changed
                     // since they last ran.
-                    let report = policy_tests(&self.plan, &policy, &tailnet);
-                    if !report.passed() {
-                        return Err(CoreError::TestsFailed(report));
+                    if self.tests_passed.is_none() {
+                        let (report, named) = policy_tests_naming(&self.plan, &policy, &tailnet);
+                        if !report.passed() {
+                            return Err(CoreError::TestsFailed(report));
+                        }
+                        self.tests_passed = Some(named);
                     }
                 }
                 policy_text = Arc::from(text.as_str());
@@ -844,8 +897,18 @@ impl Engine {
         // from the state it had, so the change is undone. (Running them beside the views,
         // on another thread, was measured no faster: the views' allocations then came from
         // pool threads' heaps and kept faulting in fresh pages.)
-        if test_new_policy {
-            let report = policy_tests(plan, &policy, &tailnet);
+        let tests_passed = self.tests_passed.take().filter(|named| {
+            test_new_policy
+                && tests_still_pass(
+                    &self.current.policy,
+                    &policy,
+                    named,
+                    affected.rule_nodes_moved.as_deref(),
+                )
+        });
+        if test_new_policy && tests_passed.is_none() {
+            let (report, named) = policy_tests_naming(plan, &policy, &tailnet);
+            self.tests_passed = Some(named);
             if !report.passed() {
                 let cur = &self.current;
                 let before = Engine::with_policy(
@@ -856,6 +919,9 @@ impl Engine {
                 *self = before;
                 return Err(CoreError::TestsFailed(report));
             }
+        } else if tests_passed.is_some() {
+            // They name the same devices: their aliases and the nodes are as they were.
+            self.tests_passed = tests_passed;
         }
         // The class list pairs recomputed views move between, each diffed once (in
         // parallel: a policy edit moves thousands of views between a few large lists).

@@ -151,10 +151,17 @@ pub fn run_tests(policy: &Policy, tailnet: &Tailnet) -> TestReport {
 
 /// [`run_tests`] against a prepared resolver (the engine's), whose policy is the one tested.
 pub(crate) fn run_tests_with(r: &Resolver) -> TestReport {
+    run_tests_naming(r).0
+}
+
+/// [`run_tests_with`], with the devices the `tests` name as sources or destinations (the
+/// devices of `autogroup:self` destinations too), sorted: the verdicts of the `tests` read
+/// the rules only at those devices (and at addresses, which only rules' prefixes name).
+pub(crate) fn run_tests_naming(r: &Resolver) -> (TestReport, Vec<usize>) {
     let mut report = TestReport::default();
     let policy = &r.policy;
     if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
-        return report;
+        return (report, Vec::new());
     }
     let ev = Evaluator::new(r);
     for (i, t) in policy.tests.iter().enumerate() {
@@ -163,7 +170,10 @@ pub(crate) fn run_tests_with(r: &Resolver) -> TestReport {
     for (i, t) in policy.ssh_tests.iter().enumerate() {
         ev.ssh_test(i, t, &mut report.outcomes);
     }
-    report
+    let mut named = ev.named.into_inner();
+    named.sort_unstable();
+    named.dedup();
+    (report, named)
 }
 
 /// Who a test entry speaks for: a device, or an address that is no device's.
@@ -279,6 +289,8 @@ struct Evaluator<'a> {
     /// Whether a destination of some network rule is `autogroup:self` (what a rule lets
     /// a device reach then depends on the device, not only on the rules it is a source of).
     self_dst: bool,
+    /// The devices the `tests` named as sources or destinations so far.
+    named: RefCell<Vec<usize>>,
 }
 
 /// Resolves selectors' shapes for the evaluator, each distinct alias once.
@@ -435,6 +447,7 @@ impl<'a> Evaluator<'a> {
             routes: OnceCell::new(),
             alias_bits: RefCell::new(HashMap::new()),
             self_dst,
+            named: RefCell::new(Vec::new()),
         }
     }
 
@@ -927,8 +940,29 @@ impl<'a> Evaluator<'a> {
                     continue;
                 }
             };
+            self.note_named(&principals, &host);
             let res = self.eval_acl_pairs(&principals, attrs, &host, &protos, port, accept, &what);
             out.push(id.outcome(&dst.text, &what, expect, res));
+        }
+    }
+
+    /// Records the devices a test's sources and one of its destinations name.
+    fn note_named(&self, principals: &[Principal], host: &DstHost) {
+        let mut named = self.named.borrow_mut();
+        for &p in principals {
+            if let Principal::Node(i) = p {
+                named.push(i);
+            }
+            if let (DstHost::SelfDevices, Ok(own)) = (host, self.own_devices(p)) {
+                named.extend(own);
+            }
+        }
+        if let DstHost::Fixed(targets) = host {
+            for t in targets {
+                if let Target::Node(j) | Target::Addr { node: Some(j), .. } = *t {
+                    named.push(j);
+                }
+            }
         }
     }
 

@@ -184,6 +184,8 @@ fn edit_op() -> impl Strategy<Value = Op> {
         1 => (0u32..14, prop::collection::vec(0usize..ROUTES.len(), 0..3)).prop_map(|(i, r)| Op::Approve(i, r)),
         6 => (0usize..EDITS, 0usize..8).prop_map(|(k, c)| Op::Edit(k, c)),
         1 => Just(Op::Edit(TEST_EDIT, 0)),
+        // u1 (the test's source) into or out of a group: the test's verdict changes.
+        1 => (2usize..4).prop_map(|c| Op::Edit(0, c)),
     ]
 }
 

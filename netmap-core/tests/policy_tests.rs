@@ -73,3 +73,59 @@ fn malformed_tests_are_rejected_before_any_tailnet_is_involved() {
     assert!(e.message().contains("notaport"), "{e}");
     assert_eq!(e.path(), "tests[0].accept[0]");
 }
+
+/// The engine skips a policy edit's tests when the edit changed nothing they read; these
+/// edits change what they read, and must be rejected as a fresh check rejects them.
+#[test]
+fn policy_edits_run_the_tests_again_when_what_they_read_changed() {
+    use netmap_core::{Change, Engine};
+    let state = r#"{
+      "users": [{"id": 1, "name": "odin", "email": "odin@example.com"},
+                {"id": 2, "name": "thor", "email": "thor@example.org"},
+                {"id": 3, "name": "loki", "email": "loki@example.org"}],
+      "nodes": {
+        "laptop": {"hostname": "laptop", "user": "thor", "ipv4": "100.64.0.1", "ipv6": "fd7a:115c:a1e0::1"},
+        "phone": {"hostname": "phone", "user": "loki", "ipv4": "100.64.0.3", "ipv6": "fd7a:115c:a1e0::3"},
+        "db": {"hostname": "db", "tags": ["tag:db"], "ipv4": "100.64.0.2", "ipv6": "fd7a:115c:a1e0::2"}
+      },
+      "tailnet": {"name": "odin@example.com"}
+    }"#;
+    let with_admins = |admins: &str| {
+        format!(
+            r#"{{
+  "groups": {{"group:admins": [{admins}]}},
+  "tagOwners": {{"tag:db": ["odin@example.com"]}},
+  "acls": [{{"action": "accept", "src": ["thor@example.org"], "dst": ["tag:db:5432"]}},
+           {{"action": "accept", "src": ["group:admins"], "dst": ["*:*"]}}],
+  "tests": [{{"src": "thor@example.org", "accept": ["tag:db:5432"], "deny": ["tag:db:22"]}}]
+}}"#
+        )
+    };
+    let tailnet = Tailnet::from_state_json(state).unwrap();
+    let mut engine = Engine::new(&with_admins(r#""odin@example.com""#), tailnet).unwrap();
+    let set = |e: &mut Engine, admins: &str| {
+        e.apply(Change::SetPolicy {
+            policy: with_admins(admins),
+        })
+    };
+    // An edit the tests do not read (loki's devices are not theirs): taken.
+    set(&mut engine, r#""odin@example.com", "loki@example.org""#).unwrap();
+    // The test's source into the admins: it reaches tag:db on 22, so the test fails.
+    assert!(matches!(
+        set(
+            &mut engine,
+            r#""odin@example.com", "loki@example.org", "thor@example.org""#
+        ),
+        Err(CoreError::TestsFailed(_))
+    ));
+    set(&mut engine, r#""odin@example.com""#).unwrap();
+    // The only tag:db device goes: the test's destination names no device any more, so the
+    // next edit (one the tests would not read otherwise) fails them.
+    engine
+        .apply(Change::RemoveNode { node: "db".into() })
+        .unwrap();
+    assert!(matches!(
+        set(&mut engine, r#""odin@example.com", "loki@example.org""#),
+        Err(CoreError::TestsFailed(_))
+    ));
+}

@@ -91,6 +91,10 @@ pub(crate) struct Affected {
     pub keeps: Keeps,
     /// The rules whose filter entries views under `PATCH` derive again.
     pub patch: FilterPatch,
+    /// When the update changed no node's facts and changed rules only in which nodes their
+    /// sets hold: those nodes (a rule's verdict for any other pair of nodes is as it was).
+    /// `None` otherwise.
+    pub rule_nodes_moved: Option<Vec<usize>>,
 }
 
 /// Rules whose filter entries a view may derive again instead of its whole filter: rules
@@ -204,6 +208,8 @@ struct Work {
     /// The same rules as a bit mask over rule ids: a destination row that changed only in
     /// these columns leaves the view to the patch.
     patch_cols: Vec<u64>,
+    /// See [`Affected::rule_nodes_moved`].
+    rule_nodes_moved: Option<Vec<usize>>,
 }
 
 impl Work {
@@ -422,6 +428,7 @@ impl Plan {
             patched: Vec::new(),
             dropped: Vec::new(),
             patch_cols: Vec::new(),
+            rule_nodes_moved: Some(Vec::new()),
         };
         let mut names: BTreeSet<String> = batch.nodes.into_iter().collect();
 
@@ -772,7 +779,9 @@ impl Plan {
             caps: w.changed.is_empty() && !parts.attrs,
         };
         let patch = self.filter_patch(&mut w);
+        let rule_nodes_moved = w.rule_nodes_moved.take().filter(|_| w.changed.is_empty());
         Affected {
+            rule_nodes_moved,
             keeps,
             patch,
             slots: self
@@ -955,6 +964,14 @@ impl Plan {
         if edit.is_empty() {
             return;
         }
+        if !(edit.removed.is_empty()
+            && edit.added.is_empty()
+            && edit.restated.is_empty()
+            && edit.ports_only.is_empty()
+            && !edit.reordered)
+        {
+            w.rule_nodes_moved = None;
+        }
         let words = self.rules.capacity().div_ceil(64).max(1);
         if words > self.src_bits.words {
             self.widen(words, w);
@@ -1072,6 +1089,17 @@ impl Plan {
             // Sets that differ in their nodes only change the column, the filters and the
             // source list at those nodes.
             let moved = moved_nodes(before, &after);
+            match (&moved, &mut w.rule_nodes_moved) {
+                (Some(m), Some(all)) => {
+                    all.extend(
+                        m.src
+                            .iter()
+                            .map(|&(x, _, _)| x)
+                            .chain(m.dst.iter().copied()),
+                    );
+                }
+                _ => w.rule_nodes_moved = None,
+            }
             let flag = flag_for(&after);
             if dst_changed && flag == PATCH {
                 w.patch_rule(*id);

@@ -361,7 +361,7 @@ fn policy_tests_naming(
     plan: &Plan,
     policy: &Policy,
     tailnet: &Tailnet,
-) -> (crate::tests_eval::TestReport, Vec<usize>) {
+) -> (crate::tests_eval::TestReport, Vec<u64>) {
     let (report, named) = crate::tests_eval::run_tests_naming(&plan.r);
     if report.passed() {
         return (report, named);
@@ -375,7 +375,7 @@ fn policy_tests_naming(
 /// `sshTests`, and the update between them changed rules only in which nodes their sets hold
 /// (`moved`), none of them a device the tests name. A rule's verdict for a source and a
 /// destination depends on the rule's sets only at those two.
-fn tests_still_pass(old: &Policy, new: &Policy, named: &[usize], moved: Option<&[usize]>) -> bool {
+fn tests_still_pass(old: &Policy, new: &Policy, named: &[u64], moved: Option<&[usize]>) -> bool {
     let Some(moved) = moved else {
         return false;
     };
@@ -403,7 +403,7 @@ fn tests_still_pass(old: &Policy, new: &Policy, named: &[usize], moved: Option<&
         && old.has_rules == new.has_rules
         && old.postures == new.postures
         && old.default_src_posture == new.default_src_posture
-        && moved.iter().all(|x| named.binary_search(x).is_err())
+        && !moved.iter().any(|&x| crate::bits::bit(named, x))
 }
 
 /// The names that differ between two peer lists: (added, removed, changed).
@@ -662,7 +662,7 @@ pub struct Engine {
     /// takes it, and only a policy edit whose tests passed (or still pass) puts it back;
     /// changes that leave the plan alone (a non-router's presence, a user no node names)
     /// change nothing the tests read.
-    tests_passed: Option<Vec<usize>>,
+    tests_passed: Option<Vec<u64>>,
 }
 
 /// Frees a replaced snapshot off the path of a change: what only the snapshot before a

@@ -155,9 +155,10 @@ pub(crate) fn run_tests_with(r: &Resolver) -> TestReport {
 }
 
 /// [`run_tests_with`], with the devices the `tests` name as sources or destinations (the
-/// devices of `autogroup:self` destinations too), sorted: the verdicts of the `tests` read
-/// the rules only at those devices (and at addresses, which only rules' prefixes name).
-pub(crate) fn run_tests_naming(r: &Resolver) -> (TestReport, Vec<usize>) {
+/// devices of `autogroup:self` destinations too), as a bitmap over slots: the verdicts of the
+/// `tests` read the rules only at those devices (and at addresses, which only rules'
+/// prefixes name).
+pub(crate) fn run_tests_naming(r: &Resolver) -> (TestReport, Vec<u64>) {
     let mut report = TestReport::default();
     let policy = &r.policy;
     if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
@@ -170,10 +171,7 @@ pub(crate) fn run_tests_naming(r: &Resolver) -> (TestReport, Vec<usize>) {
     for (i, t) in policy.ssh_tests.iter().enumerate() {
         ev.ssh_test(i, t, &mut report.outcomes);
     }
-    let mut named = ev.named.into_inner();
-    named.sort_unstable();
-    named.dedup();
-    (report, named)
+    (report, ev.named.into_inner())
 }
 
 /// Who a test entry speaks for: a device, or an address that is no device's.
@@ -289,8 +287,8 @@ struct Evaluator<'a> {
     /// Whether a destination of some network rule is `autogroup:self` (what a rule lets
     /// a device reach then depends on the device, not only on the rules it is a source of).
     self_dst: bool,
-    /// The devices the `tests` named as sources or destinations so far.
-    named: RefCell<Vec<usize>>,
+    /// The devices the `tests` named as sources or destinations so far (a bitmap over slots).
+    named: RefCell<Vec<u64>>,
 }
 
 /// Resolves selectors' shapes for the evaluator, each distinct alias once.
@@ -447,7 +445,7 @@ impl<'a> Evaluator<'a> {
             routes: OnceCell::new(),
             alias_bits: RefCell::new(HashMap::new()),
             self_dst,
-            named: RefCell::new(Vec::new()),
+            named: RefCell::new(vec![0; r.nodes.len().div_ceil(64)]),
         }
     }
 
@@ -951,16 +949,18 @@ impl<'a> Evaluator<'a> {
         let mut named = self.named.borrow_mut();
         for &p in principals {
             if let Principal::Node(i) = p {
-                named.push(i);
+                set_bit(&mut named, i);
             }
-            if let (DstHost::SelfDevices, Ok(own)) = (host, self.own_devices(p)) {
-                named.extend(own);
+            if matches!(host, DstHost::SelfDevices) {
+                for j in self.own_devices(p).unwrap_or_default() {
+                    set_bit(&mut named, j);
+                }
             }
         }
         if let DstHost::Fixed(targets) = host {
             for t in targets {
                 if let Target::Node(j) | Target::Addr { node: Some(j), .. } = *t {
-                    named.push(j);
+                    set_bit(&mut named, j);
                 }
             }
         }

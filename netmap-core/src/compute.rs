@@ -484,15 +484,13 @@ pub(crate) fn filter_for(plan: &crate::build::Plan, d: usize) -> Vec<(FilterRule
             .iter_mut()
             .find(|(f, _)| merges_into(f, &f.src_ips, &entry))
         {
+            // Compact entries take their rules' ports from the plan's table.
+            let ports = |id: usize| plan.table_ports(id).map_or(&[][..], |p| p.as_slice());
             if let EntryFrom::Rule(rj) = *bound_before {
-                let ports = plan.rules.get(rj).map(NetRule::dst_port_lists);
-                existing.dst_ports = Arc::new(expand_dst(
-                    &existing.dst_ports,
-                    ports.as_deref().unwrap_or_default(),
-                ));
+                existing.dst_ports = Arc::new(expand_dst(&existing.dst_ports, ports(rj)));
             }
             let more = match bound {
-                EntryFrom::Rule(_) => expand_dst(&entry.dst_ports, &rule.dst_port_lists()),
+                EntryFrom::Rule(_) => expand_dst(&entry.dst_ports, ports(ri)),
                 _ => Arc::try_unwrap(entry.dst_ports).unwrap_or_else(|a| (*a).clone()),
             };
             Arc::make_mut(&mut existing.dst_ports).extend(more);

@@ -944,17 +944,13 @@ impl<'a> Evaluator<'a> {
         }
     }
 
-    /// Records the devices a test's sources and one of its destinations name.
+    /// Records the devices a test's sources and one of its fixed destinations name (the
+    /// devices of an `autogroup:self` destination are recorded where they are looked up).
     fn note_named(&self, principals: &[Principal], host: &DstHost) {
         let mut named = self.named.borrow_mut();
         for &p in principals {
             if let Principal::Node(i) = p {
                 set_bit(&mut named, i);
-            }
-            if matches!(host, DstHost::SelfDevices) {
-                for j in self.own_devices(p).unwrap_or_default() {
-                    set_bit(&mut named, j);
-                }
             }
         }
         if let DstHost::Fixed(targets) = host {
@@ -1010,6 +1006,10 @@ impl<'a> Evaluator<'a> {
                 DstHost::Fixed(t) => t,
                 DstHost::SelfDevices => match self.own_devices(p) {
                     Ok(v) => {
+                        let mut named = self.named.borrow_mut();
+                        for &j in &v {
+                            set_bit(&mut named, j);
+                        }
                         own = v.into_iter().map(Target::Node).collect();
                         &own
                     }

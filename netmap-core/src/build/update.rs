@@ -1033,19 +1033,20 @@ impl Plan {
             // the views holding one only learn that their filter changed, if a destination
             // whose ports changed gives them entries. The others (an entry merged with
             // another rule's, or none) are patched.
-            let changed: Option<Vec<usize>> =
-                match (before, self.table_ports(id), self.rules.get(id)) {
-                    (Some(b), Some(n), Some(rule))
-                        if !rule.self_rule
-                            && rule.caps.is_none()
-                            && b.len() == n.len()
-                            && b.iter().chain(n.iter()).all(|p| !p.is_empty()) =>
-                    {
-                        Some((0..n.len()).filter(|&d| b.get(d) != n.get(d)).collect())
-                    }
-                    _ => None,
-                };
-            let (Some(changed), Some(rule)) = (changed, self.rules.get(id)) else {
+            let changed = match (before, self.table_ports(id), self.rules.get(id)) {
+                (Some(b), Some(n), Some(rule))
+                    if !rule.self_rule
+                        && rule.caps.is_none()
+                        && b.len() == n.len()
+                        && b.iter().chain(n.iter()).all(|p| !p.is_empty()) =>
+                {
+                    let changed: Vec<usize> =
+                        (0..n.len()).filter(|&d| b.get(d) != n.get(d)).collect();
+                    Some((changed, rule))
+                }
+                _ => None,
+            };
+            let Some((changed, rule)) = changed else {
                 self.mark_covered(id, &live, PATCH, w);
                 w.patch_rule(id);
                 continue;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::CoreError;
 use crate::slot_hash::SlotMap;
 use crate::tailnet::{Node, Tailnet, User};
+use crate::tests_eval::TestsRead;
 use rayon::prelude::*;
 
 use crate::build::{touch, Batch, ListDelta, Plan, StoredView, Tables};
@@ -361,7 +362,7 @@ fn policy_tests_naming(
     plan: &Plan,
     policy: &Policy,
     tailnet: &Tailnet,
-) -> (crate::tests_eval::TestReport, Vec<u64>) {
+) -> (crate::tests_eval::TestReport, TestsRead) {
     let (report, named) = crate::tests_eval::run_tests_naming(&plan.r);
     if report.passed() {
         return (report, named);
@@ -404,6 +405,24 @@ fn tests_still_pass(old: &Policy, new: &Policy, named: &[u64], moved: Option<&[u
         && old.postures == new.postures
         && old.default_src_posture == new.default_src_posture
         && !moved.iter().any(|&x| crate::bits::bit(named, x))
+}
+
+/// Whether the nodes `nodes` (by name), as `plan` holds them, are outside what a passing run
+/// of the `tests` read (`read`): none is a device the run named, nor (`after` a change)
+/// one the tests could name now, nor, if the run read the subnet routes, a router. The
+/// verdicts read a device's record and the rules' sets only at the devices the run named,
+/// and the rules' sets at a node follow from its own record: a change of other nodes leaves
+/// every read as it was, so the verdicts stand. `sshTests` are never kept across node
+/// changes.
+fn tests_untouched_by(read: &TestsRead, plan: &Plan, nodes: &[String], after: bool) -> bool {
+    let r = &plan.r;
+    r.policy.ssh_tests.is_empty()
+        && !nodes.iter().filter_map(|n| plan.slot(n)).any(|s| {
+            let router = r.nodes.get(s).is_some_and(|n| !n.routes.is_empty());
+            crate::bits::bit(&read.devices, s)
+                || (read.routes && router)
+                || (after && crate::tests_eval::tests_may_name(r, s))
+        })
 }
 
 /// The names that differ between two peer lists: (added, removed, changed).
@@ -656,13 +675,14 @@ fn set_slot(
 pub struct Engine {
     current: Snapshot,
     plan: Plan,
-    /// The devices the policy's `tests` named when they last ran and passed, kept while
-    /// nothing they read has changed since: a policy edit that leaves them as they were need
-    /// not run them again (see [`tests_still_pass`]). Every change that updates the plan
-    /// takes it, and only a policy edit whose tests passed (or still pass) puts it back;
-    /// changes that leave the plan alone (a non-router's presence, a user no node names)
-    /// change nothing the tests read.
-    tests_passed: Option<Vec<u64>>,
+    /// What the policy's `tests` read of the tailnet when they last ran and passed, kept
+    /// while nothing they read has changed since: a policy edit that leaves them as they
+    /// were need not run them again (see [`tests_still_pass`]). Every change that updates
+    /// the plan takes it. A policy edit whose tests passed (or still pass) puts it back, and
+    /// so does a change of nodes the tests neither named nor could name now (see
+    /// [`tests_untouched_by`]); changes that leave the plan alone (a non-router's presence,
+    /// a user no node names) change nothing the tests read.
+    tests_passed: Option<TestsRead>,
 }
 
 /// Frees a replaced snapshot off the path of a change: what only the snapshot before a
@@ -877,6 +897,15 @@ impl Engine {
             };
             return Ok(ChangeSet::default());
         }
+        // A change of nodes alone keeps what the tests read if it touches none of it, before
+        // and after (see `tests_untouched_by`).
+        let nodes_untouched = match &self.tests_passed {
+            Some(read) if batch.policy.is_none() => {
+                tests_untouched_by(read, &self.plan, &batch.nodes, false)
+                    .then(|| batch.nodes.clone())
+            }
+            _ => None,
+        };
         let prev = &self.current;
         let old_tables = &prev.tables;
         let affected = self.plan.update(&tailnet, batch);
@@ -897,14 +926,19 @@ impl Engine {
         // from the state it had, so the change is undone. (Running them beside the views,
         // on another thread, was measured no faster: the views' allocations then came from
         // pool threads' heaps and kept faulting in fresh pages.)
-        let tests_passed = self.tests_passed.take().filter(|named| {
-            test_new_policy
-                && tests_still_pass(
+        let tests_passed = self.tests_passed.take().filter(|read| {
+            if test_new_policy {
+                tests_still_pass(
                     &self.current.policy,
                     &policy,
-                    named,
+                    &read.devices,
                     affected.rule_nodes_moved.as_deref(),
                 )
+            } else {
+                nodes_untouched
+                    .as_ref()
+                    .is_some_and(|nodes| tests_untouched_by(read, plan, nodes, true))
+            }
         });
         if test_new_policy && tests_passed.is_none() {
             let (report, named) = policy_tests_naming(plan, &policy, &tailnet);

@@ -154,15 +154,23 @@ pub(crate) fn run_tests_with(r: &Resolver) -> TestReport {
     run_tests_naming(r).0
 }
 
-/// [`run_tests_with`], with the devices the `tests` name as sources or destinations (the
-/// devices of `autogroup:self` destinations too), as a bitmap over slots: the verdicts of the
-/// `tests` read the rules only at those devices (and at addresses, which only rules'
-/// prefixes name).
-pub(crate) fn run_tests_naming(r: &Resolver) -> (TestReport, Vec<u64>) {
+/// What a run of the `tests` read of the tailnet, besides the policy: the devices they
+/// named as sources or destinations (the devices of `autogroup:self` destinations too), as a
+/// bitmap over slots, and whether they read the tailnet's subnet routes. The verdicts read
+/// the rules only at those devices (and at addresses, which only rules' prefixes name), and
+/// a device's records only at those devices.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TestsRead {
+    pub devices: Vec<u64>,
+    pub routes: bool,
+}
+
+/// [`run_tests_with`], with what the `tests` read of the tailnet.
+pub(crate) fn run_tests_naming(r: &Resolver) -> (TestReport, TestsRead) {
     let mut report = TestReport::default();
     let policy = &r.policy;
     if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
-        return (report, Vec::new());
+        return (report, TestsRead::default());
     }
     let ev = Evaluator::new(r);
     for (i, t) in policy.tests.iter().enumerate() {
@@ -171,7 +179,40 @@ pub(crate) fn run_tests_naming(r: &Resolver) -> (TestReport, Vec<u64>) {
     for (i, t) in policy.ssh_tests.iter().enumerate() {
         ev.ssh_test(i, t, &mut report.outcomes);
     }
-    (report, ev.named.into_inner())
+    let routes = ev.routes.get().is_some();
+    let read = TestsRead {
+        devices: ev.named.into_inner(),
+        routes,
+    };
+    (report, read)
+}
+
+/// Whether the `tests` (not the `sshTests`) could name node `i` as a source or a
+/// destination, judged by its record alone: an alias of a test names it by identity, is `*`,
+/// or holds an address in its range, or a test's destination is `autogroup:self` and the node
+/// is a user's device. Over-approximates what a run would name (a range names no device as a
+/// source), never under.
+pub(crate) fn tests_may_name(r: &Resolver, i: usize) -> bool {
+    let Some(n) = r.nodes.get(i).filter(|n| n.alive) else {
+        return false;
+    };
+    let names = |a: &Alias| {
+        if *a == Alias::AutoGroup(AutoGroup::SelfDevices) {
+            return n.is_member();
+        }
+        if r.alias_names(a, i) {
+            return true;
+        }
+        let shape = r.resolve_shape(a);
+        shape.wildcard
+            || shape
+                .nets
+                .iter()
+                .any(|net| n.addrs.iter().any(|ip| net.contains(ip)))
+    };
+    r.policy.tests.iter().any(|t| {
+        names(&t.src.value) || t.accept.iter().chain(&t.deny).any(|d| names(&d.value.host))
+    })
 }
 
 /// Who a test entry speaks for: a device, or an address that is no device's.

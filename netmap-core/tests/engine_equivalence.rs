@@ -183,7 +183,7 @@ fn edit_op() -> impl Strategy<Value = Op> {
         1 => (0usize..6, any::<bool>()).prop_map(|(u, d)| Op::User(u, d)),
         1 => (0u32..14, prop::collection::vec(0usize..ROUTES.len(), 0..3)).prop_map(|(i, r)| Op::Approve(i, r)),
         6 => (0usize..EDITS, 0usize..8).prop_map(|(k, c)| Op::Edit(k, c)),
-        1 => Just(Op::Edit(TEST_EDIT, 0)),
+        1 => (0usize..2).prop_map(|c| Op::Edit(TEST_EDIT, c)),
         // u1 (the test's source) into or out of a group: the test's verdict changes.
         1 => (2usize..4).prop_map(|c| Op::Edit(0, c)),
     ]
@@ -223,8 +223,9 @@ const EDITABLE: &str = r#"{
 const EDITS: usize = 16;
 
 /// The edit that adds or drops a policy test whose verdict depends on the tailnet and on the
-/// other edits (u1 reaches a `tag:web` device but no `tag:db` device on port 22): while it
-/// is in the policy, every edit runs it, and one that makes it fail is rejected.
+/// other edits (u1 reaches a `tag:web` device but no `tag:db` device on port 22; or an
+/// address in a subnet route reaches a `tag:web` device): while it is in the policy, every edit
+/// runs it (unless nothing it reads changed), and one that makes it fail is rejected.
 const TEST_EDIT: usize = EDITS;
 
 fn toggle(list: &mut serde_json::Value, item: serde_json::Value) {
@@ -353,10 +354,14 @@ fn edit_policy(p: &mut serde_json::Value, kind: usize, c: usize) {
             if p.get("tests").is_none() {
                 p["tests"] = json!([]);
             }
-            toggle(
-                &mut p["tests"],
-                json!({"src": "u1@example.com", "accept": ["tag:web:80"], "deny": ["tag:db:22"]}),
-            );
+            let test = if c.is_multiple_of(2) {
+                json!({"src": "u1@example.com", "accept": ["tag:web:80"], "deny": ["tag:db:22"]})
+            } else {
+                // An address outside the tailnet as the source: `*` covers it only through an
+                // approved route.
+                json!({"src": "10.1.2.3", "accept": ["tag:web:80"]})
+            };
+            toggle(&mut p["tests"], test);
         }
         _ => toggle(&mut p["grants"][1]["via"], json!("tag:db")),
     }

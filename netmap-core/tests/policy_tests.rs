@@ -129,3 +129,98 @@ fn policy_edits_run_the_tests_again_when_what_they_read_changed() {
         Err(CoreError::TestsFailed(_))
     ));
 }
+
+/// Node changes keep the verdict of the last run of the tests only when they touch nothing
+/// the tests read; these touch it (a new device a test names, a route a test's address lies in),
+/// and the next edit, one the tests would not read otherwise, must be rejected as a fresh
+/// check rejects it.
+#[test]
+fn node_changes_the_tests_read_make_the_next_edit_run_them() {
+    use netmap_core::{Change, Engine};
+    let state = r#"{
+      "users": [{"id": 1, "name": "odin", "email": "odin@example.com"},
+                {"id": 2, "name": "thor", "email": "thor@example.org"},
+                {"id": 3, "name": "loki", "email": "loki@example.org"}],
+      "nodes": {
+        "laptop": {"hostname": "laptop", "user": "thor", "ipv4": "100.64.0.1"},
+        "phone": {"hostname": "phone", "user": "loki", "ipv4": "100.64.0.3"},
+        "db": {"hostname": "db", "tags": ["tag:db"], "ipv4": "100.64.0.2"},
+        "router": {"hostname": "router", "tags": ["tag:router"], "ipv4": "100.64.0.4",
+                   "routable_ips": ["10.1.0.0/16"], "approved_routes": ["10.1.0.0/16"]}
+      },
+      "tailnet": {"name": "odin@example.com"}
+    }"#;
+    let with_admins = |admins: &str| {
+        format!(
+            r#"{{
+  "groups": {{"group:admins": [{admins}]}},
+  "tagOwners": {{"tag:db": ["odin@example.com"], "tag:router": ["odin@example.com"]}},
+  "acls": [{{"action": "accept", "src": ["thor@example.org"], "dst": ["tag:db:5432", "100.64.0.9:22"]}},
+           {{"action": "accept", "src": ["*"], "dst": ["tag:db:80"]}},
+           {{"action": "accept", "src": ["group:admins"], "dst": ["*:*"]}}],
+  "tests": [{{"src": "thor@example.org", "accept": ["tag:db:5432"], "deny": ["tag:db:22"]}},
+            {{"src": "10.1.2.3", "accept": ["tag:db:80"]}}]
+}}"#
+        )
+    };
+    let (odin, odin_loki) = (
+        r#""odin@example.com""#,
+        r#""odin@example.com", "loki@example.org""#,
+    );
+    let tailnet = Tailnet::from_state_json(state).unwrap();
+    let mut engine = Engine::new(&with_admins(odin), tailnet).unwrap();
+    let set = |e: &mut Engine, admins: &str| {
+        e.apply(Change::SetPolicy {
+            policy: with_admins(admins),
+        })
+    };
+    let rejected =
+        |r: Result<netmap_core::ChangeSet, CoreError>| matches!(r, Err(CoreError::TestsFailed(_)));
+    let node = |json: &str| serde_json::from_str::<netmap_core::Node>(json).unwrap();
+    set(&mut engine, odin_loki).unwrap();
+    // A device the tests neither name nor could name: the edits after it are taken.
+    engine
+        .apply(Change::UpsertNode {
+            node: "cam".into(),
+            value: node(r#"{"hostname": "cam", "user": "loki", "ipv4": "100.64.0.20"}"#),
+        })
+        .unwrap();
+    set(&mut engine, odin).unwrap();
+    // The route the second test's source address lies in goes: `*` no longer covers it.
+    engine
+        .apply(Change::ApproveRoutes {
+            node: "router".into(),
+            routes: Vec::new(),
+        })
+        .unwrap();
+    assert!(rejected(set(&mut engine, odin_loki)));
+    engine
+        .apply(Change::ApproveRoutes {
+            node: "router".into(),
+            routes: vec!["10.1.0.0/16".parse().unwrap()],
+        })
+        .unwrap();
+    set(&mut engine, odin_loki).unwrap();
+    // A new tag:db device at the address thor may reach on port 22: the deny fails.
+    engine
+        .apply(Change::UpsertNode {
+            node: "db2".into(),
+            value: node(r#"{"hostname": "db2", "tags": ["tag:db"], "ipv4": "100.64.0.9"}"#),
+        })
+        .unwrap();
+    assert!(rejected(set(&mut engine, odin)));
+    // Gone again: the tests pass.
+    engine
+        .apply(Change::RemoveNode { node: "db2".into() })
+        .unwrap();
+    set(&mut engine, odin).unwrap();
+    // thor's laptop (a device the tests named) becomes a tag:db device: thor has no device
+    // left, and the first test's source names none.
+    engine
+        .apply(Change::UpsertNode {
+            node: "laptop".into(),
+            value: node(r#"{"hostname": "laptop", "tags": ["tag:db"], "ipv4": "100.64.0.1"}"#),
+        })
+        .unwrap();
+    assert!(rejected(set(&mut engine, odin_loki)));
+}

@@ -16,6 +16,14 @@ pub(crate) fn set_bit(b: &mut [u64], i: usize) -> bool {
     }
 }
 
+/// Sets bit `i`, growing `b` to hold it.
+pub(crate) fn set_bit_growing(b: &mut Vec<u64>, i: usize) {
+    if b.len() <= i / 64 {
+        b.resize(i / 64 + 1, 0);
+    }
+    set_bit(b, i);
+}
+
 /// Whether `a` and `b` share a bit that `mask` has.
 pub(crate) fn intersects(a: &[u64], b: &[u64], mask: &[u64]) -> bool {
     a.iter().zip(b).zip(mask).any(|((x, y), m)| x & y & m != 0)

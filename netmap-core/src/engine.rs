@@ -370,16 +370,60 @@ fn policy_tests_naming(
     (crate::tests_eval::run_tests(policy, tailnet), named)
 }
 
-/// Whether policy `new`'s tests pass because `old`'s passed, on the same tailnet, naming the
-/// devices `named`: the two policies have the same `tests` (positions aside), nothing those
-/// read is redefined (postures, the groups, hosts and ipsets they name), there are no
-/// `sshTests`, and the update between them changed rules only in which nodes their sets hold
-/// (`moved`), none of them a device the tests name. A rule's verdict for a source and a
-/// destination depends on the rule's sets only at those two.
-fn tests_still_pass(old: &Policy, new: &Policy, named: &[u64], moved: Option<&[usize]>) -> bool {
-    let Some(moved) = moved else {
+/// [`policy_tests_naming`], judging only the pairs toward the devices `only` when `memo`
+/// gives them with what the last passing run read (see
+/// [`crate::tests_eval::run_tests_toward`]): what they read then is that run's, but for
+/// those devices, which are read again. A failing verdict is made again in whole.
+fn policy_tests_toward(
+    plan: &Plan,
+    policy: &Policy,
+    tailnet: &Tailnet,
+    memo: Option<(&TestsRead, &[u64])>,
+) -> (crate::tests_eval::TestReport, TestsRead) {
+    if let Some((read, only)) = memo {
+        let (report, run) = crate::tests_eval::run_tests_toward(&plan.r, Some(only));
+        if report.passed() {
+            let word = |b: &[u64], i: usize| b.get(i).copied().unwrap_or(0);
+            let words = read.devices.len().max(run.devices.len());
+            let devices = (0..words)
+                .map(|i| (word(&read.devices, i) & !word(only, i)) | word(&run.devices, i))
+                .collect();
+            let read = TestsRead {
+                devices,
+                routes: read.routes || run.routes,
+            };
+            return (report, read);
+        }
+    }
+    policy_tests_naming(plan, policy, tailnet)
+}
+
+/// What the engine keeps of the last run of the policy's `tests` that passed: what it read,
+/// and the devices changed since (a bitmap over slots), whose pairs the next run judges.
+struct TestsMemo {
+    read: TestsRead,
+    dirty: Vec<u64>,
+}
+
+impl TestsMemo {
+    fn new(read: TestsRead) -> TestsMemo {
+        TestsMemo {
+            read,
+            dirty: Vec::new(),
+        }
+    }
+}
+
+/// Whether policy `new`'s tests judge every pair of a source and a destination as `old`'s
+/// did, on the same tailnet, except pairs with a node of `moved`: the two policies have the
+/// same `tests` (positions aside), nothing those read is redefined (postures, the groups,
+/// hosts and ipsets they name), there are no `sshTests`, and the update between them
+/// changed rules only in which nodes their sets hold (`moved`). A rule's verdict for a
+/// source and a destination depends on the rule's sets only at those two.
+fn tests_judge_alike(old: &Policy, new: &Policy, moved: Option<&[usize]>) -> bool {
+    if moved.is_none() {
         return false;
-    };
+    }
     let same_dst = |a: &[netmap_policy::Located<netmap_policy::TestDst>],
                     b: &[netmap_policy::Located<netmap_policy::TestDst>]| {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.value == y.value)
@@ -404,25 +448,36 @@ fn tests_still_pass(old: &Policy, new: &Policy, named: &[u64], moved: Option<&[u
         && old.has_rules == new.has_rules
         && old.postures == new.postures
         && old.default_src_posture == new.default_src_posture
-        && !moved.iter().any(|&x| crate::bits::bit(named, x))
 }
 
-/// Whether the nodes `nodes` (by name), as `plan` holds them, are outside what a passing run
-/// of the `tests` read (`read`): none is a device the run named, nor (`after` a change)
-/// one the tests could name now, nor, if the run read the subnet routes, a router. The
-/// verdicts read a device's record and the rules' sets only at the devices the run named,
-/// and the rules' sets at a node follow from its own record: a change of other nodes leaves
-/// every read as it was, so the verdicts stand. `sshTests` are never kept across node
-/// changes.
-fn tests_untouched_by(read: &TestsRead, plan: &Plan, nodes: &[String], after: bool) -> bool {
+/// Which of the nodes `nodes` (by name), as `plan` holds them, a passing run of the `tests`
+/// read (`read`): a device the run named, or (`after` a change) one the tests could name
+/// now. The verdicts read a device's record and the rules' sets only at the devices the run
+/// named, and the rules' sets at a node follow from its own record: a change of other nodes
+/// leaves the verdict of every pair as it was. `None` when the change must run the tests in
+/// whole: the run read the subnet routes and one of the nodes is a router, or there are
+/// `sshTests` (never kept across node changes).
+fn tests_touched_by(
+    read: &TestsRead,
+    plan: &Plan,
+    nodes: &[String],
+    after: bool,
+) -> Option<Vec<usize>> {
     let r = &plan.r;
-    r.policy.ssh_tests.is_empty()
-        && !nodes.iter().filter_map(|n| plan.slot(n)).any(|s| {
-            let router = r.nodes.get(s).is_some_and(|n| !n.routes.is_empty());
-            crate::bits::bit(&read.devices, s)
-                || (read.routes && router)
-                || (after && crate::tests_eval::tests_may_name(r, s))
-        })
+    if !r.policy.ssh_tests.is_empty() {
+        return None;
+    }
+    let mut touched = Vec::new();
+    for s in nodes.iter().filter_map(|n| plan.slot(n)) {
+        if read.routes && r.nodes.get(s).is_some_and(|n| !n.routes.is_empty()) {
+            return None;
+        }
+        if crate::bits::bit(&read.devices, s) || (after && crate::tests_eval::tests_may_name(r, s))
+        {
+            touched.push(s);
+        }
+    }
+    Some(touched)
 }
 
 /// The names that differ between two peer lists: (added, removed, changed).
@@ -675,14 +730,14 @@ fn set_slot(
 pub struct Engine {
     current: Snapshot,
     plan: Plan,
-    /// What the policy's `tests` read of the tailnet when they last ran and passed, kept
-    /// while nothing they read has changed since: a policy edit that leaves them as they
-    /// were need not run them again (see [`tests_still_pass`]). Every change that updates
-    /// the plan takes it. A policy edit whose tests passed (or still pass) puts it back, and
-    /// so does a change of nodes the tests neither named nor could name now (see
-    /// [`tests_untouched_by`]); changes that leave the plan alone (a non-router's presence,
-    /// a user no node names) change nothing the tests read.
-    tests_passed: Option<TestsRead>,
+    /// What the policy's `tests` read of the tailnet when they last ran and passed, and the
+    /// devices changed since: a policy edit that leaves the tests as they were judges only
+    /// the pairs with a changed device (see [`tests_judge_alike`]), or none. Every change
+    /// that updates the plan takes it. A policy edit whose tests passed puts it back, and so
+    /// does a change of nodes, marking those the tests named or could name now (see
+    /// [`tests_touched_by`]); changes that leave the plan alone (a non-router's presence, a
+    /// user no node names) change nothing the tests read.
+    tests_passed: Option<TestsMemo>,
 }
 
 /// Frees a replaced snapshot off the path of a change: what only the snapshot before a
@@ -865,12 +920,15 @@ impl Engine {
                 } else {
                     // The same policy (its tests too), but the tailnet may have changed
                     // since they last ran.
-                    if self.tests_passed.is_none() {
-                        let (report, named) = policy_tests_naming(&self.plan, &policy, &tailnet);
+                    let memo = self.tests_passed.as_ref();
+                    if memo.is_none_or(|m| m.dirty.iter().any(|&w| w != 0)) {
+                        let base = memo.map(|m| (&m.read, m.dirty.as_slice()));
+                        let (report, read) =
+                            policy_tests_toward(&self.plan, &policy, &tailnet, base);
                         if !report.passed() {
                             return Err(CoreError::TestsFailed(report));
                         }
-                        self.tests_passed = Some(named);
+                        self.tests_passed = Some(TestsMemo::new(read));
                     }
                 }
                 policy_text = Arc::from(text.as_str());
@@ -897,12 +955,12 @@ impl Engine {
             };
             return Ok(ChangeSet::default());
         }
-        // A change of nodes alone keeps what the tests read if it touches none of it, before
-        // and after (see `tests_untouched_by`).
-        let nodes_untouched = match &self.tests_passed {
-            Some(read) if batch.policy.is_none() => {
-                tests_untouched_by(read, &self.plan, &batch.nodes, false)
-                    .then(|| batch.nodes.clone())
+        // A change of nodes alone marks the devices the tests read among them, before and
+        // after (see `tests_touched_by`).
+        let nodes_touched = match &self.tests_passed {
+            Some(m) if batch.policy.is_none() => {
+                tests_touched_by(&m.read, &self.plan, &batch.nodes, false)
+                    .map(|before| (before, batch.nodes.clone()))
             }
             _ => None,
         };
@@ -926,23 +984,33 @@ impl Engine {
         // from the state it had, so the change is undone. (Running them beside the views,
         // on another thread, was measured no faster: the views' allocations then came from
         // pool threads' heaps and kept faulting in fresh pages.)
-        let tests_passed = self.tests_passed.take().filter(|read| {
-            if test_new_policy {
-                tests_still_pass(
-                    &self.current.policy,
-                    &policy,
-                    &read.devices,
-                    affected.rule_nodes_moved.as_deref(),
-                )
-            } else {
-                nodes_untouched
-                    .as_ref()
-                    .is_some_and(|nodes| tests_untouched_by(read, plan, nodes, true))
-            }
-        });
-        if test_new_policy && tests_passed.is_none() {
-            let (report, named) = policy_tests_naming(plan, &policy, &tailnet);
-            self.tests_passed = Some(named);
+        let memo = self.tests_passed.take();
+        if test_new_policy {
+            let moved = affected.rule_nodes_moved.as_deref();
+            // The devices whose pairs the edit may judge otherwise: those changed since the
+            // tests last passed, and those the edit moved in rules' sets that they name.
+            let only = memo
+                .as_ref()
+                .filter(|_| tests_judge_alike(&self.current.policy, &policy, moved))
+                .map(|m| {
+                    let mut only = m.dirty.clone();
+                    for &x in moved.unwrap_or_default() {
+                        if crate::bits::bit(&m.read.devices, x) {
+                            crate::bits::set_bit_growing(&mut only, x);
+                        }
+                    }
+                    only
+                });
+            let (report, read) = match (memo, only) {
+                (Some(m), Some(only)) if only.iter().all(|&w| w == 0) => {
+                    (crate::tests_eval::TestReport::default(), m.read)
+                }
+                (memo, only) => {
+                    let base = memo.as_ref().map(|m| &m.read).zip(only.as_deref());
+                    policy_tests_toward(plan, &policy, &tailnet, base)
+                }
+            };
+            self.tests_passed = Some(TestsMemo::new(read));
             if !report.passed() {
                 let cur = &self.current;
                 let before = Engine::with_policy(
@@ -953,9 +1021,13 @@ impl Engine {
                 *self = before;
                 return Err(CoreError::TestsFailed(report));
             }
-        } else if tests_passed.is_some() {
-            // They name the same devices: their aliases and the nodes are as they were.
-            self.tests_passed = tests_passed;
+        } else if let (Some(mut m), Some((before, nodes))) = (memo, nodes_touched) {
+            if let Some(after) = tests_touched_by(&m.read, plan, &nodes, true) {
+                for s in before.into_iter().chain(after) {
+                    crate::bits::set_bit_growing(&mut m.dirty, s);
+                }
+                self.tests_passed = Some(m);
+            }
         }
         // The class list pairs recomputed views move between, each diffed once (in
         // parallel: a policy edit moves thousands of views between a few large lists).

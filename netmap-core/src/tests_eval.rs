@@ -167,12 +167,29 @@ pub(crate) struct TestsRead {
 
 /// [`run_tests_with`], with what the `tests` read of the tailnet.
 pub(crate) fn run_tests_naming(r: &Resolver) -> (TestReport, TestsRead) {
+    run_tests_toward(r, None)
+}
+
+/// [`run_tests_naming`], judging only the pairs of a source and a destination one of which
+/// is among the devices `only` (a bitmap over slots), when given. That is the whole verdict
+/// when every other pair is judged as it was when the tests last passed: the same `tests`,
+/// on devices whose records, and rules' sets at them, are as they were then. A test whose
+/// source names one of `only` is judged whole. The devices read are then those the run
+/// named among `only`, and all of a test's sources; a failing report may lack outcomes
+/// (run the whole tests for the report). `sshTests` are always judged whole.
+pub(crate) fn run_tests_toward(r: &Resolver, only: Option<&[u64]>) -> (TestReport, TestsRead) {
     let mut report = TestReport::default();
     let policy = &r.policy;
     if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
         return (report, TestsRead::default());
     }
-    let ev = Evaluator::new(r);
+    let mut ev = Evaluator::new(r);
+    ev.only = only.map(|o| {
+        let mut o = o.to_vec();
+        o.resize(ev.words(), 0);
+        o
+    });
+    let ev = ev;
     for (i, t) in policy.tests.iter().enumerate() {
         ev.acl_test(i, t, &mut report.outcomes);
     }
@@ -234,6 +251,14 @@ enum Target {
 enum DstHost {
     Fixed(Vec<Target>),
     SelfDevices,
+}
+
+/// A `tests` destination as judged: its host, whether it names any device or address
+/// (its fixed targets may be only those `toward` some devices), and those devices.
+struct Targets<'t> {
+    host: &'t DstHost,
+    any: bool,
+    toward: Option<&'t [u64]>,
 }
 
 /// A rule's selector: its flags and prefixes as resolved (`set.nodes` stays empty), and
@@ -330,6 +355,9 @@ struct Evaluator<'a> {
     self_dst: bool,
     /// The devices the `tests` named as sources or destinations so far (a bitmap over slots).
     named: RefCell<Vec<u64>>,
+    /// When set, the devices (a bitmap over slots) whose pairs are judged: the others' are
+    /// as they were when the tests last passed (see [`run_tests_toward`]).
+    only: Option<Vec<u64>>,
 }
 
 /// Resolves selectors' shapes for the evaluator, each distinct alias once.
@@ -487,6 +515,7 @@ impl<'a> Evaluator<'a> {
             alias_bits: RefCell::new(HashMap::new()),
             self_dst,
             named: RefCell::new(vec![0; r.nodes.len().div_ceil(64)]),
+            only: None,
         }
     }
 
@@ -887,11 +916,16 @@ impl<'a> Evaluator<'a> {
         Ok(out)
     }
 
-    /// The devices or addresses a `tests` destination names.
-    fn acl_dst(&self, dst: &Located<TestDst>) -> Result<DstHost, String> {
+    /// The devices or addresses a `tests` destination names, only those among `toward`
+    /// when given, and whether it names any at all.
+    fn acl_dst(
+        &self,
+        dst: &Located<TestDst>,
+        toward: Option<&[u64]>,
+    ) -> Result<(DstHost, bool), String> {
         let d = &dst.text;
         match &dst.value.host {
-            Alias::AutoGroup(AutoGroup::SelfDevices) => return Ok(DstHost::SelfDevices),
+            Alias::AutoGroup(AutoGroup::SelfDevices) => return Ok((DstHost::SelfDevices, true)),
             Alias::AutoGroup(AutoGroup::Internet) => {
                 let hint = "test a public IP address instead";
                 return Err(format!(
@@ -900,10 +934,21 @@ impl<'a> Evaluator<'a> {
             }
             _ => {}
         }
-        let (res, bits) = self.r.resolve_bits(&dst.value.host, self.words());
+        let (res, mut bits) = self.r.resolve_bits(&dst.value.host, self.words());
+        let mut any = !res.nets.is_empty() || bits.iter().any(|&w| w != 0);
         let mut targets: Vec<Target> = Vec::new();
         if res.wildcard {
-            targets.extend(self.alive_nodes().map(Target::Node));
+            let mut alive = self.alive_nodes().peekable();
+            any |= alive.peek().is_some();
+            targets.extend(
+                alive
+                    .filter(|&j| toward.is_none_or(|o| bit(o, j)))
+                    .map(Target::Node),
+            );
+        }
+        if let Some(o) = toward {
+            bits.iter_mut().zip(o).for_each(|(w, m)| *w &= m);
+            bits.truncate(o.len());
         }
         targets.extend(ones(&bits).map(Target::Node));
         for n in &res.nets {
@@ -913,12 +958,13 @@ impl<'a> Evaluator<'a> {
                 ));
             }
             let ip = n.addr();
-            targets.push(Target::Addr {
-                ip,
-                node: self.node_by_addr(&ip),
-            });
+            let node = self.node_by_addr(&ip);
+            // An address no device holds is a pair with a source only.
+            if toward.is_none_or(|o| node.is_some_and(|j| bit(o, j))) {
+                targets.push(Target::Addr { ip, node });
+            }
         }
-        Ok(DstHost::Fixed(targets))
+        Ok((DstHost::Fixed(targets), any))
     }
 
     /// The devices of `p`'s user (for `autogroup:self`).
@@ -949,6 +995,13 @@ impl<'a> Evaluator<'a> {
                 return;
             }
         };
+        // Under `only`, a test none of whose sources is among those devices is judged toward
+        // them alone (its other pairs are as they were when the tests last passed).
+        let toward = self.only.as_deref().filter(|o| {
+            !principals
+                .iter()
+                .any(|&p| matches!(p, Principal::Node(i) if bit(o, i)))
+        });
         // Without a proto, a test is about TCP and UDP: an accept needs one of them to
         // work, a deny needs both to be blocked.
         let protos = match t.proto {
@@ -972,7 +1025,7 @@ impl<'a> Evaluator<'a> {
                 Some(_) => names.join(","),
                 None => format!("{} (any port)", names.join(",")),
             };
-            let host = match self.acl_dst(dst) {
+            let (host, any) = match self.acl_dst(dst, toward) {
                 Ok(x) => x,
                 Err(e) => {
                     out.push(id.malformed(&dst.text, &what, expect, e));
@@ -980,7 +1033,13 @@ impl<'a> Evaluator<'a> {
                 }
             };
             self.note_named(&principals, &host);
-            let res = self.eval_acl_pairs(&principals, attrs, &host, &protos, port, accept, &what);
+            let targets = Targets {
+                host: &host,
+                any,
+                toward,
+            };
+            let res =
+                self.eval_acl_pairs(&principals, attrs, &targets, &protos, port, accept, &what);
             out.push(id.outcome(&dst.text, &what, expect, res));
         }
     }
@@ -1008,7 +1067,7 @@ impl<'a> Evaluator<'a> {
         &self,
         principals: &[Principal],
         attrs: Option<&PostureAttrs>,
-        host: &DstHost,
+        dst: &Targets,
         protos: &[u8],
         port: Option<u16>,
         accept: bool,
@@ -1025,6 +1084,7 @@ impl<'a> Evaluator<'a> {
         // The source patterns (the rules a device is a source of) already settled for the
         // fixed targets: a device with one of them reaches them alike.
         let mut settled: Vec<Vec<bool>> = Vec::new();
+        let host = dst.host;
         // The devices fixed targets name.
         let target_bits = match host {
             DstHost::Fixed(targets) => {
@@ -1043,15 +1103,23 @@ impl<'a> Evaluator<'a> {
         };
         for &p in principals {
             let own: Vec<Target>;
+            // Whether the destination names any device for `p` (its fixed targets, or its
+            // own devices, before they are narrowed to `dst.toward`).
+            let mut names_any = dst.any;
             let targets: &[Target] = match host {
                 DstHost::Fixed(t) => t,
                 DstHost::SelfDevices => match self.own_devices(p) {
                     Ok(v) => {
+                        names_any = !v.is_empty();
                         let mut named = self.named.borrow_mut();
-                        for &j in &v {
-                            set_bit(&mut named, j);
-                        }
-                        own = v.into_iter().map(Target::Node).collect();
+                        own = v
+                            .into_iter()
+                            .filter(|&j| dst.toward.is_none_or(|o| bit(o, j)))
+                            .inspect(|&j| {
+                                set_bit(&mut named, j);
+                            })
+                            .map(Target::Node)
+                            .collect();
                         &own
                     }
                     Err(e) => {
@@ -1063,7 +1131,7 @@ impl<'a> Evaluator<'a> {
                     }
                 },
             };
-            if targets.is_empty() && accept {
+            if targets.is_empty() && accept && !names_any {
                 return PairResult {
                     ok: false,
                     rule: None,

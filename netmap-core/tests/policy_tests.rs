@@ -214,6 +214,30 @@ fn node_changes_the_tests_read_make_the_next_edit_run_them() {
         .apply(Change::RemoveNode { node: "db2".into() })
         .unwrap();
     set(&mut engine, odin).unwrap();
+    // A second tag:db device, judged by the next edit alone, then the first goes: the
+    // tests still pass. When the second goes too, tag:db names no device.
+    engine
+        .apply(Change::UpsertNode {
+            node: "db3".into(),
+            value: node(r#"{"hostname": "db3", "tags": ["tag:db"], "ipv4": "100.64.0.30"}"#),
+        })
+        .unwrap();
+    set(&mut engine, odin_loki).unwrap();
+    engine
+        .apply(Change::RemoveNode { node: "db".into() })
+        .unwrap();
+    set(&mut engine, odin).unwrap();
+    engine
+        .apply(Change::RemoveNode { node: "db3".into() })
+        .unwrap();
+    assert!(rejected(set(&mut engine, odin_loki)));
+    engine
+        .apply(Change::UpsertNode {
+            node: "db".into(),
+            value: node(r#"{"hostname": "db", "tags": ["tag:db"], "ipv4": "100.64.0.2"}"#),
+        })
+        .unwrap();
+    set(&mut engine, odin_loki).unwrap();
     // thor's laptop (a device the tests named) becomes a tag:db device: thor has no device
     // left, and the first test's source names none.
     engine

@@ -614,6 +614,12 @@ impl<'a> Differ<'a> {
         *self.lists.entry(key).or_insert_with(|| a == b)
     }
 
+    /// Whether the delta of two shared peer lists is known without diffing them.
+    fn knows(&self, old: &SharedPeers, new: &SharedPeers) -> bool {
+        let key = list_pair(old, new);
+        self.known.contains_key(&key) || self.peers.contains_key(&key)
+    }
+
     /// The names that differ between two shared peer lists, compared once per pair.
     fn list_delta(&mut self, old: &SharedPeers, new: &SharedPeers) -> Arc<PeerDelta> {
         let key = list_pair(old, new);
@@ -1096,6 +1102,46 @@ impl Engine {
                 .map_init(|| Differ::new(&known), |differ, s| fresh_view(differ, s))
                 .collect()
         };
+        // The class list pairs kept views move between, not diffed yet: diffed on the pool
+        // while the loop below goes on (a group edit moves a user's devices between two
+        // large lists, and the diff is a few thousand names), the views' deltas filled in
+        // after it.
+        let pending = {
+            let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> = SlotMap::default();
+            for &(s, f) in &affected.slots {
+                if f & touch::CLASS == 0 || f & fresh_flags != 0 {
+                    continue;
+                }
+                let Some(old) = prev.stored(s) else {
+                    continue;
+                };
+                if let (Some(a), Some(b)) = (
+                    old_tables.class_list(old.class),
+                    new_tables.class_list(plan.class_id(s)),
+                ) {
+                    let key = list_pair(a, b);
+                    if !Arc::ptr_eq(a, b) && !known.contains_key(&key) {
+                        pairs.entry(key).or_insert_with(|| (a.clone(), b.clone()));
+                    }
+                }
+            }
+            (!pairs.is_empty()).then(|| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let pairs: Vec<_> = pairs.into_iter().collect();
+                let job = pairs.clone();
+                rayon::spawn(move || {
+                    let diffs: Vec<((usize, usize), Arc<PeerDelta>)> = job
+                        .into_iter()
+                        .map(|(k, (a, b))| (k, Arc::new(shared_diff(&a, &b))))
+                        .collect();
+                    // The receiver waits for it (gone only if the loop below panicked).
+                    let _ = tx.send(diffs);
+                });
+                (rx, pairs)
+            })
+        };
+        // Kept views whose delta waits for a pending diff: (index in `deltas`, slot, pair).
+        let mut waiting: Vec<(usize, usize, (usize, usize))> = Vec::new();
         let mut differ = Differ::new(&known);
         let mut views = prev.views.clone();
         let mut names = prev.names.clone();
@@ -1142,6 +1188,13 @@ impl Engine {
                     old_tables.class_list(old.class),
                     new_tables.class_list(class),
                 ) {
+                    (Some(a), Some(b))
+                        if pending.is_some() && !Arc::ptr_eq(a, b) && !differ.knows(a, b) =>
+                    {
+                        // Filled in once the pair is diffed (below).
+                        waiting.push((deltas.len(), s, list_pair(a, b)));
+                        Some(PeerDelta::default())
+                    }
                     (Some(a), Some(b)) => Some(own(&differ.list_delta(a, b))),
                     _ => None,
                 };
@@ -1163,6 +1216,7 @@ impl Engine {
             } else {
                 None
             };
+            let waits = waiting.last().is_some_and(|w| w.0 == deltas.len());
             let (peers_added, peers_removed, peers_changed) = match shown {
                 Some(shown) => shown,
                 None if filter_changed || ssh_changed => Default::default(),
@@ -1178,8 +1232,34 @@ impl Engine {
                 ssh_changed,
                 self_changed: false,
             };
-            if !d.is_empty() {
+            if waits || !d.is_empty() {
                 deltas.push((plan.key(s).clone(), d));
+            }
+        }
+        if let Some((rx, pairs)) = pending {
+            // The pool's diffs (or, should that job have failed, the same diffs here).
+            let diffs: SlotMap<(usize, usize), Arc<PeerDelta>> = match rx.recv() {
+                Ok(d) => d.into_iter().collect(),
+                Err(_) => pairs
+                    .into_iter()
+                    .map(|(k, (a, b))| (k, Arc::new(shared_diff(&a, &b))))
+                    .collect(),
+            };
+            let mut emptied = false;
+            for (i, s, pair) in waiting {
+                let Some((_, d)) = deltas.get_mut(i) else {
+                    continue;
+                };
+                if let Some(pd) = diffs.get(&pair) {
+                    let (n, extra) = (plan.name(s), plan.extra_of(s));
+                    let own = |v: &PeerNames| masked(v, n, extra);
+                    (d.peers_added, d.peers_removed, d.peers_changed) =
+                        (own(&pd.0), own(&pd.1), own(&pd.2));
+                }
+                emptied |= d.is_empty();
+            }
+            if emptied {
+                deltas.retain(|(_, d)| !d.is_empty());
             }
         }
         let mut removed = affected.removed;

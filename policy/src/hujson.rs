@@ -100,7 +100,7 @@ const MAX_DEPTH: usize = 128;
 
 /// Parses HuJSON text into a positioned tree.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
-    Ok(parse_groups_reusing(text, &mut |_, _, _| None)?.0)
+    Ok(parse_groups_reusing(text, &mut |_, _, _, _| None)?.root)
 }
 
 /// Where a member of the top-level `groups` object lies in the text (byte offsets).
@@ -116,17 +116,28 @@ pub(crate) struct MemberSpan {
     pub end: usize,
 }
 
-/// What [`parse_groups_reusing`] read: the tree, where the `groups` members lie, and the
-/// indices (into those) of the members whose values were taken as read.
-pub(crate) type GroupsRead = (Node, Vec<MemberSpan>, Vec<usize>);
+/// What [`parse_groups_reusing`] read.
+pub(crate) struct GroupsRead {
+    /// The tree.
+    pub root: Node,
+    /// Where the `groups` members lie.
+    pub groups: Vec<MemberSpan>,
+    /// The indices (into `groups`) of the members whose values were taken as read.
+    pub reused: Vec<usize>,
+    /// Where the top-level members lie.
+    pub top: Vec<MemberSpan>,
+    /// The names of the top-level members whose values were taken as read.
+    pub reused_top: Vec<String>,
+}
 
-/// [`parse`], also telling where each member of the top-level `groups` object lies. At each
-/// such member, `reuse(key, key offset, value offset)` may give the offset just past its value:
-/// the caller knows those bytes (from an earlier text it read) to be a complete value, so
-/// they are stepped over, not read, and the member's value in the tree is `null`.
+/// [`parse`], also telling where each member of the top-level object and of its `groups`
+/// object lies. At each such member (`groups` itself aside), `reuse(top, key, key offset,
+/// value offset)` may give the offset just past its value (`top`: a member of the top-level
+/// object): the caller knows those bytes (from an earlier text it read) to be a complete
+/// value, so they are stepped over, not read, and the member's value in the tree is `null`.
 pub(crate) fn parse_groups_reusing(
     text: &str,
-    reuse: &mut dyn FnMut(&str, usize, usize) -> Option<usize>,
+    reuse: &mut dyn FnMut(bool, &str, usize, usize) -> Option<usize>,
 ) -> Result<GroupsRead, SyntaxError> {
     let mut p = Parser {
         text,
@@ -137,6 +148,8 @@ pub(crate) fn parse_groups_reusing(
         reuse,
         spans: Vec::new(),
         reused: Vec::new(),
+        top: Vec::new(),
+        reused_top: Vec::new(),
     };
     p.skip_ws()?;
     let v = p.value(0)?;
@@ -144,7 +157,13 @@ pub(crate) fn parse_groups_reusing(
     if p.i < p.text.len() {
         return Err(p.err("unexpected text after the top-level value"));
     }
-    Ok((v, p.spans, p.reused))
+    Ok(GroupsRead {
+        root: v,
+        groups: p.spans,
+        reused: p.reused,
+        top: p.top,
+        reused_top: p.reused_top,
+    })
 }
 
 /// How many bytes of `b` are `which` (counted 64 at a time, in a form compilers vectorize).
@@ -161,6 +180,16 @@ fn char_count(b: &[u8]) -> u32 {
     count_bytes(b, |c| c & 0xC0 != 0x80)
 }
 
+/// The position of byte `offset` of `text` (its end, past it).
+pub(crate) fn pos_at(text: &str, offset: usize) -> Pos {
+    let b = text.as_bytes().get(..offset).unwrap_or(text.as_bytes());
+    let line_start = b.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+    Pos {
+        line: 1 + count_bytes(b, |c| c == b'\n'),
+        column: 1 + char_count(&b[line_start..]),
+    }
+}
+
 /// Reads `text` from byte `i` (always at a character boundary).
 struct Parser<'t, 'r> {
     text: &'t str,
@@ -169,9 +198,11 @@ struct Parser<'t, 'r> {
     col: u32,
     /// The next object read is the top-level `groups` object.
     groups_next: bool,
-    reuse: &'r mut dyn FnMut(&str, usize, usize) -> Option<usize>,
+    reuse: &'r mut dyn FnMut(bool, &str, usize, usize) -> Option<usize>,
     spans: Vec<MemberSpan>,
     reused: Vec<usize>,
+    top: Vec<MemberSpan>,
+    reused_top: Vec<String>,
 }
 
 impl Parser<'_, '_> {
@@ -492,8 +523,9 @@ impl Parser<'_, '_> {
             self.bump();
             self.skip_ws()?;
             let vstart = self.i;
-            let reused = if groups {
-                (self.reuse)(&name, kstart, vstart).filter(|&end| {
+            let top = depth == 0;
+            let reused = if groups || (top && name != "groups") {
+                (self.reuse)(top, &name, kstart, vstart).filter(|&end| {
                     end > vstart && end <= self.text.len() && self.text.is_char_boundary(end)
                 })
             } else {
@@ -503,7 +535,11 @@ impl Parser<'_, '_> {
                 Some(end) => {
                     let pos = self.pos();
                     self.step_to(end);
-                    self.reused.push(self.spans.len());
+                    if top {
+                        self.reused_top.push(name.clone());
+                    } else {
+                        self.reused.push(self.spans.len());
+                    }
                     Node {
                         value: Value::Null,
                         pos,
@@ -516,13 +552,16 @@ impl Parser<'_, '_> {
                     v?
                 }
             };
+            let span = || MemberSpan {
+                name: name.clone(),
+                key: kstart,
+                value: vstart,
+                end: self.i,
+            };
             if groups {
-                self.spans.push(MemberSpan {
-                    name: name.clone(),
-                    key: kstart,
-                    value: vstart,
-                    end: self.i,
-                });
+                self.spans.push(span());
+            } else if top {
+                self.top.push(span());
             }
             members.push((Key { name, pos: kpos }, v));
             self.skip_ws()?;

@@ -274,23 +274,193 @@ pub fn parse_policy(text: &str) -> Result<Policy, PolicyError> {
     Ok(parse_policy_spans(text)?.0)
 }
 
-/// Where the `groups` members lie in the text a policy was read from: what lets
-/// [`reparse_policy`] take the groups that an edit leaves alone from the policy before it.
+/// Where the members of the top-level object, and of its `groups`, lie in the text a policy
+/// was read from: what lets [`reparse_policy`] take the groups and sections that an edit
+/// leaves alone from the policy before it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GroupSpans(Vec<hujson::MemberSpan>);
+pub struct GroupSpans {
+    groups: Vec<hujson::MemberSpan>,
+    top: Vec<hujson::MemberSpan>,
+}
 
 /// [`parse_policy`], also telling where the text's groups lie (for [`reparse_policy`]).
 pub fn parse_policy_spans(text: &str) -> Result<(Policy, GroupSpans), PolicyError> {
-    let (root, spans, _) = hujson::parse_groups_reusing(text, &mut |_, _, _| None)?;
-    Ok((read_policy(&root, &HashMap::new())?, GroupSpans(spans)))
+    let read = hujson::parse_groups_reusing(text, &mut |_, _, _, _| None)?;
+    let spans = GroupSpans {
+        groups: read.groups,
+        top: read.top,
+    };
+    Ok((read_policy(&read.root, &HashMap::new(), None)?, spans))
+}
+
+/// The top-level sections [`reparse_policy`] may take from the policy before an edit (as
+/// written: other spellings are read). What they read of the rest of the policy is the
+/// names it defines (groups, tags, hosts, ipsets, postures); the groups, hosts, tag owners,
+/// ipsets and postures are read each time.
+const TAKEN_SECTIONS: &[&str] = &[
+    "tagOwners",
+    "acls",
+    "grants",
+    "ssh",
+    "autoApprovers",
+    "nodeAttrs",
+    "tests",
+    "sshTests",
+];
+
+/// How an edit moves the positions after it: a position on the line the edit ends on moves
+/// along that line, one on a later line moves by the lines the edit added or removed.
+#[derive(Debug, Clone, Copy)]
+struct Shift {
+    /// Where the edit ends in the old text, and in the new.
+    old: Pos,
+    new: Pos,
+}
+
+impl Shift {
+    fn apply(&self, p: Pos) -> Pos {
+        let moved = |x: u32, from: u32, to: u32| {
+            u32::try_from(i64::from(x) - i64::from(from) + i64::from(to)).unwrap_or(x)
+        };
+        if p.line == self.old.line {
+            Pos {
+                line: self.new.line,
+                column: moved(p.column, self.old.column, self.new.column),
+            }
+        } else {
+            Pos {
+                line: moved(p.line, self.old.line, self.new.line),
+                column: p.column,
+            }
+        }
+    }
+}
+
+/// Moves the positions a part of a policy holds.
+trait ShiftPositions {
+    fn shift(&mut self, by: &Shift);
+}
+
+impl<T> ShiftPositions for Located<T> {
+    fn shift(&mut self, by: &Shift) {
+        self.pos = by.apply(self.pos);
+    }
+}
+
+impl<T: ShiftPositions> ShiftPositions for Vec<T> {
+    fn shift(&mut self, by: &Shift) {
+        self.iter_mut().for_each(|x| x.shift(by));
+    }
+}
+
+impl<K, T: ShiftPositions> ShiftPositions for (K, T) {
+    fn shift(&mut self, by: &Shift) {
+        self.1.shift(by);
+    }
+}
+
+impl<K, T: ShiftPositions> ShiftPositions for BTreeMap<K, T> {
+    fn shift(&mut self, by: &Shift) {
+        self.values_mut().for_each(|x| x.shift(by));
+    }
+}
+
+impl ShiftPositions for Acl {
+    fn shift(&mut self, by: &Shift) {
+        self.src.shift(by);
+        self.dst.shift(by);
+    }
+}
+
+impl ShiftPositions for Grant {
+    fn shift(&mut self, by: &Shift) {
+        self.src.shift(by);
+        self.dst.shift(by);
+    }
+}
+
+impl ShiftPositions for SshRule {
+    fn shift(&mut self, by: &Shift) {
+        self.src.shift(by);
+        self.dst.shift(by);
+    }
+}
+
+impl ShiftPositions for AclTest {
+    fn shift(&mut self, by: &Shift) {
+        self.src.shift(by);
+        self.accept.shift(by);
+        self.deny.shift(by);
+        self.pos = by.apply(self.pos);
+    }
+}
+
+impl ShiftPositions for SshTest {
+    fn shift(&mut self, by: &Shift) {
+        self.src.shift(by);
+        self.dst.shift(by);
+        self.pos = by.apply(self.pos);
+    }
+}
+
+impl ShiftPositions for AutoApprovers {
+    fn shift(&mut self, by: &Shift) {
+        self.routes.shift(by);
+        self.exit_node.shift(by);
+        self.services.shift(by);
+    }
+}
+
+impl ShiftPositions for NodeAttr {
+    fn shift(&mut self, by: &Shift) {
+        self.target.shift(by);
+    }
+}
+
+/// The top-level sections [`reparse_policy`] takes from the policy before an edit: that
+/// policy, and each section taken with whether it lies after the edit (its positions moved).
+struct Taken<'a> {
+    old: &'a Policy,
+    sections: HashMap<String, bool>,
+    shift: Shift,
+}
+
+impl Taken<'_> {
+    /// Section `name` (read at `c`) as taken, if it was.
+    fn section<T: Clone + ShiftPositions>(
+        &self,
+        name: &str,
+        c: &Ctx<'_>,
+        part: impl Fn(&Policy) -> &T,
+    ) -> Option<T> {
+        let after = *self.sections.get(name).filter(|_| c.is_null())?;
+        let mut v = part(self.old).clone();
+        if after {
+            v.shift(&self.shift);
+        }
+        Some(v)
+    }
+}
+
+/// Whether two policies define the same names that the taken sections read.
+fn same_names(a: &Policy, b: &Policy) -> bool {
+    a.groups.keys().eq(b.groups.keys())
+        && a.tag_owners.keys().eq(b.tag_owners.keys())
+        && a.hosts == b.hosts
+        && a.ipsets.keys().eq(b.ipsets.keys())
+        && a.postures.keys().eq(b.postures.keys())
 }
 
 /// [`parse_policy_spans`] of `text`, an edit of `old_text` (which was read into `old`, its
-/// groups lying at `old_spans`): a group whose text lies wholly in the part the two texts
-/// start with, or in the part they end with, is not read again but taken from `old` (a
-/// group's members carry no position, and those bytes passed every check before). The
-/// result is the same as [`parse_policy_spans`]'s, errors included (an error is reported
-/// by reading the whole text).
+/// groups and sections lying at `old_spans`): a group whose text lies wholly in the part the
+/// two texts start with, or in the part they end with, is not read again but taken from
+/// `old` (a group's members carry no position, and those bytes passed every check before);
+/// so is a section of [`TAKEN_SECTIONS`] (its positions moved by the edit when it follows
+/// it), unless `old` had warnings (a taken section adds none) or uses
+/// `autogroup:members` (checked across sections), and if the edit changed the names the
+/// sections read, the text is read whole. The result is the same as
+/// [`parse_policy_spans`]'s, errors included (an error is reported by reading the whole
+/// text).
 pub fn reparse_policy(
     text: &str,
     old_text: &str,
@@ -303,35 +473,77 @@ pub fn reparse_policy(
     let suffix = common_suffix(a, b).min(room);
     // Old offsets in the common tail move by `shift` (new = old + shift).
     let tail_new = b.len() - suffix;
+    let tail_old = a.len() - suffix;
     let by_key: HashMap<usize, &hujson::MemberSpan> =
-        old_spans.0.iter().map(|m| (m.key, m)).collect();
-    let mut reuse = |name: &str, key: usize, value: usize| -> Option<usize> {
+        old_spans.groups.iter().map(|m| (m.key, m)).collect();
+    let top_by_key: HashMap<usize, &hujson::MemberSpan> =
+        old_spans.top.iter().map(|m| (m.key, m)).collect();
+    // An edit of the hosts changes what the sections read (a saving only: the names are
+    // compared after reading either way).
+    let edits_hosts = old_spans
+        .top
+        .iter()
+        .any(|m| m.name.eq_ignore_ascii_case("hosts") && m.key <= tail_old && prefix <= m.end);
+    let sections_ok =
+        old.warnings.is_empty() && !old_text.contains("autogroup:members") && !edits_hosts;
+    // Sections offered for taking, with whether they lie after the edit.
+    let mut offered: HashMap<String, bool> = HashMap::new();
+    let mut reuse = |top: bool, name: &str, key: usize, value: usize| -> Option<usize> {
+        if top && !(sections_ok && TAKEN_SECTIONS.contains(&name)) {
+            return None;
+        }
+        let index = if top { &top_by_key } else { &by_key };
         let (m, shift) = if key >= tail_new {
-            let old_key = key - tail_new + (a.len() - suffix);
-            (*by_key.get(&old_key)?, b.len() as isize - a.len() as isize)
+            let old_key = key - tail_new + tail_old;
+            (*index.get(&old_key)?, b.len() as isize - a.len() as isize)
         } else {
-            let m = *by_key.get(&key)?;
+            let m = *index.get(&key)?;
             if m.end > prefix {
                 return None;
             }
             (m, 0)
         };
         let moved = |x: usize| usize::try_from(x as isize + shift).ok();
-        if m.name != name || moved(m.value)? != value || !old.groups.contains_key(name) {
+        if m.name != name || moved(m.value)? != value || !(top || old.groups.contains_key(name)) {
             return None;
+        }
+        if top {
+            offered.insert(name.to_string(), key >= tail_new);
         }
         moved(m.end)
     };
     let read = hujson::parse_groups_reusing(text, &mut reuse)
         .map_err(PolicyError::from)
-        .and_then(|(root, spans, reused)| {
-            let from_old: HashMap<&str, &Arc<Vec<String>>> = reused
+        .and_then(|read| {
+            let from_old: HashMap<&str, &Arc<Vec<String>>> = read
+                .reused
                 .iter()
-                .filter_map(|&i| spans.get(i))
+                .filter_map(|&i| read.groups.get(i))
                 .filter_map(|m| old.groups.get_key_value(&m.name))
                 .map(|(k, v)| (k.as_str(), v))
                 .collect();
-            Ok((read_policy(&root, &from_old)?, GroupSpans(spans)))
+            let taken = (!read.reused_top.is_empty()).then(|| Taken {
+                old,
+                sections: read
+                    .reused_top
+                    .iter()
+                    .filter_map(|n| Some((n.clone(), *offered.get(n)?)))
+                    .collect(),
+                shift: Shift {
+                    old: hujson::pos_at(old_text, tail_old),
+                    new: hujson::pos_at(text, tail_new),
+                },
+            });
+            let policy = read_policy(&read.root, &from_old, taken.as_ref())?;
+            if taken.is_some() && !same_names(old, &policy) {
+                // The taken sections would read other names: read them again.
+                return parse_policy_spans(text);
+            }
+            let spans = GroupSpans {
+                groups: read.groups,
+                top: read.top,
+            };
+            Ok((policy, spans))
         });
     // An error is reported as reading the whole text reports it.
     read.or_else(|_| parse_policy_spans(text))
@@ -373,6 +585,7 @@ fn common_len<'a>(a: impl Iterator<Item = &'a u8>, b: impl Iterator<Item = &'a u
 fn read_policy(
     root: &hujson::Node,
     from_old: &HashMap<&str, &Arc<Vec<String>>>,
+    taken: Option<&Taken<'_>>,
 ) -> Result<Policy, PolicyError> {
     let top = Ctx::root(root);
     if !matches!(root.value, Value::Object(_)) {
@@ -392,7 +605,10 @@ fn read_policy(
         read_hosts(c, &mut p)?;
     }
     if let Some(c) = f.get("tagOwners") {
-        read_tag_owners(c, &mut p)?;
+        match taken.and_then(|t| t.section("tagOwners", c, |o| &o.tag_owners)) {
+            Some(owners) => p.tag_owners = owners,
+            None => read_tag_owners(c, &mut p)?,
+        }
     }
     if let Some(c) = f.get("ipsets") {
         read_ipsets(c, &mut p)?;
@@ -421,43 +637,76 @@ fn read_policy(
     }
     if let Some(c) = f.get("acls") {
         p.has_rules = true;
-        for a in c.array("acls")? {
-            let acl = read_acl(&a, &mut p)?;
-            p.acls.push(acl);
+        match taken.and_then(|t| t.section("acls", c, |o| &o.acls)) {
+            Some(v) => p.acls = v,
+            None => {
+                for a in c.array("acls")? {
+                    let acl = read_acl(&a, &mut p)?;
+                    p.acls.push(acl);
+                }
+            }
         }
     }
     if let Some(c) = f.get("grants") {
         p.has_rules = true;
-        for g in c.array("grants")? {
-            let grant = read_grant(&g, &mut p)?;
-            p.grants.push(grant);
+        match taken.and_then(|t| t.section("grants", c, |o| &o.grants)) {
+            Some(v) => p.grants = v,
+            None => {
+                for g in c.array("grants")? {
+                    let grant = read_grant(&g, &mut p)?;
+                    p.grants.push(grant);
+                }
+            }
         }
     }
     if let Some(c) = f.get("ssh") {
-        for s in c.array("ssh")? {
-            let rule = read_ssh(&s, &mut p)?;
-            p.ssh.push(rule);
+        match taken.and_then(|t| t.section("ssh", c, |o| &o.ssh)) {
+            Some(v) => p.ssh = v,
+            None => {
+                for s in c.array("ssh")? {
+                    let rule = read_ssh(&s, &mut p)?;
+                    p.ssh.push(rule);
+                }
+            }
         }
     }
     if let Some(c) = f.get("autoApprovers") {
-        read_auto_approvers(c, &mut p)?;
+        match taken.and_then(|t| t.section("autoApprovers", c, |o| &o.auto_approvers)) {
+            Some(v) => p.auto_approvers = v,
+            None => read_auto_approvers(c, &mut p)?,
+        }
     }
     if let Some(c) = f.get("nodeAttrs") {
-        for n in c.array("nodeAttrs")? {
-            let na = read_node_attr(&n, &mut p)?;
-            p.node_attrs.push(na);
+        match taken.and_then(|t| t.section("nodeAttrs", c, |o| &o.node_attrs)) {
+            Some(v) => p.node_attrs = v,
+            None => {
+                for n in c.array("nodeAttrs")? {
+                    let na = read_node_attr(&n, &mut p)?;
+                    p.node_attrs.push(na);
+                }
+            }
         }
     }
     if let Some(c) = f.get("tests") {
-        for t in c.array("tests")? {
-            let test = read_test(&t, &p).map_err(malformed_test)?;
-            p.tests.push(test);
+        match taken.and_then(|t| t.section("tests", c, |o| &o.tests)) {
+            Some(v) => p.tests = v,
+            None => {
+                for t in c.array("tests")? {
+                    let test = read_test(&t, &p).map_err(malformed_test)?;
+                    p.tests.push(test);
+                }
+            }
         }
     }
     if let Some(c) = f.get("sshTests") {
-        for t in c.array("sshTests")? {
-            let test = read_ssh_test(&t, &p).map_err(malformed_test)?;
-            p.ssh_tests.push(test);
+        match taken.and_then(|t| t.section("sshTests", c, |o| &o.ssh_tests)) {
+            Some(v) => p.ssh_tests = v,
+            None => {
+                for t in c.array("sshTests")? {
+                    let test = read_ssh_test(&t, &p).map_err(malformed_test)?;
+                    p.ssh_tests.push(test);
+                }
+            }
         }
     }
     if let Some(c) = f.get("randomizeClientPort") {

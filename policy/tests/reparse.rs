@@ -155,3 +155,52 @@ fn unchanged_groups_are_taken_not_read() {
         vec!["user3@example.com", "user6@example.com"]
     );
 }
+
+#[test]
+fn sections_are_taken_only_where_taking_them_reads_the_same() {
+    let old = r#"{
+  "groups": {"group:a": ["user1@example.com"], "group:b": ["user2@example.com"]},
+  "tagOwners": {"tag:web": ["group:a"]},
+  "acls": [{"action": "accept", "src": ["group:b"], "dst": ["tag:web:80"]}],
+  "tests": [{"src": "user1@example.com", "accept": ["tag:web:80"]}]
+}"#;
+    // A member added: the sections after it are taken (marked here so that taking shows),
+    // not read again; on one line, their positions move along it.
+    let new = old.replace(
+        r#"["user1@example.com"]"#,
+        r#"["user1@example.com", "user3@example.com"]"#,
+    );
+    same_read(&new, old);
+    let (mut before, spans) = parse_policy_spans(old).unwrap();
+    before.acls[0].src_posture.push("taken".into());
+    let (p, _) = reparse_policy(&new, old, &before, &spans).unwrap();
+    assert_eq!(p.acls[0].src_posture, ["taken"]);
+    let line = old.replace('\n', " ");
+    same_read(
+        &line.replace(
+            "user1@example.com\"]",
+            "user1@example.com\", \"user3@example.com\"]",
+        ),
+        &line,
+    );
+    // A group the rules name goes: the rules are read again (and fail).
+    same_read(
+        &old.replace(r#", "group:b": ["user2@example.com"]"#, ""),
+        old,
+    );
+    // The old name of autogroup:member in one section and the new one in another.
+    let members = old.replace(r#""src": ["group:b"]"#, r#""src": ["autogroup:members"]"#);
+    same_read(
+        &members.replace(
+            r#""src": "user1@example.com""#,
+            r#""src": "user1@example.com", "srcPostureAttrs": {}, "deny": ["autogroup:member:22"]"#,
+        ),
+        &members,
+    );
+    // A warning in a section the edit leaves alone.
+    let warned = old.replace(
+        r#""dst": ["tag:web:80"]}]"#,
+        r#""dst": ["tag:web:80"]}, {"action": "accept", "src": ["group:a"], "dst": []}]"#,
+    );
+    same_read(&warned.replace("user2@", "user4@"), &warned);
+}

@@ -555,6 +555,50 @@ fn masked(names: &PeerNames, own: &str, extra: &[Arc<Peer>]) -> PeerNames {
         .collect()
 }
 
+/// A class list delta as the view in slot `s` shows it: without its own name and the names
+/// its extra peers stand for.
+fn seen_by(plan: &Plan, s: usize, pd: &PeerDelta) -> PeerDelta {
+    let (n, extra) = (plan.name(s), plan.extra_of(s));
+    let own = |v: &PeerNames| masked(v, n, extra);
+    (own(&pd.0), own(&pd.1), own(&pd.2))
+}
+
+/// A pair of shared class lists (old, new), keyed by [`list_pair`].
+type ListPair = ((usize, usize), (SharedPeers, SharedPeers));
+
+/// The distinct pairs of class lists the views in `slots` move between (the list of their
+/// class in `prev`, and the list of their class in `plan`, whose tables are `new_tables`),
+/// but the pairs `known` already holds and pairs of one list.
+fn class_moves(
+    slots: impl Iterator<Item = usize>,
+    prev: &Snapshot,
+    plan: &Plan,
+    new_tables: &Tables,
+    known: &KnownDeltas,
+) -> Vec<ListPair> {
+    let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> = SlotMap::default();
+    for s in slots {
+        let Some(old) = prev.stored(s) else {
+            continue;
+        };
+        if let (Some(a), Some(b)) = (
+            prev.tables.class_list(old.class),
+            new_tables.class_list(plan.class_id(s)),
+        ) {
+            let key = list_pair(a, b);
+            if !Arc::ptr_eq(a, b) && !known.contains_key(&key) {
+                pairs.entry(key).or_insert_with(|| (a.clone(), b.clone()));
+            }
+        }
+    }
+    pairs.into_iter().collect()
+}
+
+/// The delta of a pair of class lists, with its key.
+fn diff_pair((key, (a, b)): ListPair) -> ((usize, usize), Arc<PeerDelta>) {
+    (key, Arc::new(shared_diff(&a, &b)))
+}
+
 /// Two name-ordered delta lists (naming different nodes) merged into one.
 fn merge_sorted(
     mut a: Vec<(Arc<str>, NodeDelta)>,
@@ -1038,37 +1082,21 @@ impl Engine {
         // The class list pairs recomputed views move between, each diffed once (in
         // parallel: a policy edit moves thousands of views between a few large lists).
         let known: KnownDeltas = {
-            let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> = SlotMap::default();
             // Only views that moved to another class read another list.
-            for &(s, _) in recompute.iter().filter(|(_, f)| f & touch::CLASS != 0) {
-                let Some(old) = prev.stored(s) else {
-                    continue;
-                };
-                if let (Some(a), Some(b)) = (
-                    old_tables.class_list(old.class),
-                    new_tables.class_list(plan.class_id(s)),
-                ) {
-                    if !Arc::ptr_eq(a, b) {
-                        pairs
-                            .entry(list_pair(a, b))
-                            .or_insert_with(|| (a.clone(), b.clone()));
-                    }
-                }
-            }
-            let pairs: Vec<((usize, usize), (SharedPeers, SharedPeers))> =
-                pairs.into_iter().collect();
-            let diff = |(k, (a, b)): ((usize, usize), (SharedPeers, SharedPeers))| {
-                (k, Arc::new(shared_diff(&a, &b)))
-            };
+            let moved = recompute
+                .iter()
+                .filter(|(_, f)| f & touch::CLASS != 0)
+                .map(|&(s, _)| s);
+            let pairs = class_moves(moved, prev, plan, &new_tables, &KnownDeltas::default());
             if pairs.len() > 1 {
                 pairs
                     .into_par_iter()
-                    .map(diff)
+                    .map(diff_pair)
                     .collect::<Vec<_>>()
                     .into_iter()
                     .collect()
             } else {
-                pairs.into_iter().map(diff).collect()
+                pairs.into_iter().map(diff_pair).collect()
             }
         };
         // Each recomputed view with its delta (diffed where it is computed).
@@ -1107,33 +1135,17 @@ impl Engine {
         // large lists, and the diff is a few thousand names), the views' deltas filled in
         // after it.
         let pending = {
-            let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> = SlotMap::default();
-            for &(s, f) in &affected.slots {
-                if f & touch::CLASS == 0 || f & fresh_flags != 0 {
-                    continue;
-                }
-                let Some(old) = prev.stored(s) else {
-                    continue;
-                };
-                if let (Some(a), Some(b)) = (
-                    old_tables.class_list(old.class),
-                    new_tables.class_list(plan.class_id(s)),
-                ) {
-                    let key = list_pair(a, b);
-                    if !Arc::ptr_eq(a, b) && !known.contains_key(&key) {
-                        pairs.entry(key).or_insert_with(|| (a.clone(), b.clone()));
-                    }
-                }
-            }
+            let kept = affected
+                .slots
+                .iter()
+                .filter(|(_, f)| f & touch::CLASS != 0 && f & fresh_flags == 0)
+                .map(|&(s, _)| s);
+            let pairs = class_moves(kept, prev, plan, &new_tables, &known);
             (!pairs.is_empty()).then(|| {
                 let (tx, rx) = std::sync::mpsc::channel();
-                let pairs: Vec<_> = pairs.into_iter().collect();
                 let job = pairs.clone();
                 rayon::spawn(move || {
-                    let diffs: Vec<((usize, usize), Arc<PeerDelta>)> = job
-                        .into_iter()
-                        .map(|(k, (a, b))| (k, Arc::new(shared_diff(&a, &b))))
-                        .collect();
+                    let diffs: Vec<_> = job.into_iter().map(diff_pair).collect();
                     // The receiver waits for it (gone only if the loop below panicked).
                     let _ = tx.send(diffs);
                 });
@@ -1172,11 +1184,9 @@ impl Engine {
             let filter_changed = f & touch::FILTER != 0;
             let ssh_changed = f & touch::SSH != 0;
             let whole = |cd: &ListDelta| (cd.added.clone(), cd.removed.clone(), cd.changed.clone());
-            let own = |pd: &PeerDelta| {
-                let (n, extra) = (plan.name(s), plan.extra_of(s));
-                let own = |v: &PeerNames| masked(v, n, extra);
-                (own(&pd.0), own(&pd.1), own(&pd.2))
-            };
+            let own = |pd: &PeerDelta| seen_by(plan, s, pd);
+            // Whether the view's delta waits for a pending diff (filled in below).
+            let mut waits = false;
             // The names the view's delta shows: its class's delta itself (shared) when that
             // names neither the node nor a peer it has aside.
             let shown: Option<PeerDelta> = if f & touch::CLASS != 0 {
@@ -1191,8 +1201,8 @@ impl Engine {
                     (Some(a), Some(b))
                         if pending.is_some() && !Arc::ptr_eq(a, b) && !differ.knows(a, b) =>
                     {
-                        // Filled in once the pair is diffed (below).
                         waiting.push((deltas.len(), s, list_pair(a, b)));
+                        waits = true;
                         Some(PeerDelta::default())
                     }
                     (Some(a), Some(b)) => Some(own(&differ.list_delta(a, b))),
@@ -1216,7 +1226,6 @@ impl Engine {
             } else {
                 None
             };
-            let waits = waiting.last().is_some_and(|w| w.0 == deltas.len());
             let (peers_added, peers_removed, peers_changed) = match shown {
                 Some(shown) => shown,
                 None if filter_changed || ssh_changed => Default::default(),
@@ -1238,12 +1247,9 @@ impl Engine {
         }
         if let Some((rx, pairs)) = pending {
             // The pool's diffs (or, should that job have failed, the same diffs here).
-            let diffs: SlotMap<(usize, usize), Arc<PeerDelta>> = match rx.recv() {
+            let diffs: KnownDeltas = match rx.recv() {
                 Ok(d) => d.into_iter().collect(),
-                Err(_) => pairs
-                    .into_iter()
-                    .map(|(k, (a, b))| (k, Arc::new(shared_diff(&a, &b))))
-                    .collect(),
+                Err(_) => pairs.into_iter().map(diff_pair).collect(),
             };
             let mut emptied = false;
             for (i, s, pair) in waiting {
@@ -1251,10 +1257,7 @@ impl Engine {
                     continue;
                 };
                 if let Some(pd) = diffs.get(&pair) {
-                    let (n, extra) = (plan.name(s), plan.extra_of(s));
-                    let own = |v: &PeerNames| masked(v, n, extra);
-                    (d.peers_added, d.peers_removed, d.peers_changed) =
-                        (own(&pd.0), own(&pd.1), own(&pd.2));
+                    (d.peers_added, d.peers_removed, d.peers_changed) = seen_by(plan, s, pd);
                 }
                 emptied |= d.is_empty();
             }

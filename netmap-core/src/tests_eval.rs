@@ -183,13 +183,14 @@ pub(crate) fn run_tests_toward(r: &Resolver, only: Option<&[u64]>) -> (TestRepor
     if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
         return (report, TestsRead::default());
     }
-    let mut ev = Evaluator::new(r);
-    ev.only = only.map(|o| {
+    let ev = Evaluator::new(r);
+    // As long as the evaluator's bitmaps (narrowing destinations word by word).
+    let only = only.map(|o| {
         let mut o = o.to_vec();
         o.resize(ev.words(), 0);
         o
     });
-    let ev = ev;
+    let ev = Evaluator { only, ..ev };
     for (i, t) in policy.tests.iter().enumerate() {
         ev.acl_test(i, t, &mut report.outcomes);
     }
@@ -948,7 +949,6 @@ impl<'a> Evaluator<'a> {
         }
         if let Some(o) = toward {
             bits.iter_mut().zip(o).for_each(|(w, m)| *w &= m);
-            bits.truncate(o.len());
         }
         targets.extend(ones(&bits).map(Target::Node));
         for n in &res.nets {

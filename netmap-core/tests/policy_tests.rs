@@ -176,15 +176,24 @@ fn node_changes_the_tests_read_make_the_next_edit_run_them() {
     };
     let rejected =
         |r: Result<netmap_core::ChangeSet, CoreError>| matches!(r, Err(CoreError::TestsFailed(_)));
-    let node = |json: &str| serde_json::from_str::<netmap_core::Node>(json).unwrap();
-    set(&mut engine, odin_loki).unwrap();
-    // A device the tests neither name nor could name: the edits after it are taken.
-    engine
-        .apply(Change::UpsertNode {
-            node: "cam".into(),
-            value: node(r#"{"hostname": "cam", "user": "loki", "ipv4": "100.64.0.20"}"#),
+    let upsert = |e: &mut Engine, name: &str, json: &str| {
+        let value = serde_json::from_str::<netmap_core::Node>(json).unwrap();
+        e.apply(Change::UpsertNode {
+            node: name.into(),
+            value,
         })
         .unwrap();
+    };
+    let remove = |e: &mut Engine, name: &str| {
+        e.apply(Change::RemoveNode { node: name.into() }).unwrap();
+    };
+    set(&mut engine, odin_loki).unwrap();
+    // A device the tests neither name nor could name: the edits after it are taken.
+    upsert(
+        &mut engine,
+        "cam",
+        r#"{"hostname": "cam", "user": "loki", "ipv4": "100.64.0.20"}"#,
+    );
     set(&mut engine, odin).unwrap();
     // The route the second test's source address lies in goes: `*` no longer covers it.
     engine
@@ -202,49 +211,39 @@ fn node_changes_the_tests_read_make_the_next_edit_run_them() {
         .unwrap();
     set(&mut engine, odin_loki).unwrap();
     // A new tag:db device at the address thor may reach on port 22: the deny fails.
-    engine
-        .apply(Change::UpsertNode {
-            node: "db2".into(),
-            value: node(r#"{"hostname": "db2", "tags": ["tag:db"], "ipv4": "100.64.0.9"}"#),
-        })
-        .unwrap();
+    upsert(
+        &mut engine,
+        "db2",
+        r#"{"hostname": "db2", "tags": ["tag:db"], "ipv4": "100.64.0.9"}"#,
+    );
     assert!(rejected(set(&mut engine, odin)));
     // Gone again: the tests pass.
-    engine
-        .apply(Change::RemoveNode { node: "db2".into() })
-        .unwrap();
+    remove(&mut engine, "db2");
     set(&mut engine, odin).unwrap();
     // A second tag:db device, judged by the next edit alone, then the first goes: the
     // tests still pass. When the second goes too, tag:db names no device.
-    engine
-        .apply(Change::UpsertNode {
-            node: "db3".into(),
-            value: node(r#"{"hostname": "db3", "tags": ["tag:db"], "ipv4": "100.64.0.30"}"#),
-        })
-        .unwrap();
+    upsert(
+        &mut engine,
+        "db3",
+        r#"{"hostname": "db3", "tags": ["tag:db"], "ipv4": "100.64.0.30"}"#,
+    );
     set(&mut engine, odin_loki).unwrap();
-    engine
-        .apply(Change::RemoveNode { node: "db".into() })
-        .unwrap();
+    remove(&mut engine, "db");
     set(&mut engine, odin).unwrap();
-    engine
-        .apply(Change::RemoveNode { node: "db3".into() })
-        .unwrap();
+    remove(&mut engine, "db3");
     assert!(rejected(set(&mut engine, odin_loki)));
-    engine
-        .apply(Change::UpsertNode {
-            node: "db".into(),
-            value: node(r#"{"hostname": "db", "tags": ["tag:db"], "ipv4": "100.64.0.2"}"#),
-        })
-        .unwrap();
+    upsert(
+        &mut engine,
+        "db",
+        r#"{"hostname": "db", "tags": ["tag:db"], "ipv4": "100.64.0.2"}"#,
+    );
     set(&mut engine, odin_loki).unwrap();
     // thor's laptop (a device the tests named) becomes a tag:db device: thor has no device
     // left, and the first test's source names none.
-    engine
-        .apply(Change::UpsertNode {
-            node: "laptop".into(),
-            value: node(r#"{"hostname": "laptop", "tags": ["tag:db"], "ipv4": "100.64.0.1"}"#),
-        })
-        .unwrap();
+    upsert(
+        &mut engine,
+        "laptop",
+        r#"{"hostname": "laptop", "tags": ["tag:db"], "ipv4": "100.64.0.1"}"#,
+    );
     assert!(rejected(set(&mut engine, odin_loki)));
 }

@@ -124,10 +124,9 @@ pub(crate) struct GroupsRead {
     pub groups: Vec<MemberSpan>,
     /// The indices (into `groups`) of the members whose values were taken as read.
     pub reused: Vec<usize>,
-    /// Where the top-level members lie.
+    /// Where the top-level members lie (the values of those taken as read are `null` in
+    /// the tree).
     pub top: Vec<MemberSpan>,
-    /// The names of the top-level members whose values were taken as read.
-    pub reused_top: Vec<String>,
 }
 
 /// [`parse`], also telling where each member of the top-level object and of its `groups`
@@ -149,7 +148,6 @@ pub(crate) fn parse_groups_reusing(
         spans: Vec::new(),
         reused: Vec::new(),
         top: Vec::new(),
-        reused_top: Vec::new(),
     };
     p.skip_ws()?;
     let v = p.value(0)?;
@@ -162,7 +160,6 @@ pub(crate) fn parse_groups_reusing(
         groups: p.spans,
         reused: p.reused,
         top: p.top,
-        reused_top: p.reused_top,
     })
 }
 
@@ -202,7 +199,6 @@ struct Parser<'t, 'r> {
     spans: Vec<MemberSpan>,
     reused: Vec<usize>,
     top: Vec<MemberSpan>,
-    reused_top: Vec<String>,
 }
 
 impl Parser<'_, '_> {
@@ -535,9 +531,7 @@ impl Parser<'_, '_> {
                 Some(end) => {
                     let pos = self.pos();
                     self.step_to(end);
-                    if top {
-                        self.reused_top.push(name.clone());
-                    } else {
+                    if !top {
                         self.reused.push(self.spans.len());
                     }
                     Node {

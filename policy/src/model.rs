@@ -522,13 +522,11 @@ pub fn reparse_policy(
                 .filter_map(|m| old.groups.get_key_value(&m.name))
                 .map(|(k, v)| (k.as_str(), v))
                 .collect();
-            let taken = (!read.reused_top.is_empty()).then(|| Taken {
+            // A section offered is taken where the tree holds `null` for it (see
+            // `Taken::section`): where the parser stepped over it.
+            let taken = (!offered.is_empty()).then(|| Taken {
                 old,
-                sections: read
-                    .reused_top
-                    .iter()
-                    .filter_map(|n| Some((n.clone(), *offered.get(n)?)))
-                    .collect(),
+                sections: offered,
                 shift: Shift {
                     old: hujson::pos_at(old_text, tail_old),
                     new: hujson::pos_at(text, tail_new),

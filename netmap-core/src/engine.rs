@@ -1,6 +1,7 @@
 //! The engine: holds a policy and a tailnet, applies changes, and reports per-node deltas.
 //! Snapshots are persistent (O(1) to take) and answer `view(node)` while the engine goes on.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -82,7 +83,7 @@ impl Change {
 }
 
 /// What changed for one node.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDelta {
     /// The node is new.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -91,13 +92,13 @@ pub struct NodeDelta {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
     /// Peers that appeared.
-    #[serde(default, skip_serializing_if = "no_names")]
+    #[serde(default = "no_peers", skip_serializing_if = "no_names")]
     pub peers_added: PeerNames,
     /// Peers that disappeared.
-    #[serde(default, skip_serializing_if = "no_names")]
+    #[serde(default = "no_peers", skip_serializing_if = "no_names")]
     pub peers_removed: PeerNames,
     /// Peers whose addresses, routes or identity changed.
-    #[serde(default, skip_serializing_if = "no_names")]
+    #[serde(default = "no_peers", skip_serializing_if = "no_names")]
     pub peers_changed: PeerNames,
     /// The packet filter changed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -116,6 +117,42 @@ pub type PeerNames = Arc<[Arc<str>]>;
 
 fn no_names(names: &PeerNames) -> bool {
     names.is_empty()
+}
+
+/// The empty name list, one for the process: an empty `Arc<[_]>` of its own is an
+/// allocation, and most deltas have two or three empty lists.
+fn no_peers() -> PeerNames {
+    empty_names().clone()
+}
+
+fn empty_names() -> &'static PeerNames {
+    static EMPTY: std::sync::OnceLock<PeerNames> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from(Vec::new()))
+}
+
+/// `names` as a shared list (the shared empty list when there are none).
+fn peer_names(names: Vec<Arc<str>>) -> PeerNames {
+    if names.is_empty() {
+        no_peers()
+    } else {
+        names.into()
+    }
+}
+
+impl Default for NodeDelta {
+    /// Nothing changed.
+    fn default() -> NodeDelta {
+        NodeDelta {
+            added: false,
+            removed: false,
+            peers_added: no_peers(),
+            peers_removed: no_peers(),
+            peers_changed: no_peers(),
+            filter_changed: false,
+            ssh_changed: false,
+            self_changed: false,
+        }
+    }
 }
 
 impl NodeDelta {
@@ -138,19 +175,38 @@ impl NodeDelta {
     }
 }
 
+/// The nodes' names by the engine's slot (`None` where that node is gone).
+type SlotNames = imbl::Vector<Option<Arc<str>>>;
+
+/// Where a change set finds a node's name.
+#[derive(Debug, Clone, Copy)]
+enum NameAt {
+    /// In the engine's names by slot, as they are after the change.
+    Slot(usize),
+    /// In the change set's own names (nodes removed, or deltas inserted by hand).
+    Own(usize),
+}
+
 /// The nodes a change affected, with what changed for each, in name order.
 ///
-/// Kept as a sorted vector (the engine produces the nodes in name order, so building it
-/// costs one push per node); serialized as a map from node name to delta.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Built for a change that affects thousands of nodes alike (a rule's destinations all see
+/// its new sources): each node is kept as its slot in the engine's names (shared with the
+/// snapshot, not copied) with the index of its delta in a table of distinct deltas, so
+/// adding a node to the set touches nothing of the node itself. Serialized as a map from
+/// node name to delta.
+#[derive(Clone, Default)]
 pub struct ChangeSet {
-    entries: Vec<(Arc<str>, NodeDelta)>,
+    entries: Vec<(NameAt, usize)>,
+    slots: SlotNames,
+    names: Vec<Arc<str>>,
+    deltas: Vec<NodeDelta>,
 }
 
 impl ChangeSet {
     /// What changed for `node`, if the change affected it.
     pub fn get(&self, node: &str) -> Option<&NodeDelta> {
-        self.position(node).ok().map(|i| &self.entries[i].1)
+        let i = self.position(node).ok()?;
+        self.entries.get(i).and_then(|e| self.deltas.get(e.1))
     }
 
     /// Whether the change affected `node`.
@@ -170,31 +226,63 @@ impl ChangeSet {
 
     /// The affected nodes with their deltas, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &NodeDelta)> + '_ {
-        self.entries.iter().map(|(n, d)| (n, d))
+        self.entries
+            .iter()
+            .filter_map(|&(n, d)| Some((self.name(n)?, self.deltas.get(d)?)))
     }
 
     /// Adds or replaces the delta of `node`.
     pub fn insert(&mut self, node: Arc<str>, delta: NodeDelta) {
+        let d = self.deltas.len();
+        self.deltas.push(delta);
         match self.position(&node) {
-            Ok(i) => self.entries[i].1 = delta,
-            Err(i) => self.entries.insert(i, (node, delta)),
+            Ok(i) => {
+                if let Some(e) = self.entries.get_mut(i) {
+                    e.1 = d;
+                }
+            }
+            Err(i) => {
+                self.entries.insert(i, (NameAt::Own(self.names.len()), d));
+                self.names.push(node);
+            }
         }
     }
 
     /// Removes `node`'s delta, returning it.
     pub fn remove(&mut self, node: &str) -> Option<NodeDelta> {
         let i = self.position(node).ok()?;
-        Some(self.entries.remove(i).1)
+        let (_, d) = self.entries.remove(i);
+        self.deltas.get(d).cloned()
+    }
+
+    fn name(&self, at: NameAt) -> Option<&Arc<str>> {
+        match at {
+            NameAt::Slot(s) => self.slots.get(s).and_then(Option::as_ref),
+            NameAt::Own(i) => self.names.get(i),
+        }
+    }
+
+    fn name_str(&self, at: NameAt) -> &str {
+        self.name(at).map_or("", |n| n)
     }
 
     fn position(&self, node: &str) -> Result<usize, usize> {
-        self.entries.binary_search_by(|(n, _)| (**n).cmp(node))
+        self.entries
+            .binary_search_by(|&(n, _)| self.name_str(n).cmp(node))
     }
+}
 
-    /// From entries already in strictly increasing name order.
-    fn from_sorted(entries: Vec<(Arc<str>, NodeDelta)>) -> ChangeSet {
-        debug_assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
-        ChangeSet { entries }
+impl PartialEq for ChangeSet {
+    fn eq(&self, other: &ChangeSet) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for ChangeSet {}
+
+impl std::fmt::Debug for ChangeSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
@@ -202,23 +290,50 @@ impl FromIterator<(Arc<str>, NodeDelta)> for ChangeSet {
     /// Collects deltas in any order; a node named twice keeps its last delta.
     fn from_iter<I: IntoIterator<Item = (Arc<str>, NodeDelta)>>(iter: I) -> ChangeSet {
         let map: BTreeMap<Arc<str>, NodeDelta> = iter.into_iter().collect();
-        ChangeSet {
-            entries: map.into_iter().collect(),
+        let mut cs = ChangeSet::default();
+        for (i, (n, d)) in map.into_iter().enumerate() {
+            cs.entries.push((NameAt::Own(i), i));
+            cs.names.push(n);
+            cs.deltas.push(d);
         }
+        cs
     }
 }
 
 impl IntoIterator for ChangeSet {
     type Item = (Arc<str>, NodeDelta);
     type IntoIter = std::vec::IntoIter<(Arc<str>, NodeDelta)>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.entries.into_iter()
+    /// Each node with a delta of its own: a shared delta is copied for all but the last
+    /// node holding it, which takes it.
+    fn into_iter(mut self) -> Self::IntoIter {
+        let mut holders = vec![0usize; self.deltas.len()];
+        for (_, d) in &self.entries {
+            if let Some(h) = holders.get_mut(*d) {
+                *h += 1;
+            }
+        }
+        let entries = std::mem::take(&mut self.entries);
+        let owned: Vec<(Arc<str>, NodeDelta)> = entries
+            .into_iter()
+            .filter_map(|(n, d)| {
+                let name = self.name(n)?.clone();
+                let h = holders.get_mut(d)?;
+                *h -= 1;
+                let delta = if *h == 0 {
+                    std::mem::take(self.deltas.get_mut(d)?)
+                } else {
+                    self.deltas.get(d)?.clone()
+                };
+                Some((name, delta))
+            })
+            .collect();
+        owned.into_iter()
     }
 }
 
 impl Serialize for ChangeSet {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.entries.iter().map(|(n, d)| (&**n, d)))
+        serializer.collect_map(self.iter().map(|(n, d)| (&**n, d)))
     }
 }
 
@@ -226,6 +341,115 @@ impl<'de> Deserialize<'de> for ChangeSet {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ChangeSet, D::Error> {
         let map = BTreeMap::<Arc<str>, NodeDelta>::deserialize(deserializer)?;
         Ok(map.into_iter().collect())
+    }
+}
+
+/// A change set as the engine builds it: nodes pushed by slot, in name order; a delta made
+/// only of shared lists is stored once for all the nodes that have it.
+struct ChangeSetBuilder {
+    entries: Vec<(NameAt, usize)>,
+    deltas: Vec<NodeDelta>,
+    /// The shared deltas stored, by their flags and the addresses of their lists (which
+    /// the stored deltas hold, so no address is reused while the set is built).
+    shared: SlotMap<(u8, [usize; 3]), usize>,
+    /// The last shared delta stored (consecutive nodes mostly have the same).
+    last: Option<((u8, [usize; 3]), usize)>,
+}
+
+impl ChangeSetBuilder {
+    fn with_capacity(nodes: usize) -> ChangeSetBuilder {
+        ChangeSetBuilder {
+            entries: Vec::with_capacity(nodes),
+            deltas: Vec::new(),
+            shared: SlotMap::default(),
+            last: None,
+        }
+    }
+
+    /// Adds the node in slot `s` (after every node added before) with a delta of its own;
+    /// returns where the delta is kept, for [`ChangeSetBuilder::delta_mut`].
+    fn push_own(&mut self, s: usize, delta: NodeDelta) -> usize {
+        let d = self.deltas.len();
+        self.deltas.push(delta);
+        self.entries.push((NameAt::Slot(s), d));
+        d
+    }
+
+    /// Adds the node in slot `s` with the delta of these flags and peer names, unless it
+    /// is empty.
+    fn push_shared(&mut self, s: usize, filter: bool, ssh: bool, names: [&PeerNames; 3]) {
+        if !filter && !ssh && names.iter().all(|n| n.is_empty()) {
+            return;
+        }
+        let key = (
+            u8::from(filter) | (u8::from(ssh) << 1),
+            names.map(|n| Arc::as_ptr(n).cast::<u8>() as usize),
+        );
+        let d = match self.last {
+            Some((k, d)) if k == key => d,
+            _ => {
+                let d = match self.shared.get(&key) {
+                    Some(&d) => d,
+                    None => {
+                        let [peers_added, peers_removed, peers_changed] = names.map(Arc::clone);
+                        let d = self.deltas.len();
+                        self.deltas.push(NodeDelta {
+                            peers_added,
+                            peers_removed,
+                            peers_changed,
+                            filter_changed: filter,
+                            ssh_changed: ssh,
+                            ..NodeDelta::default()
+                        });
+                        self.shared.insert(key, d);
+                        d
+                    }
+                };
+                self.last = Some((key, d));
+                d
+            }
+        };
+        self.entries.push((NameAt::Slot(s), d));
+    }
+
+    /// The delta kept at `d` (see [`ChangeSetBuilder::push_own`]).
+    fn delta_mut(&mut self, d: usize) -> Option<&mut NodeDelta> {
+        self.deltas.get_mut(d)
+    }
+
+    /// Drops the nodes whose delta turned out empty.
+    fn drop_empty(&mut self) {
+        let deltas = &self.deltas;
+        self.entries
+            .retain(|(_, d)| deltas.get(*d).is_some_and(|d| !d.is_empty()));
+    }
+
+    /// The change set naming nodes by `slots` (the names after the change), with
+    /// `removed` (sorted, none of them pushed) merged in.
+    fn finish(self, slots: &SlotNames, removed: Vec<Arc<str>>) -> ChangeSet {
+        let mut cs = ChangeSet {
+            entries: self.entries,
+            slots: slots.clone(),
+            names: Vec::new(),
+            deltas: self.deltas,
+        };
+        debug_assert!(cs
+            .entries
+            .windows(2)
+            .all(|w| cs.name_str(w[0].0) < cs.name_str(w[1].0)));
+        if removed.is_empty() {
+            return cs;
+        }
+        let d = cs.deltas.len();
+        cs.deltas.push(NodeDelta {
+            removed: true,
+            ..NodeDelta::default()
+        });
+        let gone: Vec<(NameAt, usize)> = (0..removed.len()).map(|i| (NameAt::Own(i), d)).collect();
+        cs.names = removed;
+        let entries = std::mem::take(&mut cs.entries);
+        cs.entries = merge_sorted(entries, gone, |a, b| cs.name_str(*a) < cs.name_str(*b));
+        cs
     }
 }
 
@@ -271,6 +495,8 @@ pub struct Snapshot {
     tailnet: Tailnet,
     /// The nodes' names, in order, with their slots in `views`.
     names: OrdMap<Arc<str>, usize>,
+    /// The nodes' names by slot (what change sets name nodes by).
+    slot_names: SlotNames,
     /// Stored views by the engine's slot (a slot holds one node for its lifetime; `None`
     /// where that node is gone): a change finds and replaces views without comparing names.
     /// Each behind its own `Arc`: replacing a view copies the vector's leaf around it, and
@@ -514,7 +740,7 @@ fn merge_diff<'a>(
             (None, None) => break,
         }
     }
-    (added.into(), removed.into(), changed.into())
+    (peer_names(added), peer_names(removed), peer_names(changed))
 }
 
 /// The names that differ between two shared peer lists, skipping the subtrees they share
@@ -528,13 +754,13 @@ fn shared_diff(old: &SharedPeers, new: &SharedPeers) -> PeerDelta {
             DiffItem::Update { new: (name, _), .. } => changed.push(name.clone()),
         }
     }
-    (added.into(), removed.into(), changed.into())
+    (peer_names(added), peer_names(removed), peer_names(changed))
 }
 
 /// `names` (sorted) without the viewer's own name and the names `extra` peers stand for
-/// (they take the place of shared entries); shared when nothing is left out. Costs a lookup
-/// per hidden name, not per name.
-fn masked(names: &PeerNames, own: &str, extra: &[Arc<Peer>]) -> PeerNames {
+/// (they take the place of shared entries); `names` itself when nothing is left out.
+/// Costs a lookup per hidden name, not per name.
+fn masked<'a>(names: &'a PeerNames, own: &str, extra: &[Arc<Peer>]) -> Cow<'a, PeerNames> {
     let find = |h: &str| names.binary_search_by(|n| (**n).cmp(h)).is_ok();
     let mut hidden: Vec<&str> = Vec::new();
     if find(own) {
@@ -546,21 +772,32 @@ fn masked(names: &PeerNames, own: &str, extra: &[Arc<Peer>]) -> PeerNames {
         }
     }
     if hidden.is_empty() {
-        return names.clone();
+        return Cow::Borrowed(names);
     }
-    names
-        .iter()
-        .filter(|n| !hidden.contains(&&***n))
-        .cloned()
-        .collect()
+    Cow::Owned(peer_names(
+        names
+            .iter()
+            .filter(|n| !hidden.contains(&&***n))
+            .cloned()
+            .collect(),
+    ))
 }
 
-/// A class list delta as the view in slot `s` shows it: without its own name and the names
-/// its extra peers stand for.
-fn seen_by(plan: &Plan, s: usize, pd: &PeerDelta) -> PeerDelta {
+/// A class list delta's lists as the view in slot `s` shows them: without its own name
+/// and the names its extra peers stand for.
+fn seen_by<'a>(plan: &Plan, s: usize, pd: [&'a PeerNames; 3]) -> [Cow<'a, PeerNames>; 3] {
     let (n, extra) = (plan.name(s), plan.extra_of(s));
-    let own = |v: &PeerNames| masked(v, n, extra);
-    (own(&pd.0), own(&pd.1), own(&pd.2))
+    pd.map(|v| masked(v, n, extra))
+}
+
+/// The lists of a delta, by reference.
+fn lists(pd: &PeerDelta) -> [&PeerNames; 3] {
+    [&pd.0, &pd.1, &pd.2]
+}
+
+/// The lists of a class's delta, by reference.
+fn class_lists(cd: &ListDelta) -> [&PeerNames; 3] {
+    [&cd.added, &cd.removed, &cd.changed]
 }
 
 /// A pair of shared class lists (old, new), keyed by [`list_pair`].
@@ -568,13 +805,13 @@ type ListPair = ((usize, usize), (SharedPeers, SharedPeers));
 
 /// The distinct pairs of class lists the views in `slots` move between (the list of their
 /// class in `prev`, and the list of their class in `plan`, whose tables are `new_tables`),
-/// but the pairs `known` already holds and pairs of one list.
+/// but pairs of one list and the pairs `skip` holds.
 fn class_moves(
     slots: impl Iterator<Item = usize>,
     prev: &Snapshot,
     plan: &Plan,
     new_tables: &Tables,
-    known: &KnownDeltas,
+    skip: impl Fn(&(usize, usize)) -> bool,
 ) -> Vec<ListPair> {
     let mut pairs: SlotMap<(usize, usize), (SharedPeers, SharedPeers)> = SlotMap::default();
     for s in slots {
@@ -586,7 +823,7 @@ fn class_moves(
             new_tables.class_list(plan.class_id(s)),
         ) {
             let key = list_pair(a, b);
-            if !Arc::ptr_eq(a, b) && !known.contains_key(&key) {
+            if !Arc::ptr_eq(a, b) && !skip(&key) {
                 pairs.entry(key).or_insert_with(|| (a.clone(), b.clone()));
             }
         }
@@ -599,23 +836,25 @@ fn diff_pair((key, (a, b)): ListPair) -> ((usize, usize), Arc<PeerDelta>) {
     (key, Arc::new(shared_diff(&a, &b)))
 }
 
-/// Two name-ordered delta lists (naming different nodes) merged into one.
+/// Two name-ordered lists of change set entries (naming different nodes) merged into one;
+/// `before` orders two names.
 fn merge_sorted(
-    mut a: Vec<(Arc<str>, NodeDelta)>,
-    b: impl ExactSizeIterator<Item = (Arc<str>, NodeDelta)>,
-) -> Vec<(Arc<str>, NodeDelta)> {
+    mut a: Vec<(NameAt, usize)>,
+    b: Vec<(NameAt, usize)>,
+    before: impl Fn(&NameAt, &NameAt) -> bool,
+) -> Vec<(NameAt, usize)> {
     // A few entries (a node removed) are inserted where they belong, found by bisection.
     if b.len() <= 8 {
         for y in b {
-            let at = a.partition_point(|x| x.0 < y.0);
+            let at = a.partition_point(|x| before(&x.0, &y.0));
             a.insert(at, y);
         }
         return a;
     }
     let mut out = Vec::with_capacity(a.len() + b.len());
-    let mut b = b.peekable();
+    let mut b = b.into_iter().peekable();
     for x in a {
-        while let Some(y) = b.next_if(|y| y.0 < x.0) {
+        while let Some(y) = b.next_if(|y| before(&y.0, &x.0)) {
             out.push(y);
         }
         out.push(x);
@@ -715,7 +954,8 @@ impl<'a> Differ<'a> {
         let ns = nt.class_list(n.class).unwrap_or(&empty);
         if !Arc::ptr_eq(os, ns) {
             let sd = self.list_delta(os, ns);
-            let hide = |v: &PeerNames| masked(&masked(v, own, &o.extra), own, &n.extra);
+            let hide =
+                |v: &PeerNames| masked(&masked(v, own, &o.extra), own, &n.extra).into_owned();
             (d.peers_added, d.peers_removed, d.peers_changed) =
                 (hide(&sd.0), hide(&sd.1), hide(&sd.2));
         }
@@ -762,12 +1002,9 @@ impl<'a> Differ<'a> {
     }
 }
 
-/// Puts `view` in slot `s` of `views` (grown with empty slots to reach it).
-fn set_slot(
-    views: &mut imbl::Vector<Option<Arc<StoredView>>>,
-    s: usize,
-    view: Option<Arc<StoredView>>,
-) {
+/// Puts `view` in slot `s` of `views` (grown with empty slots to reach it): a stored view,
+/// or a name.
+fn set_slot<T: Clone>(views: &mut imbl::Vector<Option<T>>, s: usize, view: Option<T>) {
     while views.len() <= s {
         views.push_back(None);
     }
@@ -870,11 +1107,14 @@ impl Engine {
         let names: OrdMap<Arc<str>, usize> =
             sv.iter().map(|(s, _)| (plan.key(*s).clone(), *s)).collect();
         let mut slots: Vec<Option<Arc<StoredView>>> = Vec::new();
+        let mut slot_names: Vec<Option<Arc<str>>> = Vec::new();
         for (s, v) in sv {
             if slots.len() <= s {
                 slots.resize(s + 1, None);
+                slot_names.resize(s + 1, None);
             }
             slots[s] = Some(Arc::new(v));
+            slot_names[s] = Some(plan.key(s).clone());
         }
         Engine {
             current: Snapshot {
@@ -883,6 +1123,7 @@ impl Engine {
                 group_spans: spans,
                 tailnet,
                 names,
+                slot_names: slot_names.into_iter().collect(),
                 views: slots.into_iter().collect(),
                 tables: plan.tables(),
             },
@@ -1029,6 +1270,39 @@ impl Engine {
         let plan = &self.plan;
         let keeps = affected.keeps;
         let patch = &affected.patch;
+        // The class list pairs recomputed views move between (diffed once each, below), and
+        // those only kept views move between: diffed on the pool from here on, beside the
+        // tests and the views (a group edit moves a user's devices between two large lists,
+        // and the diff is a few thousand names), the views' deltas filled in after the loop.
+        let known_pairs = {
+            // Only views that moved to another class read another list.
+            let moved = recompute
+                .iter()
+                .filter(|(_, f)| f & touch::CLASS != 0)
+                .map(|&(s, _)| s);
+            class_moves(moved, prev, plan, &new_tables, |_| false)
+        };
+        let pending = {
+            let kept = affected
+                .slots
+                .iter()
+                .filter(|(_, f)| f & touch::CLASS != 0 && f & fresh_flags == 0)
+                .map(|&(s, _)| s);
+            let pairs = class_moves(kept, prev, plan, &new_tables, |key| {
+                known_pairs.iter().any(|(k, _)| k == key)
+            });
+            (!pairs.is_empty()).then(|| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let job = pairs.clone();
+                rayon::spawn(move || {
+                    let diffs: Vec<_> = job.into_iter().map(diff_pair).collect();
+                    // The receiver waits for it (gone if the tests failed, or the loop
+                    // below panicked).
+                    let _ = tx.send(diffs);
+                });
+                (rx, pairs)
+            })
+        };
         // A new policy's tests run on the plan that now holds it (prepared for it, which a
         // fresh resolver would have to do again); if one fails, the engine is built again
         // from the state it had, so the change is undone. (Running them beside the views,
@@ -1081,23 +1355,15 @@ impl Engine {
         }
         // The class list pairs recomputed views move between, each diffed once (in
         // parallel: a policy edit moves thousands of views between a few large lists).
-        let known: KnownDeltas = {
-            // Only views that moved to another class read another list.
-            let moved = recompute
-                .iter()
-                .filter(|(_, f)| f & touch::CLASS != 0)
-                .map(|&(s, _)| s);
-            let pairs = class_moves(moved, prev, plan, &new_tables, &KnownDeltas::default());
-            if pairs.len() > 1 {
-                pairs
-                    .into_par_iter()
-                    .map(diff_pair)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .collect()
-            } else {
-                pairs.into_iter().map(diff_pair).collect()
-            }
+        let known: KnownDeltas = if known_pairs.len() > 1 {
+            known_pairs
+                .into_par_iter()
+                .map(diff_pair)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .collect()
+        } else {
+            known_pairs.into_iter().map(diff_pair).collect()
         };
         // Each recomputed view with its delta (diffed where it is computed).
         let fresh_view = |differ: &mut Differ, (s, f): (usize, u8)| {
@@ -1130,37 +1396,17 @@ impl Engine {
                 .map_init(|| Differ::new(&known), |differ, s| fresh_view(differ, s))
                 .collect()
         };
-        // The class list pairs kept views move between, not diffed yet: diffed on the pool
-        // while the loop below goes on (a group edit moves a user's devices between two
-        // large lists, and the diff is a few thousand names), the views' deltas filled in
-        // after it.
-        let pending = {
-            let kept = affected
-                .slots
-                .iter()
-                .filter(|(_, f)| f & touch::CLASS != 0 && f & fresh_flags == 0)
-                .map(|&(s, _)| s);
-            let pairs = class_moves(kept, prev, plan, &new_tables, &known);
-            (!pairs.is_empty()).then(|| {
-                let (tx, rx) = std::sync::mpsc::channel();
-                let job = pairs.clone();
-                rayon::spawn(move || {
-                    let diffs: Vec<_> = job.into_iter().map(diff_pair).collect();
-                    // The receiver waits for it (gone only if the loop below panicked).
-                    let _ = tx.send(diffs);
-                });
-                (rx, pairs)
-            })
-        };
-        // Kept views whose delta waits for a pending diff: (index in `deltas`, slot, pair).
+        // Kept views whose delta waits for a pending diff: (where the delta is kept, slot,
+        // pair).
         let mut waiting: Vec<(usize, usize, (usize, usize))> = Vec::new();
         let mut differ = Differ::new(&known);
         let mut views = prev.views.clone();
         let mut names = prev.names.clone();
+        let mut slot_names = prev.slot_names.clone();
         let mut recorded: Vec<(usize, Arc<StoredView>)> = Vec::new();
         // Deltas are produced in name order (the touched slots are), so the change set is
         // built by pushing; the removed nodes are merged in at the end.
-        let mut deltas: Vec<(Arc<str>, NodeDelta)> = Vec::with_capacity(affected.slots.len());
+        let mut deltas = ChangeSetBuilder::with_capacity(affected.slots.len());
         let mut fresh = fresh.into_iter();
         for &(s, f) in &affected.slots {
             if f & fresh_flags != 0 {
@@ -1171,10 +1417,11 @@ impl Engine {
                 recorded.push((s, sv.clone()));
                 if prev.stored(s).is_none() {
                     names.insert(plan.key(s).clone(), s);
+                    set_slot(&mut slot_names, s, Some(plan.key(s).clone()));
                 }
                 set_slot(&mut views, s, Some(sv));
                 if !d.is_empty() {
-                    deltas.push((plan.key(s).clone(), d));
+                    deltas.push_own(s, d);
                 }
                 continue;
             }
@@ -1183,13 +1430,11 @@ impl Engine {
             // touched.
             let filter_changed = f & touch::FILTER != 0;
             let ssh_changed = f & touch::SSH != 0;
-            let whole = |cd: &ListDelta| (cd.added.clone(), cd.removed.clone(), cd.changed.clone());
-            let own = |pd: &PeerDelta| seen_by(plan, s, pd);
-            // Whether the view's delta waits for a pending diff (filled in below).
-            let mut waits = false;
-            // The names the view's delta shows: its class's delta itself (shared) when that
-            // names neither the node nor a peer it has aside.
-            let shown: Option<PeerDelta> = if f & touch::CLASS != 0 {
+            // The names the view's delta shows (its class's delta itself when that names
+            // neither the node nor a peer it has aside), or `None` while they wait for a
+            // pending diff.
+            let class_delta;
+            let shown: Option<[Cow<'_, PeerNames>; 3]> = if f & touch::CLASS != 0 {
                 let Some(old) = prev.stored(s) else {
                     continue;
                 };
@@ -1201,12 +1446,22 @@ impl Engine {
                     (Some(a), Some(b))
                         if pending.is_some() && !Arc::ptr_eq(a, b) && !differ.knows(a, b) =>
                     {
-                        waiting.push((deltas.len(), s, list_pair(a, b)));
-                        waits = true;
-                        Some(PeerDelta::default())
+                        let at = deltas.push_own(
+                            s,
+                            NodeDelta {
+                                filter_changed,
+                                ssh_changed,
+                                ..NodeDelta::default()
+                            },
+                        );
+                        waiting.push((at, s, list_pair(a, b)));
+                        None
                     }
-                    (Some(a), Some(b)) => Some(own(&differ.list_delta(a, b))),
-                    _ => None,
+                    (Some(a), Some(b)) => {
+                        class_delta = differ.list_delta(a, b);
+                        Some(seen_by(plan, s, lists(&class_delta)))
+                    }
+                    _ => Some([empty_names(); 3].map(Cow::Borrowed)),
                 };
                 set_slot(
                     &mut views,
@@ -1218,31 +1473,23 @@ impl Engine {
                 );
                 delta
             } else if f & touch::PEERS != 0 {
-                match affected.class_delta.get(&plan.class_id(s)) {
-                    Some(cd) if plan.delta_applies_whole(s, cd) => Some(whole(cd)),
-                    Some(cd) => Some(own(&whole(cd))),
-                    None => None,
-                }
+                Some(match affected.class_delta.get(&plan.class_id(s)) {
+                    Some(cd) if plan.delta_applies_whole(s, cd) => {
+                        class_lists(cd).map(Cow::Borrowed)
+                    }
+                    Some(cd) => seen_by(plan, s, class_lists(cd)),
+                    None => [empty_names(); 3].map(Cow::Borrowed),
+                })
             } else {
-                None
+                Some([empty_names(); 3].map(Cow::Borrowed))
             };
-            let (peers_added, peers_removed, peers_changed) = match shown {
-                Some(shown) => shown,
-                None if filter_changed || ssh_changed => Default::default(),
-                None => continue,
-            };
-            let d = NodeDelta {
-                added: false,
-                removed: false,
-                peers_added,
-                peers_removed,
-                peers_changed,
-                filter_changed,
-                ssh_changed,
-                self_changed: false,
-            };
-            if waits || !d.is_empty() {
-                deltas.push((plan.key(s).clone(), d));
+            if let Some([a, r, c]) = &shown {
+                deltas.push_shared(
+                    s,
+                    filter_changed,
+                    ssh_changed,
+                    [a.as_ref(), r.as_ref(), c.as_ref()],
+                );
             }
         }
         if let Some((rx, pairs)) = pending {
@@ -1252,40 +1499,30 @@ impl Engine {
                 Err(_) => pairs.into_iter().map(diff_pair).collect(),
             };
             let mut emptied = false;
-            for (i, s, pair) in waiting {
-                let Some((_, d)) = deltas.get_mut(i) else {
+            for (at, s, pair) in waiting {
+                let Some(d) = deltas.delta_mut(at) else {
                     continue;
                 };
                 if let Some(pd) = diffs.get(&pair) {
-                    (d.peers_added, d.peers_removed, d.peers_changed) = seen_by(plan, s, pd);
+                    let [a, r, c] = seen_by(plan, s, lists(pd));
+                    (d.peers_added, d.peers_removed, d.peers_changed) =
+                        (a.into_owned(), r.into_owned(), c.into_owned());
                 }
                 emptied |= d.is_empty();
             }
             if emptied {
-                deltas.retain(|(_, d)| !d.is_empty());
+                deltas.drop_empty();
             }
         }
         let mut removed = affected.removed;
         for name in &removed {
             if let Some(s) = names.remove(&**name) {
                 set_slot(&mut views, s, None);
+                set_slot(&mut slot_names, s, None);
             }
         }
-        let cs = if removed.is_empty() {
-            ChangeSet::from_sorted(deltas)
-        } else {
-            removed.sort_unstable();
-            let gone = removed.into_iter().map(|name| {
-                (
-                    name,
-                    NodeDelta {
-                        removed: true,
-                        ..NodeDelta::default()
-                    },
-                )
-            });
-            ChangeSet::from_sorted(merge_sorted(deltas, gone))
-        };
+        removed.sort_unstable();
+        let cs = deltas.finish(&slot_names, removed);
         for (s, v) in &recorded {
             self.plan.record_view(*s, v);
         }
@@ -1298,6 +1535,7 @@ impl Engine {
                 group_spans,
                 tailnet,
                 names,
+                slot_names,
                 views,
                 tables: new_tables,
             },
@@ -1310,5 +1548,100 @@ impl Engine {
     /// run), without changing anything.
     pub fn check_policy(&self, text: &str) -> Result<Policy, CoreError> {
         load_policy(text, &self.current.tailnet)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> PeerNames {
+        v.iter().map(|&n| Arc::from(n)).collect::<Vec<_>>().into()
+    }
+
+    fn filter_only() -> NodeDelta {
+        NodeDelta {
+            filter_changed: true,
+            ..NodeDelta::default()
+        }
+    }
+
+    #[test]
+    fn a_change_set_built_by_slot_reads_as_a_map_of_names() {
+        // Slots as the engine numbers them; pushed in name order: a, b, d, e, f.
+        let slots: SlotNames = ["b", "d", "a", "e", "f"]
+            .iter()
+            .map(|&n| Some(Arc::from(n)))
+            .collect();
+        let (x, empty) = (names(&["x"]), no_peers());
+        let mut b = ChangeSetBuilder::with_capacity(5);
+        b.push_shared(2, true, false, [&empty, &empty, &empty]);
+        b.push_shared(0, false, false, [&x, &empty, &empty]);
+        b.push_shared(1, true, false, [&empty, &empty, &empty]);
+        // Nothing changed for e: not in the set.
+        b.push_shared(3, false, false, [&empty, &empty, &empty]);
+        // f waited for a delta that turned out empty.
+        let waited = b.push_own(4, NodeDelta::default());
+        if let Some(d) = b.delta_mut(waited) {
+            d.peers_added = no_peers();
+        }
+        b.drop_empty();
+        let cs = b.finish(&slots, vec![Arc::from("c")]);
+
+        let b_delta = NodeDelta {
+            peers_added: x.clone(),
+            ..NodeDelta::default()
+        };
+        let removed = NodeDelta {
+            removed: true,
+            ..NodeDelta::default()
+        };
+        let expected: ChangeSet = [
+            (Arc::from("d"), filter_only()),
+            (Arc::from("a"), filter_only()),
+            (Arc::from("c"), removed.clone()),
+            (Arc::from("b"), b_delta.clone()),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(cs, expected);
+        // a and d share one delta.
+        assert_eq!(
+            cs.entries.first().map(|e| e.1),
+            cs.entries.get(3).map(|e| e.1)
+        );
+        let order: Vec<&str> = cs.iter().map(|(n, _)| &**n).collect();
+        assert_eq!(order, ["a", "b", "c", "d"]);
+        assert_eq!(cs.get("d"), Some(&filter_only()));
+        assert_eq!(cs.get("c"), Some(&removed));
+        assert!(!cs.contains("e") && !cs.contains("f"));
+        let json = serde_json::to_string(&cs).unwrap_or_default();
+        assert_eq!(
+            serde_json::from_str::<ChangeSet>(&json).ok().as_ref(),
+            Some(&cs)
+        );
+
+        // Taken apart, each node has its delta.
+        let owned: Vec<(Arc<str>, NodeDelta)> = cs.clone().into_iter().collect();
+        assert_eq!(
+            owned,
+            vec![
+                (Arc::from("a"), filter_only()),
+                (Arc::from("b"), b_delta),
+                (Arc::from("c"), removed),
+                (Arc::from("d"), filter_only()),
+            ]
+        );
+
+        // Edited by hand: replacing one node's delta leaves the node sharing it alone.
+        let mut edited = cs;
+        edited.insert(Arc::from("a"), NodeDelta::default());
+        edited.insert(Arc::from("aa"), filter_only());
+        assert_eq!(edited.get("a"), Some(&NodeDelta::default()));
+        assert_eq!(edited.get("d"), Some(&filter_only()));
+        assert_eq!(edited.remove("aa"), Some(filter_only()));
+        assert_eq!(edited.remove("aa"), None);
+        let order: Vec<&str> = edited.iter().map(|(n, _)| &**n).collect();
+        assert_eq!(order, ["a", "b", "c", "d"]);
     }
 }

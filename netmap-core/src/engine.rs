@@ -119,12 +119,13 @@ fn no_names(names: &PeerNames) -> bool {
     names.is_empty()
 }
 
-/// The empty name list, one for the process: an empty `Arc<[_]>` of its own is an
-/// allocation, and most deltas have two or three empty lists.
+/// An empty name list: the one of [`empty_names`].
 fn no_peers() -> PeerNames {
     empty_names().clone()
 }
 
+/// The empty name list, one for the process: an empty `Arc<[_]>` of its own is an
+/// allocation, and most deltas have two or three empty lists.
 fn empty_names() -> &'static PeerNames {
     static EMPTY: std::sync::OnceLock<PeerNames> = std::sync::OnceLock::new();
     EMPTY.get_or_init(|| Arc::from(Vec::new()))

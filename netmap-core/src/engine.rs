@@ -232,7 +232,8 @@ impl ChangeSet {
             .filter_map(|&(n, d)| Some((self.name(n)?, self.deltas.get(d)?)))
     }
 
-    /// Adds or replaces the delta of `node`.
+    /// Adds or replaces the delta of `node` (a replaced delta stays in the table: other
+    /// nodes may share it).
     pub fn insert(&mut self, node: Arc<str>, delta: NodeDelta) {
         let d = self.deltas.len();
         self.deltas.push(delta);
@@ -789,6 +790,11 @@ fn masked<'a>(names: &'a PeerNames, own: &str, extra: &[Arc<Peer>]) -> Cow<'a, P
 fn seen_by<'a>(plan: &Plan, s: usize, pd: [&'a PeerNames; 3]) -> [Cow<'a, PeerNames>; 3] {
     let (n, extra) = (plan.name(s), plan.extra_of(s));
     pd.map(|v| masked(v, n, extra))
+}
+
+/// The lists a delta shows when no peer changed: the shared empty list, thrice.
+fn no_names_shown() -> [Cow<'static, PeerNames>; 3] {
+    [empty_names(); 3].map(Cow::Borrowed)
 }
 
 /// The lists of a delta, by reference.
@@ -1462,7 +1468,7 @@ impl Engine {
                         class_delta = differ.list_delta(a, b);
                         Some(seen_by(plan, s, lists(&class_delta)))
                     }
-                    _ => Some([empty_names(); 3].map(Cow::Borrowed)),
+                    _ => Some(no_names_shown()),
                 };
                 set_slot(
                     &mut views,
@@ -1479,10 +1485,10 @@ impl Engine {
                         class_lists(cd).map(Cow::Borrowed)
                     }
                     Some(cd) => seen_by(plan, s, class_lists(cd)),
-                    None => [empty_names(); 3].map(Cow::Borrowed),
+                    None => no_names_shown(),
                 })
             } else {
-                Some([empty_names(); 3].map(Cow::Borrowed))
+                Some(no_names_shown())
             };
             if let Some([a, r, c]) = &shown {
                 deltas.push_shared(

@@ -1321,13 +1321,7 @@ impl<'a> Evaluator<'a> {
             src: &t.src.text,
             pos: t.pos.to_string(),
         };
-        let all_dst = || {
-            t.dst
-                .iter()
-                .map(|d| d.text.as_str())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let all_dst = || t.dst.iter().map(|d| &*d.text).collect::<Vec<_>>().join(",");
         let principals = match self.src_principals(&t.src) {
             Ok(p) => p,
             Err(e) => {

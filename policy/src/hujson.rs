@@ -177,10 +177,24 @@ fn char_count(b: &[u8]) -> u32 {
     count_bytes(b, |c| c & 0xC0 != 0x80)
 }
 
+/// Where the last line break of `b` is, searched 64 bytes at a time from the end (a policy
+/// written on one line, as APIs send it, has none to find in tens of kilobytes).
+fn last_line_break(b: &[u8]) -> Option<usize> {
+    let mut end = b.len();
+    for block in b.rchunks(64) {
+        let start = end - block.len();
+        if block.iter().fold(false, |seen, &c| seen | (c == b'\n')) {
+            return block.iter().rposition(|&c| c == b'\n').map(|i| start + i);
+        }
+        end = start;
+    }
+    None
+}
+
 /// The position of byte `offset` of `text` (its end, past it).
 pub(crate) fn pos_at(text: &str, offset: usize) -> Pos {
     let b = text.as_bytes().get(..offset).unwrap_or(text.as_bytes());
-    let line_start = b.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+    let line_start = last_line_break(b).map_or(0, |i| i + 1);
     Pos {
         line: 1 + count_bytes(b, |c| c == b'\n'),
         column: 1 + char_count(&b[line_start..]),
@@ -234,10 +248,7 @@ impl Parser<'_, '_> {
         let skipped = self.text.as_bytes().get(self.i..end).unwrap_or_default();
         let lines = count_bytes(skipped, |c| c == b'\n');
         if lines > 0 {
-            let last = skipped
-                .iter()
-                .rposition(|&c| c == b'\n')
-                .unwrap_or_default();
+            let last = last_line_break(skipped).unwrap_or_default();
             self.line = self.line.saturating_add(lines);
             self.col = 1 + char_count(&skipped[last + 1..]);
         } else {
@@ -578,6 +589,28 @@ mod tests {
     fn comments_and_trailing_commas() {
         let v = parse("// hi\n{\n  /* c */ \"a\": [1, 2,],\n  \"b\": true, // x\n}\n").unwrap();
         assert_eq!(v.to_json(), serde_json::json!({"a": [1, 2], "b": true}));
+    }
+
+    #[test]
+    fn the_last_line_break_is_found_across_blocks() {
+        for len in [0usize, 1, 63, 64, 65, 200] {
+            for at in [None, Some(0), Some(len / 2), Some(len.saturating_sub(1))] {
+                let mut b = vec![b'x'; len];
+                if let Some(i) = at.filter(|&i| i < len) {
+                    b[i] = b'\n';
+                }
+                let want = b.iter().rposition(|&c| c == b'\n');
+                assert_eq!(last_line_break(&b), want, "len {len}, break at {at:?}");
+            }
+        }
+        let text = format!("{{\n\"a\":{}é\"", " ".repeat(130));
+        assert_eq!(
+            pos_at(&text, text.len()),
+            Pos {
+                line: 2,
+                column: 1 + 4 + 130 + 1 + 1
+            }
+        );
     }
 
     #[test]

@@ -93,9 +93,9 @@ pub struct Located<T> {
     /// The parsed value.
     pub value: T,
     /// The text as written (trimmed).
-    pub text: String,
+    pub text: Arc<str>,
     /// JSON path.
-    pub path: String,
+    pub path: Arc<str>,
     /// Position in the source.
     pub pos: Pos,
 }
@@ -1097,8 +1097,8 @@ fn read_ipsets(c: &Ctx<'_>, p: &mut Policy) -> Result<(), PolicyError> {
 fn located<T>(value: T, text: &str, c: &Ctx<'_>) -> Located<T> {
     Located {
         value,
-        text: text.to_string(),
-        path: c.path().into_owned(),
+        text: Arc::from(text),
+        path: Arc::from(&*c.path()),
         pos: c.node.pos,
     }
 }

@@ -720,7 +720,7 @@ where
                     "autogroup:self can only be used with users, groups, or supported autogroups (src {:?} is not one)",
                     s.text
                 ),
-                path: d.path.clone(),
+                path: d.path.to_string(),
                 pos: d.pos,
             });
         }

@@ -204,31 +204,39 @@ impl NetRule {
 
     /// Resolves (again) every selector set of this rule against `r`.
     pub(crate) fn resolve_in_place(&mut self, r: &Resolver) {
-        self.resolve_stale(r, None, |_, _| true);
+        self.resolve_stale(r, None, None, |_, _| true);
     }
 
     /// Resolves again the selector sets of this rule that `stale` picks (given a set and
-    /// the postures that narrow it); the others are kept as they are. Aliases resolved
-    /// before are taken from `memo`, when given (see [`Resolver::resolve_all_memo`]).
+    /// the postures that narrow it); the others are kept as they are. A stale set without
+    /// postures that [`Resolver::regroup`] can patch from the policy it was resolved under
+    /// (`old`, when given) is patched; aliases resolved before are taken from `memo`, when given (see
+    /// [`Resolver::resolve_all_memo`]).
     pub(crate) fn resolve_stale(
         &mut self,
         r: &Resolver,
+        old: Option<&netmap_policy::Policy>,
         mut memo: Option<&mut HashMap<Alias, Resolved>>,
         stale: impl Fn(&Resolved, &[String]) -> bool,
     ) {
-        if stale(&self.src, &self.src_posture) {
-            self.src = r.with_postures(
-                r.resolve_all_memo(&std::mem::take(&mut self.src.aliases), memo.as_deref_mut()),
-                &self.src_posture,
-            );
-        }
-        for (d, _) in &mut self.dsts {
-            if stale(d, &self.dst_posture) {
-                *d = r.with_postures(
-                    r.resolve_all_memo(&std::mem::take(&mut d.aliases), memo.as_deref_mut()),
-                    &self.dst_posture,
-                );
+        let mut again = |set: &mut Resolved, postures: &[String]| {
+            if !stale(set, postures) {
+                return;
             }
+            let patched = old
+                .filter(|_| postures.is_empty())
+                .and_then(|o| r.regroup(set, o));
+            *set = match patched {
+                Some(patched) => patched,
+                None => r.with_postures(
+                    r.resolve_all_memo(&std::mem::take(&mut set.aliases), memo.as_deref_mut()),
+                    postures,
+                ),
+            };
+        };
+        again(&mut self.src, &self.src_posture);
+        for (d, _) in &mut self.dsts {
+            again(d, &self.dst_posture);
         }
     }
 

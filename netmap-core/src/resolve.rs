@@ -547,6 +547,55 @@ impl Resolver {
         r
     }
 
+    /// `set`, resolved under `old`, as this resolver's policy resolves it, when the only
+    /// aliases of the set the two policies define differently are groups (a member added or
+    /// dropped): the devices of the members that differ between a group's two lists are
+    /// judged again, and the other nodes kept. `None` when anything else the set names is
+    /// defined differently, or the set is narrowed by postures (then it is resolved whole).
+    pub fn regroup<'a>(&'a self, set: &Resolved, old: &'a Policy) -> Option<Resolved> {
+        if !set.postures.is_empty() {
+            return None;
+        }
+        let new = &*self.policy;
+        // Members of the redefined groups that may have joined or left them: between the
+        // parts the two lists start and end with alike.
+        let mut members: Vec<&str> = Vec::new();
+        for a in &set.aliases {
+            if !crate::rules::redefined(old, new, a) {
+                continue;
+            }
+            let Alias::Group(g) = a else {
+                return None;
+            };
+            let list = |p: &'a Policy| p.groups.get(g).map_or(&[][..], |v| v.as_slice());
+            let (o, n) = (list(old), list(new));
+            let same_start = o.iter().zip(n).take_while(|(x, y)| x == y).count();
+            let room = o.len().min(n.len()) - same_start;
+            let same_end = o
+                .iter()
+                .rev()
+                .zip(n.iter().rev())
+                .take(room)
+                .take_while(|(x, y)| x == y)
+                .count();
+            for l in [o, n] {
+                let differing = l.get(same_start..l.len() - same_end).unwrap_or_default();
+                members.extend(differing.iter().map(String::as_str));
+            }
+        }
+        let mut out = set.clone();
+        for m in members {
+            for &x in self.by_email.get(m).into_iter().flatten() {
+                if self.is_alive(x) && set.aliases.iter().any(|a| self.alias_names(a, x)) {
+                    out.nodes.insert(x);
+                } else {
+                    out.nodes.remove(&x);
+                }
+            }
+        }
+        Some(out)
+    }
+
     /// Narrows a rule's source set to the nodes satisfying one of the named postures (`*`
     /// becomes those nodes plus every approved route); addresses are not narrowed.
     pub fn with_postures(&self, mut r: Resolved, names: &[String]) -> Resolved {

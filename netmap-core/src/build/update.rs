@@ -1074,7 +1074,7 @@ impl Plan {
                 continue;
             };
             // Only the sets that name what the edit redefined resolve differently.
-            rule.resolve_stale(&self.r, Some(&mut memo), |set, postures| {
+            rule.resolve_stale(&self.r, Some(old), Some(&mut memo), |set, postures| {
                 crate::rules::set_redefined(old, &new, set, postures)
             });
             let after = rule.clone();

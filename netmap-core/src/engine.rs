@@ -17,7 +17,7 @@ use crate::tailnet::{Node, Tailnet, User};
 use crate::tests_eval::TestsRead;
 use rayon::prelude::*;
 
-use crate::build::{touch, Batch, ListDelta, Plan, StoredView, Tables};
+use crate::build::{touch, Batch, ListDelta, ListPair, Plan, StoredView, Tables};
 use crate::wire::{NodeView, Peer, SharedPeers};
 
 /// A change to the tailnet or its policy.
@@ -807,9 +807,6 @@ fn class_lists(cd: &ListDelta) -> [&PeerNames; 3] {
     [&cd.added, &cd.removed, &cd.changed]
 }
 
-/// A pair of shared class lists (old, new), keyed by [`list_pair`].
-type ListPair = ((usize, usize), (SharedPeers, SharedPeers));
-
 /// The distinct pairs of class lists the views in `slots` move between (the list of their
 /// class in `prev`, and the list of their class in `plan`, whose tables are `new_tables`),
 /// but pairs of one list and the pairs `skip` holds.
@@ -836,6 +833,25 @@ fn class_moves(
         }
     }
     pairs.into_iter().collect()
+}
+
+/// Class list pairs being diffed on the pool: the receiver of their deltas, and the pairs
+/// (to diff here should the job fail).
+type PendingDiffs = (
+    std::sync::mpsc::Receiver<Vec<((usize, usize), Arc<PeerDelta>)>>,
+    Vec<ListPair>,
+);
+
+/// Starts diffing `pairs` on the pool.
+fn diff_on_pool(pairs: Vec<ListPair>) -> PendingDiffs {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let job = pairs.clone();
+    rayon::spawn(move || {
+        let diffs: Vec<_> = job.into_iter().map(diff_pair).collect();
+        // The receiver waits for it (gone if the tests failed, or the loop below panicked).
+        let _ = tx.send(diffs);
+    });
+    (rx, pairs)
 }
 
 /// The delta of a pair of class lists, with its key.
@@ -1264,7 +1280,17 @@ impl Engine {
         };
         let prev = &self.current;
         let old_tables = &prev.tables;
-        let affected = self.plan.update(&tailnet, batch);
+        // The class list pairs nodes moved between are diffed on the pool from the moment
+        // the plan knows them, beside the rest of the update, the tests and the views (a
+        // group edit moves a user's devices between two large lists, and the diff is a few
+        // thousand names); the deltas of the views that keep their stored form are filled
+        // in after the loop.
+        let mut early: Option<PendingDiffs> = None;
+        let affected = self.plan.update(&tailnet, batch, &mut |pairs| {
+            if !pairs.is_empty() {
+                early = Some(diff_on_pool(pairs));
+            }
+        });
         let new_tables = self.plan.tables();
         // Views computed again: in whole, or patched (see `touch::PATCH`).
         let fresh_flags = touch::RECOMPUTE | touch::PATCH;
@@ -1277,10 +1303,7 @@ impl Engine {
         let plan = &self.plan;
         let keeps = affected.keeps;
         let patch = &affected.patch;
-        // The class list pairs recomputed views move between (diffed once each, below), and
-        // those only kept views move between: diffed on the pool from here on, beside the
-        // tests and the views (a group edit moves a user's devices between two large lists,
-        // and the diff is a few thousand names), the views' deltas filled in after the loop.
+        // The class list pairs recomputed views move between (diffed once each, below).
         let known_pairs = {
             // Only views that moved to another class read another list.
             let moved = recompute
@@ -1289,7 +1312,9 @@ impl Engine {
                 .map(|&(s, _)| s);
             class_moves(moved, prev, plan, &new_tables, |_| false)
         };
-        let pending = {
+        // Those kept views move between: the plan's, or (should it have named none of them)
+        // diffed on the pool from here on. A pair neither names is diffed after the loop.
+        let pending = early.or_else(|| {
             let kept = affected
                 .slots
                 .iter()
@@ -1298,18 +1323,8 @@ impl Engine {
             let pairs = class_moves(kept, prev, plan, &new_tables, |key| {
                 known_pairs.iter().any(|(k, _)| k == key)
             });
-            (!pairs.is_empty()).then(|| {
-                let (tx, rx) = std::sync::mpsc::channel();
-                let job = pairs.clone();
-                rayon::spawn(move || {
-                    let diffs: Vec<_> = job.into_iter().map(diff_pair).collect();
-                    // The receiver waits for it (gone if the tests failed, or the loop
-                    // below panicked).
-                    let _ = tx.send(diffs);
-                });
-                (rx, pairs)
-            })
-        };
+            (!pairs.is_empty()).then(|| diff_on_pool(pairs))
+        });
         // A new policy's tests run on the plan that now holds it (prepared for it, which a
         // fresh resolver would have to do again); if one fails, the engine is built again
         // from the state it had, so the change is undone. (Running them beside the views,
@@ -1507,14 +1522,25 @@ impl Engine {
             };
             let mut emptied = false;
             for (at, s, pair) in waiting {
+                let pd = match diffs.get(&pair) {
+                    Some(pd) => pd.clone(),
+                    None => {
+                        let lists = prev.stored(s).and_then(|old| {
+                            let a = old_tables.class_list(old.class)?;
+                            Some((a, new_tables.class_list(plan.class_id(s))?))
+                        });
+                        match lists {
+                            Some((a, b)) => differ.list_delta(a, b),
+                            None => continue,
+                        }
+                    }
+                };
                 let Some(d) = deltas.delta_mut(at) else {
                     continue;
                 };
-                if let Some(pd) = diffs.get(&pair) {
-                    let [a, r, c] = seen_by(plan, s, lists(pd));
-                    (d.peers_added, d.peers_removed, d.peers_changed) =
-                        (a.into_owned(), r.into_owned(), c.into_owned());
-                }
+                let [a, r, c] = seen_by(plan, s, lists(&pd));
+                (d.peers_added, d.peers_removed, d.peers_changed) =
+                    (a.into_owned(), r.into_owned(), c.into_owned());
                 emptied |= d.is_empty();
             }
             if emptied {

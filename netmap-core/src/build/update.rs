@@ -210,7 +210,12 @@ struct Work {
     patch_cols: Vec<u64>,
     /// See [`Affected::rule_nodes_moved`].
     rule_nodes_moved: Option<Vec<usize>>,
+    /// The pairs of class lists nodes moved between (see [`Plan::update`]).
+    move_pairs: Vec<ListPair>,
 }
+
+/// A pair of shared class lists (old, new), keyed by their addresses.
+pub(crate) type ListPair = ((usize, usize), (SharedPeers, SharedPeers));
 
 impl Work {
     fn mark(&mut self, slot: usize, flag: u8) {
@@ -406,7 +411,15 @@ fn approver_aliases(p: &Policy) -> Vec<netmap_policy::Alias> {
 impl Plan {
     /// Brings the plan up to date with `tailnet` (whose records the batch names changed)
     /// and the batch's policy, and says which views that may have changed and how.
-    pub(crate) fn update(&mut self, tailnet: &Tailnet, batch: Batch) -> Affected {
+    /// `on_moves` is handed, as soon as the classes are settled, the pairs of class lists
+    /// (the list of the class a node left, as it was before, and that of the class it
+    /// joined) that nodes moved between, each once; the update goes on meanwhile.
+    pub(crate) fn update(
+        &mut self,
+        tailnet: &Tailnet,
+        batch: Batch,
+        on_moves: &mut dyn FnMut(Vec<ListPair>),
+    ) -> Affected {
         use super::touch::{CLASS, PATCH, PEERS, RECOMPUTE};
         self.r.tailnet = tailnet.clone();
         let mut w = Work {
@@ -429,6 +442,7 @@ impl Plan {
             dropped: Vec::new(),
             patch_cols: Vec::new(),
             rule_nodes_moved: Some(Vec::new()),
+            move_pairs: Vec::new(),
         };
         let mut names: BTreeSet<String> = batch.nodes.into_iter().collect();
 
@@ -725,6 +739,7 @@ impl Plan {
 
         // 7. Classes.
         let class_delta = self.update_classes(&moved, &mut w);
+        on_moves(std::mem::take(&mut w.move_pairs));
 
         // Routers see the other routers of their prefixes their own way.
         let mut router_slots: BTreeSet<usize> = BTreeSet::new();
@@ -1492,11 +1507,16 @@ impl Plan {
             }
         }
         let mut left: SlotMap<usize, usize> = SlotMap::default();
+        // The lists of the classes left, as they were.
+        let mut left_lists: SlotMap<usize, SharedPeers> = SlotMap::default();
         for &s in &movers {
             let c = self.class_of[s];
             if c != usize::MAX {
                 self.classes.members[c].remove(&s);
                 left.insert(s, c);
+                if let Some(l) = self.classes.lists.get(c) {
+                    left_lists.entry(c).or_insert_with(|| l.clone());
+                }
             }
             self.class_of[s] = usize::MAX;
         }
@@ -1541,6 +1561,13 @@ impl Plan {
             self.class_of[s] = id;
             if left.get(&s) != Some(&id) {
                 w.flags[s] |= CLASS;
+                let from = left.get(&s).and_then(|c| left_lists.get(c));
+                if let (Some(a), Some(b)) = (from, self.classes.lists.get(id)) {
+                    let key = (Arc::as_ptr(a) as usize, Arc::as_ptr(b) as usize);
+                    if !Arc::ptr_eq(a, b) && !w.move_pairs.iter().any(|(k, _)| *k == key) {
+                        w.move_pairs.push((key, (a.clone(), b.clone())));
+                    }
+                }
             }
         }
         // Drop the classes nobody is left in.

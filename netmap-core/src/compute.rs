@@ -210,8 +210,8 @@ impl NetRule {
     /// Resolves again the selector sets of this rule that `stale` picks (given a set and
     /// the postures that narrow it); the others are kept as they are. A stale set without
     /// postures that [`Resolver::regroup`] can patch from the policy it was resolved under
-    /// (`old`, when given) is patched; aliases resolved before are taken from `memo`, when given (see
-    /// [`Resolver::resolve_all_memo`]).
+    /// (`old`, when given) is patched; aliases resolved before are taken from `memo`, when
+    /// given (see [`Resolver::resolve_all_memo`]).
     pub(crate) fn resolve_stale(
         &mut self,
         r: &Resolver,

@@ -39,7 +39,7 @@ use crate::wire::{
 };
 
 use crate::bits::{bit, intersects};
-pub(crate) use update::{touch, Batch, Keeps, ListDelta, ListPair};
+pub(crate) use update::{list_pair, touch, Batch, Keeps, ListDelta, ListPair};
 
 /// All views of a tailnet under a policy, computed from scratch.
 pub struct Computed {

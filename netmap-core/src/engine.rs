@@ -17,7 +17,7 @@ use crate::tailnet::{Node, Tailnet, User};
 use crate::tests_eval::TestsRead;
 use rayon::prelude::*;
 
-use crate::build::{touch, Batch, ListDelta, ListPair, Plan, StoredView, Tables};
+use crate::build::{list_pair, touch, Batch, ListDelta, ListPair, Plan, StoredView, Tables};
 use crate::wire::{NodeView, Peer, SharedPeers};
 
 /// A change to the tailnet or its policy.
@@ -889,11 +889,6 @@ fn merge_sorted(
 /// Peer list deltas by (old list, new list) address, computed before views are diffed.
 type KnownDeltas = SlotMap<(usize, usize), Arc<PeerDelta>>;
 
-/// The key of a pair of shared peer lists in [`KnownDeltas`].
-fn list_pair(old: &SharedPeers, new: &SharedPeers) -> (usize, usize) {
-    (Arc::as_ptr(old) as usize, Arc::as_ptr(new) as usize)
-}
-
 /// Diffs views, comparing shared parts (peer lists, source lists) once per pair.
 struct Differ<'a> {
     /// Deltas of the class list pairs the recomputed views move between (shared by the
@@ -1419,8 +1414,8 @@ impl Engine {
                 .collect()
         };
         // Kept views whose delta waits for a pending diff: (where the delta is kept, slot,
-        // pair).
-        let mut waiting: Vec<(usize, usize, (usize, usize))> = Vec::new();
+        // the lists it moves between).
+        let mut waiting: Vec<(usize, usize, SharedPeers, SharedPeers)> = Vec::new();
         let mut differ = Differ::new(&known);
         let mut views = prev.views.clone();
         let mut names = prev.names.clone();
@@ -1476,7 +1471,7 @@ impl Engine {
                                 ..NodeDelta::default()
                             },
                         );
-                        waiting.push((at, s, list_pair(a, b)));
+                        waiting.push((at, s, a.clone(), b.clone()));
                         None
                     }
                     (Some(a), Some(b)) => {
@@ -1521,19 +1516,10 @@ impl Engine {
                 Err(_) => pairs.into_iter().map(diff_pair).collect(),
             };
             let mut emptied = false;
-            for (at, s, pair) in waiting {
-                let pd = match diffs.get(&pair) {
+            for (at, s, a, b) in waiting {
+                let pd = match diffs.get(&list_pair(&a, &b)) {
                     Some(pd) => pd.clone(),
-                    None => {
-                        let lists = prev.stored(s).and_then(|old| {
-                            let a = old_tables.class_list(old.class)?;
-                            Some((a, new_tables.class_list(plan.class_id(s))?))
-                        });
-                        match lists {
-                            Some((a, b)) => differ.list_delta(a, b),
-                            None => continue,
-                        }
-                    }
+                    None => differ.list_delta(&a, &b),
                 };
                 let Some(d) = deltas.delta_mut(at) else {
                     continue;

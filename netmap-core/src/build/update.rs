@@ -214,8 +214,13 @@ struct Work {
     move_pairs: Vec<ListPair>,
 }
 
-/// A pair of shared class lists (old, new), keyed by their addresses.
+/// A pair of shared class lists (old, new), keyed by [`list_pair`].
 pub(crate) type ListPair = ((usize, usize), (SharedPeers, SharedPeers));
+
+/// The key of a pair of shared peer lists (old, new): their addresses.
+pub(crate) fn list_pair(old: &SharedPeers, new: &SharedPeers) -> (usize, usize) {
+    (Arc::as_ptr(old) as usize, Arc::as_ptr(new) as usize)
+}
 
 impl Work {
     fn mark(&mut self, slot: usize, flag: u8) {
@@ -1563,7 +1568,7 @@ impl Plan {
                 w.flags[s] |= CLASS;
                 let from = left.get(&s).and_then(|c| left_lists.get(c));
                 if let (Some(a), Some(b)) = (from, self.classes.lists.get(id)) {
-                    let key = (Arc::as_ptr(a) as usize, Arc::as_ptr(b) as usize);
+                    let key = list_pair(a, b);
                     if !Arc::ptr_eq(a, b) && !w.move_pairs.iter().any(|(k, _)| *k == key) {
                         w.move_pairs.push((key, (a.clone(), b.clone())));
                     }

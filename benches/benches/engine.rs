@@ -235,6 +235,44 @@ fn changes(c: &mut Criterion) {
             })
         })
     });
+    // A rule is added at the end of `acls` (`group:qa` to `tag:dev:443`), and a host is
+    // pointed at another node: one edit each, timed, then undone (not timed).
+    let tailnet = engine.snapshot().tailnet().clone();
+    let other = devices
+        .get(1)
+        .and_then(|(_, n)| n.ipv4)
+        .map(|a| a.to_string());
+    let edits = [
+        (
+            "set_policy/rule_added",
+            gen.with_rule("group:qa", "tag:dev:443"),
+        ),
+        (
+            "set_policy/host",
+            other.and_then(|a| gen.with_host("ci-runner", &a)),
+        ),
+    ];
+    for (name, policy) in edits {
+        let Some(policy) = policy.filter(|p| load_policy(p, &tailnet).is_ok()) else {
+            eprintln!("{name}: no edit passes the policy's tests; not measured");
+            continue;
+        };
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                timed(&mut engine, iters, |_| {
+                    let undo = Change::SetPolicy {
+                        policy: original.clone(),
+                    };
+                    (
+                        Change::SetPolicy {
+                            policy: policy.clone(),
+                        },
+                        Some(undo),
+                    )
+                })
+            })
+        });
+    }
     group.finish();
 }
 

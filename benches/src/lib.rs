@@ -261,6 +261,31 @@ impl Generator {
         Some(self.policy_text())
     }
 
+    /// `ops` only: the policy text with one more rule at the end of `acls`, accepting
+    /// `src` to `dst` (one alias each); `None` for other policies.
+    pub fn with_rule(&self, src: &str, dst: &str) -> Option<String> {
+        let mut g = self.clone();
+        g.policy
+            .get_mut("acls")
+            .and_then(Value::as_array_mut)
+            .filter(|_| self.kind == PolicyKind::Ops)?
+            .push(json!({"action": "accept", "src": [src], "dst": [dst]}));
+        Some(g.policy_text())
+    }
+
+    /// `ops` only: the policy text with host `name` defined as `addr`; `None` for other
+    /// policies.
+    pub fn with_host(&self, name: &str, addr: &str) -> Option<String> {
+        let mut g = self.clone();
+        let hosts = g
+            .policy
+            .get_mut("hosts")
+            .and_then(Value::as_object_mut)
+            .filter(|_| self.kind == PolicyKind::Ops)?;
+        hosts.insert(name.to_string(), Value::from(addr));
+        Some(g.policy_text())
+    }
+
     /// The policy. Its tests' sources are the first member of their team, or with
     /// `with_devices` the first member who owns a device (a test whose source matches no
     /// device is invalid; with no such member the test is left out, which only happens in

@@ -413,6 +413,11 @@ fn proto_name(p: u8) -> String {
     }
 }
 
+/// Up to how many open destination devices [`Evaluator::first_rules`] judges a rule's
+/// destinations device by device instead of building their bitmaps. A run judging only
+/// the pairs toward the devices a change touched has a handful of them.
+const FEW_OPEN: usize = 8;
+
 /// Whether a protocol carries ports (others match a rule whatever its ports).
 fn has_ports(proto: u8) -> bool {
     matches!(proto, 6 | 17 | 132)
@@ -790,7 +795,17 @@ impl<'a> Evaluator<'a> {
                         all = true;
                         break;
                     }
-                    or_into(&mut cover, self.sel_bits(d));
+                    if open_nodes <= FEW_OPEN && d.bits.get().is_none() {
+                        // A few devices are judged alias by alias (a bitmap is built by a
+                        // pass over every node).
+                        for j in ones(&open) {
+                            if self.sel_names(d, j) {
+                                set_bit(&mut cover, j);
+                            }
+                        }
+                    } else {
+                        or_into(&mut cover, self.sel_bits(d));
+                    }
                     if d.set.self_devices {
                         let own = own.get_or_insert_with(|| self.own_bits(p, words));
                         or_into(&mut cover, own);
@@ -1822,7 +1837,8 @@ mod tests {
 
     /// The bitmap evaluation picks, for every principal and target, the rule a scan of the
     /// rules one target at a time picks: rules with `*`, `autogroup:self`, addresses and
-    /// prefixes as destinations, protocols and ports, wildcard and address sources.
+    /// prefixes as destinations, protocols and ports, wildcard and address sources; with
+    /// the destinations' bitmaps built and not.
     #[test]
     fn first_rules_agree_with_a_rule_by_rule_scan() {
         let acls = r#""acls": [
@@ -1836,7 +1852,21 @@ mod tests {
         let policy = netmap_policy::parse_policy(&format!("{{{HEAD}{acls}}}")).unwrap();
         let tailnet = Tailnet::from_state_json(STATE).unwrap();
         let r = Resolver::new(Arc::new(policy), &tailnet);
-        let ev = Evaluator::new(&r);
+        // A few open devices are judged alias by alias, unless the bitmaps are built: both.
+        for built in [false, true] {
+            let ev = Evaluator::new(&r);
+            if built {
+                for rule in &ev.net_rules {
+                    for (d, _, _) in &rule.entries {
+                        ev.sel_bits(d);
+                    }
+                }
+            }
+            first_rules_agree_on(&ev);
+        }
+    }
+
+    fn first_rules_agree_on(ev: &Evaluator<'_>) {
         let mut principals: Vec<Principal> = ev.alive_nodes().map(Principal::Node).collect();
         principals.push(Principal::Addr("10.33.1.7".parse().unwrap()));
         principals.push(Principal::Net("10.33.0.0/24".parse().unwrap()));

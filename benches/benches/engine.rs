@@ -254,7 +254,7 @@ fn changes(c: &mut Criterion) {
     ];
     for (name, policy) in edits {
         let Some(policy) = policy.filter(|p| load_policy(p, &tailnet).is_ok()) else {
-            eprintln!("{name}: no edit passes the policy's tests; not measured");
+            eprintln!("{name}: no such edit, or it fails the policy's tests; not measured");
             continue;
         };
         group.bench_function(name, |b| {

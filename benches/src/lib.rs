@@ -181,9 +181,14 @@ impl Generator {
 
     /// The current policy text.
     pub fn policy_text(&self) -> String {
+        self.text_of(&self.policy)
+    }
+
+    /// `policy` as the text of one of this generator's policies.
+    fn text_of(&self, policy: &Value) -> String {
         format!(
-            "// synthetic benchmark policy ({})\n{:#}\n",
-            self.kind, self.policy
+            "// synthetic benchmark policy ({})\n{policy:#}\n",
+            self.kind
         )
     }
 
@@ -264,26 +269,29 @@ impl Generator {
     /// `ops` only: the policy text with one more rule at the end of `acls`, accepting
     /// `src` to `dst` (one alias each); `None` for other policies.
     pub fn with_rule(&self, src: &str, dst: &str) -> Option<String> {
-        let mut g = self.clone();
-        g.policy
+        if self.kind != PolicyKind::Ops {
+            return None;
+        }
+        let mut policy = self.policy.clone();
+        policy
             .get_mut("acls")
-            .and_then(Value::as_array_mut)
-            .filter(|_| self.kind == PolicyKind::Ops)?
+            .and_then(Value::as_array_mut)?
             .push(json!({"action": "accept", "src": [src], "dst": [dst]}));
-        Some(g.policy_text())
+        Some(self.text_of(&policy))
     }
 
     /// `ops` only: the policy text with host `name` defined as `addr`; `None` for other
     /// policies.
     pub fn with_host(&self, name: &str, addr: &str) -> Option<String> {
-        let mut g = self.clone();
-        let hosts = g
-            .policy
+        if self.kind != PolicyKind::Ops {
+            return None;
+        }
+        let mut policy = self.policy.clone();
+        policy
             .get_mut("hosts")
-            .and_then(Value::as_object_mut)
-            .filter(|_| self.kind == PolicyKind::Ops)?;
-        hosts.insert(name.to_string(), Value::from(addr));
-        Some(g.policy_text())
+            .and_then(Value::as_object_mut)?
+            .insert(name.to_string(), Value::from(addr));
+        Some(self.text_of(&policy))
     }
 
     /// The policy. Its tests' sources are the first member of their team, or with

@@ -269,28 +269,31 @@ impl Generator {
     /// `ops` only: the policy text with one more rule at the end of `acls`, accepting
     /// `src` to `dst` (one alias each); `None` for other policies.
     pub fn with_rule(&self, src: &str, dst: &str) -> Option<String> {
-        if self.kind != PolicyKind::Ops {
-            return None;
-        }
-        let mut policy = self.policy.clone();
-        policy
-            .get_mut("acls")
-            .and_then(Value::as_array_mut)?
-            .push(json!({"action": "accept", "src": [src], "dst": [dst]}));
-        Some(self.text_of(&policy))
+        self.edited(|p| {
+            let rule = json!({"action": "accept", "src": [src], "dst": [dst]});
+            p.get_mut("acls")?.as_array_mut()?.push(rule);
+            Some(())
+        })
     }
 
     /// `ops` only: the policy text with host `name` defined as `addr`; `None` for other
     /// policies.
     pub fn with_host(&self, name: &str, addr: &str) -> Option<String> {
+        self.edited(|p| {
+            let hosts = p.get_mut("hosts")?.as_object_mut()?;
+            hosts.insert(name.to_string(), Value::from(addr));
+            Some(())
+        })
+    }
+
+    /// `ops` only: the text of a copy of the policy that `edit` changed (`None` when it
+    /// finds nothing to change).
+    fn edited(&self, edit: impl FnOnce(&mut Value) -> Option<()>) -> Option<String> {
         if self.kind != PolicyKind::Ops {
             return None;
         }
         let mut policy = self.policy.clone();
-        policy
-            .get_mut("hosts")
-            .and_then(Value::as_object_mut)?
-            .insert(name.to_string(), Value::from(addr));
+        edit(&mut policy)?;
         Some(self.text_of(&policy))
     }
 

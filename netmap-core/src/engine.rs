@@ -941,26 +941,25 @@ impl<'a> Differ<'a> {
         (o, ot): (&StoredView, &Tables),
         (n, nt): (&StoredView, &Tables),
     ) -> NodeDelta {
-        let filter_changed = !Arc::ptr_eq(&o.filter, &n.filter)
-            && (o.filter.len() != n.filter.len()
-                || o.filter.iter().zip(n.filter.iter()).any(|(a, b)| {
-                    !(StoredView::same_dst(ot, a, nt, b)
-                        && a.0.ip_proto == b.0.ip_proto
-                        && a.0.cap_grant == b.0.cap_grant
-                        && self
-                            .same_list(StoredView::entry_src(ot, a), StoredView::entry_src(nt, b)))
-                }));
-        let ssh_changed = !Arc::ptr_eq(&o.ssh, &n.ssh)
-            && (o.ssh.len() != n.ssh.len()
-                || o.ssh.iter().zip(n.ssh.iter()).any(|(a, b)| {
-                    !(a.0.ssh_users == b.0.ssh_users
-                        && a.0.action == b.0.action
-                        && a.0.accept_env == b.0.accept_env
-                        && self.same_list(
-                            StoredView::rule_principals(ot, a),
-                            StoredView::rule_principals(nt, b),
-                        ))
-                }));
+        // Entries and SSH rules bound to a rule read their lists from the tables, which may
+        // have changed under the same entries: no shortcut for a view that kept its parts.
+        let filter_changed = o.filter.len() != n.filter.len()
+            || o.filter.iter().zip(n.filter.iter()).any(|(a, b)| {
+                !(StoredView::same_dst(ot, a, nt, b)
+                    && a.0.ip_proto == b.0.ip_proto
+                    && a.0.cap_grant == b.0.cap_grant
+                    && self.same_list(StoredView::entry_src(ot, a), StoredView::entry_src(nt, b)))
+            });
+        let ssh_changed = o.ssh.len() != n.ssh.len()
+            || o.ssh.iter().zip(n.ssh.iter()).any(|(a, b)| {
+                !(a.0.ssh_users == b.0.ssh_users
+                    && a.0.action == b.0.action
+                    && a.0.accept_env == b.0.accept_env
+                    && self.same_list(
+                        StoredView::rule_principals(ot, a),
+                        StoredView::rule_principals(nt, b),
+                    ))
+            });
         let mut d = NodeDelta {
             filter_changed,
             ssh_changed,

@@ -160,6 +160,8 @@ enum Op {
     Approve(u32, Vec<usize>),
     /// A small edit of the editable policy ([`EDITABLE`]): which edit, and a choice for it.
     Edit(usize, usize),
+    /// Several such edits committed at once (a reviewed change often holds a few).
+    Edits(Vec<(usize, usize)>),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -186,6 +188,7 @@ fn edit_op() -> impl Strategy<Value = Op> {
         1 => (0usize..2).prop_map(|c| Op::Edit(TEST_EDIT, c)),
         // u1 (the test's source) into or out of a group: the test's verdict changes.
         1 => (2usize..4).prop_map(|c| Op::Edit(0, c)),
+        2 => prop::collection::vec((0usize..EDITS, 0usize..8), 2..4).prop_map(Op::Edits),
     ]
 }
 
@@ -435,7 +438,7 @@ fn change_for(op: &Op, snap: &Snapshot) -> Option<Change> {
             }
         }
         // Made by the test from the policy under edit.
-        Op::Edit(..) => return None,
+        Op::Edit(..) | Op::Edits(..) => return None,
     })
 }
 
@@ -498,9 +501,16 @@ fn run_case(policy: &str, nodes: &[NodeSpec], ops: &[Op]) -> Result<(), TestCase
         let before = engine.snapshot();
         let mut edited = None;
         let change = match op {
-            Op::Edit(kind, c) => {
+            Op::Edit(..) | Op::Edits(..) => {
                 let mut p = editable.clone();
-                edit_policy(&mut p, *kind, *c);
+                let one = match op {
+                    Op::Edit(kind, c) => vec![(*kind, *c)],
+                    Op::Edits(edits) => edits.clone(),
+                    _ => Vec::new(),
+                };
+                for (kind, c) in one {
+                    edit_policy(&mut p, kind, c);
+                }
                 let text = serde_json::to_string_pretty(&p).unwrap_or_default();
                 edited = Some(p);
                 Change::SetPolicy { policy: text }

@@ -1151,8 +1151,13 @@ impl Plan {
             if src_changed {
                 w.self_rules_changed |= after.self_rule;
                 if let (false, Some(old)) = (after.self_rule, self.src_strings.get(*id).cloned()) {
+                    // Edited for the nodes that moved, unless nodes changed their facts
+                    // too (an address dropped by `disable-ipv4`): the sources they stay
+                    // among show their addresses as they are now, and the list is not
+                    // visited again for them (step 6 takes the changed lists as done).
                     let list = moved
                         .as_ref()
+                        .filter(|_| w.changed.is_empty())
                         .and_then(|m| self.edit_src_list(*id, &old, &m.src, w))
                         .unwrap_or_else(|| self.src_list(*id));
                     if *old != *list {

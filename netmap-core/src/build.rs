@@ -1273,7 +1273,15 @@ impl Plan {
             if !before && !now {
                 continue;
             }
-            let f = filter.get_or_insert_with(|| (*old.filter).clone());
+            // The entries of removed rules go first: their ids may name other rules now,
+            // and where they stood would mislead the insertions below.
+            let f = filter.get_or_insert_with(|| {
+                let mut f = (*old.filter).clone();
+                f.retain(|(_, b)| {
+                    !matches!(b, EntryFrom::Rule(id) if patch.dropped.binary_search(id).is_ok())
+                });
+                f
+            });
             let mut at = f
                 .iter()
                 .enumerate()

@@ -208,7 +208,8 @@ const EDITABLE: &str = r#"{
     {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
     {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
     {"action": "accept", "src": ["group:devs"], "dst": ["autogroup:internet:*"]},
-    {"action": "accept", "src": ["group:devs"], "dst": ["tag:web:8080"]}
+    {"action": "accept", "src": ["group:devs"], "dst": ["tag:web:8080"]},
+    {"action": "accept", "src": ["dns", "ipset:lan"], "dst": ["tag:web:22"]}
   ],
   "grants": [
     {"src": ["*"], "dst": ["tag:db"], "app": {"example.com/cap/x": [{"a": 1}]}},

@@ -185,7 +185,7 @@ fn edit_op() -> impl Strategy<Value = Op> {
         1 => (0usize..6, any::<bool>()).prop_map(|(u, d)| Op::User(u, d)),
         1 => (0u32..14, prop::collection::vec(0usize..ROUTES.len(), 0..3)).prop_map(|(i, r)| Op::Approve(i, r)),
         6 => (0usize..EDITS, 0usize..8).prop_map(|(k, c)| Op::Edit(k, c)),
-        1 => (0usize..2).prop_map(|c| Op::Edit(TEST_EDIT, c)),
+        1 => (0usize..3).prop_map(|c| Op::Edit(TEST_EDIT, c)),
         // u1 (the test's source) into or out of a group: the test's verdict changes.
         1 => (2usize..4).prop_map(|c| Op::Edit(0, c)),
         2 => prop::collection::vec((0usize..EDITS, 0usize..8), 2..4).prop_map(Op::Edits),
@@ -358,12 +358,16 @@ fn edit_policy(p: &mut serde_json::Value, kind: usize, c: usize) {
             if p.get("tests").is_none() {
                 p["tests"] = json!([]);
             }
-            let test = if c.is_multiple_of(2) {
-                json!({"src": "u1@example.com", "accept": ["tag:web:80"], "deny": ["tag:db:22"]})
-            } else {
+            let test = match c % 3 {
+                0 => {
+                    json!({"src": "u1@example.com", "accept": ["tag:web:80"], "deny": ["tag:db:22"]})
+                }
                 // An address outside the tailnet as the source: `*` covers it only through an
                 // approved route.
-                json!({"src": "10.1.2.3", "accept": ["tag:web:80"]})
+                1 => json!({"src": "10.1.2.3", "accept": ["tag:web:80"]}),
+                // One that the last rule's sources hold while ipset:lan does not remove
+                // 10.1.128.0/17 (edit 5): an ipset edit turns its verdict.
+                _ => json!({"src": "10.1.200.1", "deny": ["tag:web:22"]}),
             };
             toggle(&mut p["tests"], test);
         }

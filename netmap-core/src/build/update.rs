@@ -1465,9 +1465,18 @@ impl Plan {
 
     /// Marks the views that read SSH rules whose principals changed: entries bound to the
     /// rule's principals follow them while the rule keeps some (it stays in their list).
+    /// A rule's principals may be swapped several times in one update (once per changed
+    /// node, after a redefinition): its views see the first list before and the last after.
     fn ssh_effects(&self, swaps: Vec<crate::ssh::PrincipalsSwap>, w: &mut Work) {
         use super::touch::{RECOMPUTE, SSH};
+        let mut net: Vec<crate::ssh::PrincipalsSwap> = Vec::with_capacity(swaps.len());
         for (k, before, after) in swaps {
+            match net.iter_mut().find(|(j, _, _)| *j == k) {
+                Some(swap) => swap.2 = after,
+                None => net.push((k, before, after)),
+            }
+        }
+        for (k, before, after) in net {
             let (all, dsts) = self.ssh.identity_dsts(k);
             let flag = if !self.ssh.binds(k) || before.is_empty() || after.is_empty() {
                 RECOMPUTE

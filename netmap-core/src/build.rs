@@ -19,6 +19,7 @@
 mod update;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -387,6 +388,9 @@ pub(crate) struct Plan {
     by_user: HashMap<String, Vec<usize>>,
     /// How many live nodes hold each address (filter form).
     addr_count: HashMap<Arc<str>, u32>,
+    /// The addresses of live nodes with their slots, in address order (the nodes a prefix
+    /// holds are a range).
+    by_addr: BTreeSet<(IpAddr, usize)>,
     /// What bound entries carry in place of the lists they read from the tables.
     unbound_src: SrcList,
     unbound_principals: Arc<Vec<SshPrincipal>>,
@@ -441,6 +445,7 @@ impl Plan {
             attr_targets,
             by_user: HashMap::new(),
             addr_count: HashMap::new(),
+            by_addr: BTreeSet::new(),
             unbound_src: Arc::default(),
             unbound_principals: Arc::default(),
             extra_of: Vec::new(),
@@ -454,7 +459,9 @@ impl Plan {
             plan.index_routes(i);
             plan.index_user(i, true);
             if plan.r.nodes[i].alive {
-                plan.count_addrs(plan.r.nodes[i].addr_texts().to_vec(), true);
+                let n = &plan.r.nodes[i];
+                let (addrs, texts) = (n.addrs.clone(), n.addr_texts().to_vec());
+                plan.count_addrs(i, &addrs, texts, true);
             }
         }
         let prefixes: Vec<IpNet> = plan.routers.keys().copied().collect();
@@ -756,9 +763,40 @@ impl Plan {
         self.exits.remove(&i);
     }
 
-    /// Counts (or uncounts) a live node's addresses.
-    fn count_addrs(&mut self, addrs: Vec<Arc<str>>, add: bool) {
-        for a in addrs {
+    /// The live slots a source set's prefixes `nets` can hold (see
+    /// [`Resolver::src_contains`]): nodes with an address in one of them, and routers of a
+    /// subnet prefix that overlaps one. Sorted, without repeats.
+    pub(crate) fn net_holders(&self, nets: &[IpNet]) -> Vec<usize> {
+        let mut out: Vec<usize> = Vec::new();
+        for net in nets {
+            let (lo, hi) = (net.network(), net.broadcast());
+            out.extend(
+                self.by_addr
+                    .range((lo, 0)..=(hi, usize::MAX))
+                    .map(|&(_, s)| s),
+            );
+            for (p, routers) in &self.routers {
+                if addr::overlaps(net, p) {
+                    out.extend(routers.iter().copied());
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Counts (or uncounts) the addresses of the live node in slot `slot` (`addrs` and their
+    /// filter forms `texts`).
+    fn count_addrs(&mut self, slot: usize, addrs: &[IpAddr], texts: Vec<Arc<str>>, add: bool) {
+        for &a in addrs {
+            if add {
+                self.by_addr.insert((a, slot));
+            } else {
+                self.by_addr.remove(&(a, slot));
+            }
+        }
+        for a in texts {
             if add {
                 *self.addr_count.entry(a).or_default() += 1;
             } else if let Some(c) = self.addr_count.get_mut(&a) {

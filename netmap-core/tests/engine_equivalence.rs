@@ -197,7 +197,7 @@ fn edit_op() -> impl Strategy<Value = Op> {
 const EDITABLE: &str = r#"{
   "groups": {"group:admins": ["u0@example.com"], "group:devs": ["u1@example.com", "u2@example.com"]},
   "tagOwners": {"tag:web": [], "tag:db": [], "tag:router": [], "tag:exit": []},
-  "hosts": {"dns": "100.64.0.1", "corp": "10.0.0.0/8"},
+  "hosts": {"dns": "100.64.0.1", "corp": "10.0.0.0/8", "ci": "100.64.0.3"},
   "ipsets": {"ipset:lan": ["add 10.1.0.0/16", "add 192.168.0.0/24"]},
   "postures": {"posture:mac": ["node:os == 'macos'"], "posture:recent": ["node:tsVersion >= '1.60'"]},
   "acls": [
@@ -209,7 +209,8 @@ const EDITABLE: &str = r#"{
     {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
     {"action": "accept", "src": ["group:devs"], "dst": ["autogroup:internet:*"]},
     {"action": "accept", "src": ["group:devs"], "dst": ["tag:web:8080"]},
-    {"action": "accept", "src": ["dns", "ipset:lan"], "dst": ["tag:web:22"]}
+    {"action": "accept", "src": ["dns", "ipset:lan"], "dst": ["tag:web:22"]},
+    {"action": "accept", "src": ["ci"], "dst": ["tag:web:2222"]}
   ],
   "grants": [
     {"src": ["*"], "dst": ["tag:db"], "app": {"example.com/cap/x": [{"a": 1}]}},
@@ -295,6 +296,8 @@ fn edit_policy(p: &mut serde_json::Value, kind: usize, c: usize) {
             }
             p["acls"] = json!(acls);
         }
+        // `ci` is a source only: its edits move nodes in one rule's sources, nothing else.
+        3 if c >= 6 => p["hosts"]["ci"] = json!(["100.64.0.3", "10.9.9.9"][c % 2]),
         3 => p["hosts"]["dns"] = json!(format!("100.64.0.{}", 1 + c % 6)),
         4 => toggle(&mut p["tagOwners"]["tag:web"], json!("group:admins")),
         5 => toggle(
@@ -365,9 +368,9 @@ fn edit_policy(p: &mut serde_json::Value, kind: usize, c: usize) {
                 // An address outside the tailnet as the source: `*` covers it only through an
                 // approved route.
                 1 => json!({"src": "10.1.2.3", "accept": ["tag:web:80"]}),
-                // One that the last rule's sources hold while ipset:lan does not remove
-                // 10.1.128.0/17 (edit 5): an ipset edit turns its verdict.
-                _ => json!({"src": "10.1.200.1", "deny": ["tag:web:22"]}),
+                // One that the last rule's sources hold while `ci` names it (edit 3): a
+                // host edit turns its verdict.
+                _ => json!({"src": "10.9.9.9", "deny": ["tag:web:2222"]}),
             };
             toggle(&mut p["tests"], test);
         }

@@ -279,21 +279,41 @@ impl Work {
     }
 }
 
-/// The nodes a redefined rule's sets gained or lost, when nothing else about them changed.
+/// The nodes a redefined rule's sets gained or lost, when nothing else about them changed
+/// (the source's prefixes aside).
 struct MovedNodes {
-    /// (slot, was a source, is a source).
+    /// (slot, was a source, is a source). With `src_nets` changed, it also holds every
+    /// live node those prefixes could hold, whether its membership changed or not.
     src: Vec<(usize, bool, bool)>,
     /// Slots that joined or left a destination set.
     dst: Vec<usize>,
+    /// The source's prefixes changed (a host, an IP or an ipset redefined): the rule's
+    /// source list is built again, and its prefixes may decide routing.
+    src_nets: bool,
 }
 
-/// How rule `before` became `after` when only the nodes of its sets changed (`None`
-/// otherwise).
+/// How rule `before` became `after` when only the nodes of its sets, and the prefixes of
+/// its source, changed (`None` otherwise). `holders` gives the live slots that prefixes
+/// can hold (see [`Plan::net_holders`]).
 fn moved_nodes(
     before: &crate::compute::NetRule,
     after: &crate::compute::NetRule,
+    holders: impl FnOnce(&[IpNet]) -> Vec<usize>,
+    r: &crate::resolve::Resolver,
 ) -> Option<MovedNodes> {
-    if !before.src.same_but_nodes(&after.src)
+    let (a, b) = (&before.src, &after.src);
+    let src_nets = a.nets != b.nets;
+    let same_src = if src_nets {
+        a.wildcard == b.wildcard
+            && a.danger_all == b.danger_all
+            && a.self_devices == b.self_devices
+            && a.internet == b.internet
+            && a.all_nodes == b.all_nodes
+            && a.postures == b.postures
+    } else {
+        a.same_but_nodes(b)
+    };
+    if !same_src
         || before.dsts.len() != after.dsts.len()
         || before
             .dsts
@@ -314,7 +334,24 @@ fn moved_nodes(
                 after.src.nodes.contains(&x),
             )
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let mut src = src;
+    if src_nets {
+        // A node holding an address of the prefixes that left or came (or a router of a
+        // subnet that overlaps one).
+        let changed: Vec<IpNet> = a
+            .nets
+            .iter()
+            .filter(|n| !b.nets.contains(n))
+            .chain(b.nets.iter().filter(|n| !a.nets.contains(n)))
+            .copied()
+            .collect();
+        for x in holders(&changed) {
+            if !src.iter().any(|&(y, _, _)| y == x) {
+                src.push((x, r.src_contains(a, x), r.src_contains(b, x)));
+            }
+        }
+    }
     let mut dst: Vec<usize> = before
         .dsts
         .iter()
@@ -323,7 +360,7 @@ fn moved_nodes(
         .collect();
     dst.sort_unstable();
     dst.dedup();
-    Some(MovedNodes { src, dst })
+    Some(MovedNodes { src, dst, src_nets })
 }
 
 /// A resolved set's content (without the aliases it came from).
@@ -746,9 +783,13 @@ impl Plan {
         let class_delta = self.update_classes(&moved, &mut w);
         on_moves(std::mem::take(&mut w.move_pairs));
 
-        // Routers see the other routers of their prefixes their own way.
+        // Routers see the other routers of their prefixes their own way: through their
+        // rows, the prefixes' primaries, the rules that decide routing and the routers'
+        // entries. A rule edit that names prefixes changed the entries of the routers of
+        // those (`entry_changed`, step 5), as an edit of exit rules did the exit nodes';
+        // only the routers sharing a prefix with one of those see them otherwise.
         let mut router_slots: BTreeSet<usize> = BTreeSet::new();
-        if w.route_rules.is_some() || w.exit_rules {
+        if matches!(w.route_rules, Some(None)) {
             router_slots.extend(self.routers.values().flatten().copied());
         } else {
             let touched = w
@@ -882,12 +923,14 @@ impl Plan {
             }
             self.index_user(s, false);
         }
-        if let Some(b) = &before {
-            self.count_addrs(b.addr_texts().to_vec(), false);
+        if let (Some(b), Some(s)) = (&before, old_slot) {
+            self.count_addrs(s, &b.addrs, b.addr_texts().to_vec(), false);
         }
         let x = self.r.set_slot(tailnet, name, record.as_ref());
-        if self.r.nodes[x].alive {
-            self.count_addrs(self.r.nodes[x].addr_texts().to_vec(), true);
+        let n = &self.r.nodes[x];
+        if n.alive {
+            let (addrs, texts) = (n.addrs.clone(), n.addr_texts().to_vec());
+            self.count_addrs(x, &addrs, texts, true);
         }
         if x >= self.base_peer.len() {
             self.src_bits.push_row();
@@ -1109,8 +1152,17 @@ impl Plan {
             }
             // Sets that differ in their nodes only change the column, the filters and the
             // source list at those nodes.
-            let moved = moved_nodes(before, &after);
+            let moved = moved_nodes(before, &after, |nets| self.net_holders(nets), &self.r);
+            // A test whose source is a prefix reads the rule's source prefixes at it, not
+            // a node's row: its verdicts may change with no node moved.
+            let tests_read_nets = || {
+                new.tests
+                    .iter()
+                    .any(|t| !self.r.resolve_shape(&t.src.value).nets.is_empty())
+            };
+            let nets_read = moved.as_ref().is_some_and(|m| m.src_nets) && tests_read_nets();
             match (&moved, &mut w.rule_nodes_moved) {
+                _ if nets_read => w.rule_nodes_moved = None,
                 (Some(m), Some(all)) => {
                     all.extend(
                         m.src
@@ -1157,7 +1209,7 @@ impl Plan {
                     // visited again for them (step 6 takes the changed lists as done).
                     let list = moved
                         .as_ref()
-                        .filter(|_| w.changed.is_empty())
+                        .filter(|m| !m.src_nets && w.changed.is_empty())
                         .and_then(|m| self.edit_src_list(*id, &old, &m.src, w))
                         .unwrap_or_else(|| self.src_list(*id));
                     if *old != *list {
@@ -1168,8 +1220,9 @@ impl Plan {
             }
             // Which prefixes and exit nodes a viewer may use depends on the rules' flags and
             // prefixes, and on the viewer's rows: with only nodes moved, on the rows of the
-            // nodes that moved, which are recomputed anyway.
-            if moved.is_none() {
+            // nodes that moved, which are recomputed anyway. Source prefixes that changed
+            // decide routing to the subnets they overlap (`route_reachable`).
+            if moved.as_ref().is_none_or(|m| m.src_nets) {
                 w.route_rule_changed(before);
                 w.route_rule_changed(&after);
             }

@@ -142,12 +142,16 @@ impl Resolved {
 
     /// Whether two sets are alike but for their nodes.
     pub fn same_but_nodes(&self, o: &Resolved) -> bool {
+        self.same_but_nodes_and_nets(o) && self.nets == o.nets
+    }
+
+    /// Whether two sets are alike but for their nodes and their prefixes.
+    pub fn same_but_nodes_and_nets(&self, o: &Resolved) -> bool {
         self.wildcard == o.wildcard
             && self.danger_all == o.danger_all
             && self.self_devices == o.self_devices
             && self.internet == o.internet
             && self.all_nodes == o.all_nodes
-            && self.nets == o.nets
             && self.postures == o.postures
     }
 

@@ -303,17 +303,7 @@ fn moved_nodes(
 ) -> Option<MovedNodes> {
     let (a, b) = (&before.src, &after.src);
     let src_nets = a.nets != b.nets;
-    let same_src = if src_nets {
-        a.wildcard == b.wildcard
-            && a.danger_all == b.danger_all
-            && a.self_devices == b.self_devices
-            && a.internet == b.internet
-            && a.all_nodes == b.all_nodes
-            && a.postures == b.postures
-    } else {
-        a.same_but_nodes(b)
-    };
-    if !same_src
+    if !a.same_but_nodes_and_nets(b)
         || before.dsts.len() != after.dsts.len()
         || before
             .dsts

@@ -313,7 +313,7 @@ fn moved_nodes(
     {
         return None;
     }
-    let src = before
+    let mut src: Vec<(usize, bool, bool)> = before
         .src
         .nodes
         .symmetric_difference(&after.src.nodes)
@@ -324,8 +324,7 @@ fn moved_nodes(
                 after.src.nodes.contains(&x),
             )
         })
-        .collect::<Vec<_>>();
-    let mut src = src;
+        .collect();
     if src_nets {
         // A node holding an address of the prefixes that left or came (or a router of a
         // subnet that overlaps one).

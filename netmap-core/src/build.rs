@@ -29,7 +29,7 @@ use rayon::prelude::*;
 
 use crate::addr::{self, host_prefix};
 use crate::compute::{filter_for, net_rules, route_reachable, EntryFrom};
-use crate::resolve::{Resolved, Resolver};
+use crate::resolve::{NodeInfo, Resolved, Resolver};
 use crate::routes::Approvers;
 use crate::rules::RuleTable;
 use crate::ssh::{BoundSshRule, SshPlan};
@@ -350,6 +350,44 @@ impl Viewer<'_> {
     }
 }
 
+/// The addresses of live nodes, kept as nodes come, change and go.
+#[derive(Default)]
+struct AddrIndex {
+    /// How many live nodes hold each address (filter form).
+    count: HashMap<Arc<str>, u32>,
+    /// Each address with the slot holding it, in address order (the nodes a prefix holds
+    /// are a range).
+    slots: BTreeSet<(IpAddr, usize)>,
+}
+
+impl AddrIndex {
+    /// Indexes (or drops) the addresses of `node`, the live node in slot `slot`.
+    fn index(&mut self, slot: usize, node: &NodeInfo, add: bool) {
+        for &a in &node.addrs {
+            if add {
+                self.slots.insert((a, slot));
+            } else {
+                self.slots.remove(&(a, slot));
+            }
+        }
+        for a in node.addr_texts() {
+            if add {
+                *self.count.entry(a.clone()).or_default() += 1;
+            } else if let Some(c) = self.count.get_mut(a) {
+                *c -= 1;
+                if *c == 0 {
+                    self.count.remove(a);
+                }
+            }
+        }
+    }
+
+    /// How many live nodes hold address `a` (filter form).
+    fn holding(&self, a: &str) -> u32 {
+        self.count.get(a).copied().unwrap_or(0)
+    }
+}
+
 /// Resolved rules and shared structures for one tailnet state.
 pub(crate) struct Plan {
     pub r: Resolver,
@@ -386,11 +424,8 @@ pub(crate) struct Plan {
     attr_targets: Vec<Resolved>,
     /// Live slots by the user name their node names (tagged nodes too).
     by_user: HashMap<String, Vec<usize>>,
-    /// How many live nodes hold each address (filter form).
-    addr_count: HashMap<Arc<str>, u32>,
-    /// The addresses of live nodes with their slots, in address order (the nodes a prefix
-    /// holds are a range).
-    by_addr: BTreeSet<(IpAddr, usize)>,
+    /// The addresses of live nodes.
+    addrs: AddrIndex,
     /// What bound entries carry in place of the lists they read from the tables.
     unbound_src: SrcList,
     unbound_principals: Arc<Vec<SshPrincipal>>,
@@ -444,8 +479,7 @@ impl Plan {
             ssh,
             attr_targets,
             by_user: HashMap::new(),
-            addr_count: HashMap::new(),
-            by_addr: BTreeSet::new(),
+            addrs: AddrIndex::default(),
             unbound_src: Arc::default(),
             unbound_principals: Arc::default(),
             extra_of: Vec::new(),
@@ -459,9 +493,7 @@ impl Plan {
             plan.index_routes(i);
             plan.index_user(i, true);
             if plan.r.nodes[i].alive {
-                let n = &plan.r.nodes[i];
-                let (addrs, texts) = (n.addrs.clone(), n.addr_texts().to_vec());
-                plan.count_addrs(i, &addrs, texts, true);
+                plan.addrs.index(i, &plan.r.nodes[i], true);
             }
         }
         let prefixes: Vec<IpNet> = plan.routers.keys().copied().collect();
@@ -771,7 +803,8 @@ impl Plan {
         for net in nets {
             let (lo, hi) = (net.network(), net.broadcast());
             out.extend(
-                self.by_addr
+                self.addrs
+                    .slots
                     .range((lo, 0)..=(hi, usize::MAX))
                     .map(|&(_, s)| s),
             );
@@ -784,28 +817,6 @@ impl Plan {
         out.sort_unstable();
         out.dedup();
         out
-    }
-
-    /// Counts (or uncounts) the addresses of the live node in slot `slot` (`addrs` and their
-    /// filter forms `texts`).
-    fn count_addrs(&mut self, slot: usize, addrs: &[IpAddr], texts: Vec<Arc<str>>, add: bool) {
-        for &a in addrs {
-            if add {
-                self.by_addr.insert((a, slot));
-            } else {
-                self.by_addr.remove(&(a, slot));
-            }
-        }
-        for a in texts {
-            if add {
-                *self.addr_count.entry(a).or_default() += 1;
-            } else if let Some(c) = self.addr_count.get_mut(&a) {
-                *c -= 1;
-                if *c == 0 {
-                    self.addr_count.remove(&a);
-                }
-            }
-        }
     }
 
     /// Adds (or removes) slot `i` to the index by user name.

@@ -509,20 +509,8 @@ fn run_case(policy: &str, nodes: &[NodeSpec], ops: &[Op]) -> Result<(), TestCase
         let before = engine.snapshot();
         let mut edited = None;
         let change = match op {
-            Op::Edit(..) | Op::Edits(..) => {
-                let mut p = editable.clone();
-                let one = match op {
-                    Op::Edit(kind, c) => vec![(*kind, *c)],
-                    Op::Edits(edits) => edits.clone(),
-                    _ => Vec::new(),
-                };
-                for (kind, c) in one {
-                    edit_policy(&mut p, kind, c);
-                }
-                let text = serde_json::to_string_pretty(&p).unwrap_or_default();
-                edited = Some(p);
-                Change::SetPolicy { policy: text }
-            }
+            Op::Edit(kind, c) => edit_change(&editable, &[(*kind, *c)], &mut edited),
+            Op::Edits(edits) => edit_change(&editable, edits, &mut edited),
             _ => match change_for(op, &before) {
                 Some(c) => c,
                 None => continue,
@@ -583,6 +571,22 @@ fn run_case(policy: &str, nodes: &[NodeSpec], ops: &[Op]) -> Result<(), TestCase
         }
     }
     Ok(())
+}
+
+/// The change setting the editable policy `editable` with `edits` made (the edited policy
+/// is kept in `edited`, taken if the engine accepts it).
+fn edit_change(
+    editable: &serde_json::Value,
+    edits: &[(usize, usize)],
+    edited: &mut Option<serde_json::Value>,
+) -> Change {
+    let mut p = editable.clone();
+    for &(kind, c) in edits {
+        edit_policy(&mut p, kind, c);
+    }
+    let text = serde_json::to_string_pretty(&p).unwrap_or_default();
+    *edited = Some(p);
+    Change::SetPolicy { policy: text }
 }
 
 /// Every edit the property test makes yields a policy the engine accepts (so the edits are

@@ -913,13 +913,11 @@ impl Plan {
             self.index_user(s, false);
         }
         if let (Some(b), Some(s)) = (&before, old_slot) {
-            self.count_addrs(s, &b.addrs, b.addr_texts().to_vec(), false);
+            self.addrs.index(s, b, false);
         }
         let x = self.r.set_slot(tailnet, name, record.as_ref());
-        let n = &self.r.nodes[x];
-        if n.alive {
-            let (addrs, texts) = (n.addrs.clone(), n.addr_texts().to_vec());
-            self.count_addrs(x, &addrs, texts, true);
+        if self.r.nodes[x].alive {
+            self.addrs.index(x, &self.r.nodes[x], true);
         }
         if x >= self.base_peer.len() {
             self.src_bits.push_row();
@@ -1382,9 +1380,7 @@ impl Plan {
             for a in before.iter().chain(after) {
                 // Shared with another node or one of the rule's prefixes: rebuild.
                 let holds = xn.alive && xn.addr_texts().contains(a);
-                if self.addr_count.get(a).copied().unwrap_or(0) > u32::from(holds)
-                    || nets.iter().any(|n| **n == **a)
-                {
+                if self.addrs.holding(a) > u32::from(holds) || nets.iter().any(|n| **n == **a) {
                     return None;
                 }
             }

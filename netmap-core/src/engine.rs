@@ -763,26 +763,24 @@ fn shared_diff(old: &SharedPeers, new: &SharedPeers) -> PeerDelta {
 /// (they take the place of shared entries); `names` itself when nothing is left out.
 /// Costs a lookup per hidden name, not per name.
 fn masked<'a>(names: &'a PeerNames, own: &str, extra: &[Arc<Peer>]) -> Cow<'a, PeerNames> {
-    let find = |h: &str| names.binary_search_by(|n| (**n).cmp(h)).is_ok();
-    let mut hidden: Vec<&str> = Vec::new();
-    if find(own) {
-        hidden.push(own);
-    }
-    for p in extra {
-        if find(&p.name) {
-            hidden.push(&p.name);
-        }
-    }
+    // Where the hidden names are; the runs between them are copied whole.
+    let mut hidden: Vec<usize> = std::iter::once(own)
+        .chain(extra.iter().map(|p| p.name.as_str()))
+        .filter_map(|h| names.binary_search_by(|n| (**n).cmp(h)).ok())
+        .collect();
     if hidden.is_empty() {
         return Cow::Borrowed(names);
     }
-    Cow::Owned(peer_names(
-        names
-            .iter()
-            .filter(|n| !hidden.contains(&&***n))
-            .cloned()
-            .collect(),
-    ))
+    hidden.sort_unstable();
+    hidden.dedup();
+    let mut kept: Vec<Arc<str>> = Vec::with_capacity(names.len() - hidden.len());
+    let mut from = 0;
+    for at in hidden {
+        kept.extend_from_slice(names.get(from..at).unwrap_or_default());
+        from = at + 1;
+    }
+    kept.extend_from_slice(names.get(from..).unwrap_or_default());
+    Cow::Owned(peer_names(kept))
 }
 
 /// A class list delta's lists as the view in slot `s` shows them: without its own name
@@ -1582,6 +1580,33 @@ mod tests {
             filter_changed: true,
             ..NodeDelta::default()
         }
+    }
+
+    #[test]
+    fn a_delta_is_shown_without_the_viewer_and_the_peers_it_has_aside() {
+        let peer = |n: &str| {
+            Arc::new(Peer {
+                name: n.to_string(),
+                addresses: Vec::new(),
+                allowed_ips: Vec::new(),
+                primary_routes: Vec::new(),
+                tags: Vec::new(),
+                user: None,
+            })
+        };
+        let list = names(&["a", "b", "c", "d", "e"]);
+        // The viewer first and last, an extra peer between, one extra not in the list.
+        let shown = masked(&list, "a", &[peer("c"), peer("e"), peer("x")]);
+        assert_eq!(*shown, names(&["b", "d"]));
+        // Named twice (own name and an extra peer): left out once.
+        assert_eq!(
+            *masked(&list, "b", &[peer("b")]),
+            names(&["a", "c", "d", "e"])
+        );
+        // Nothing to leave out: the list itself, not a copy.
+        assert!(matches!(masked(&list, "z", &[peer("y")]), Cow::Borrowed(_)));
+        // Everything left out.
+        assert!(masked(&names(&["a"]), "a", &[]).is_empty());
     }
 
     #[test]

@@ -185,25 +185,38 @@ impl SshPlan {
         }
     }
 
-    /// Resolves rule `k`'s selectors again (the policy redefined one). Returns how its
-    /// identity principals changed, for the views that bind them, and the nodes whose SSH
-    /// rules must be recomputed (`None`: every node).
+    /// Resolves rule `k`'s selectors again (the policy redefined one; `old` is the policy
+    /// they were resolved under, when known). Returns how its identity principals changed,
+    /// for the views that bind them, and the nodes whose SSH rules must be recomputed
+    /// (`None`: every node).
     pub(crate) fn redefine(
         &mut self,
         r: &Resolver,
+        old: Option<&Policy>,
         k: usize,
     ) -> (Option<PrincipalsSwap>, Option<Vec<usize>>) {
         let Some(rule) = match_order(&r.policy).nth(k) else {
             return (None, None);
         };
-        let dst = r.resolve_all(rule.dst.iter().map(|x| &x.value));
-        let src = r.with_postures(
-            r.resolve_all(rule.src.iter().map(|x| &x.value)),
-            &rule.src_posture,
-        );
         let Some(planned) = self.rules.get_mut(k) else {
             return (None, None);
         };
+        // Only a set naming what the edit redefined resolves differently, and a group
+        // member added or dropped is judged at that member's devices alone (as the rules'
+        // sets are, see `Resolver::regroup`); anything else resolves the set whole.
+        let again = |set: &Resolved, aliases: &[netmap_policy::Located<Alias>], postures| {
+            if let Some(old) = old {
+                if !crate::rules::set_redefined(old, &r.policy, set, postures) {
+                    return set.clone();
+                }
+                if let Some(patched) = postures.is_empty().then(|| r.regroup(set, old)).flatten() {
+                    return patched;
+                }
+            }
+            r.with_postures(r.resolve_all(aliases.iter().map(|x| &x.value)), postures)
+        };
+        let dst = again(&planned.dst, &rule.dst, &[]);
+        let src = again(&planned.src, &rule.src, &rule.src_posture);
         let mut recompute: BTreeSet<usize> = BTreeSet::new();
         let same_flags = |a: &Resolved, b: &Resolved| {
             a.wildcard == b.wildcard && a.self_devices == b.self_devices && a.nets == b.nets

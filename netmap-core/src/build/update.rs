@@ -718,7 +718,7 @@ impl Plan {
             SshEdit::Redefined(ks) => {
                 let mut swaps = Vec::new();
                 for &k in ks {
-                    let (swap, recompute) = self.ssh.redefine(&self.r, k);
+                    let (swap, recompute) = self.ssh.redefine(&self.r, old_policy.as_deref(), k);
                     swaps.extend(swap);
                     match recompute {
                         Some(nodes) => {

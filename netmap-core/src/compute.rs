@@ -220,19 +220,9 @@ impl NetRule {
         stale: impl Fn(&Resolved, &[String]) -> bool,
     ) {
         let mut again = |set: &mut Resolved, postures: &[String]| {
-            if !stale(set, postures) {
-                return;
+            if stale(set, postures) {
+                *set = r.resolve_again(set, postures, old, memo.as_deref_mut());
             }
-            let patched = old
-                .filter(|_| postures.is_empty())
-                .and_then(|o| r.regroup(set, o));
-            *set = match patched {
-                Some(patched) => patched,
-                None => r.with_postures(
-                    r.resolve_all_memo(&std::mem::take(&mut set.aliases), memo.as_deref_mut()),
-                    postures,
-                ),
-            };
         };
         again(&mut self.src, &self.src_posture);
         for (d, _) in &mut self.dsts {

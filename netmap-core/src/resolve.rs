@@ -600,6 +600,26 @@ impl Resolver {
         Some(out)
     }
 
+    /// `set` (narrowed by the postures named `postures`) resolved again under this
+    /// resolver's policy: patched by [`Resolver::regroup`] from the policy it was resolved
+    /// under (`old`, when given) where that can be done, else resolved whole from its
+    /// aliases (taking the ones resolved before from `memo`, when given; see
+    /// [`Resolver::resolve_all_memo`]).
+    pub fn resolve_again(
+        &self,
+        set: &Resolved,
+        postures: &[String],
+        old: Option<&Policy>,
+        memo: Option<&mut HashMap<Alias, Resolved>>,
+    ) -> Resolved {
+        let patched = old
+            .filter(|_| postures.is_empty())
+            .and_then(|o| self.regroup(set, o));
+        patched.unwrap_or_else(|| {
+            self.with_postures(self.resolve_all_memo(&set.aliases, memo), postures)
+        })
+    }
+
     /// Narrows a rule's source set to the nodes satisfying one of the named postures (`*`
     /// becomes those nodes plus every approved route); addresses are not narrowed.
     pub fn with_postures(&self, mut r: Resolved, names: &[String]) -> Resolved {

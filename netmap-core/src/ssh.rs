@@ -203,20 +203,13 @@ impl SshPlan {
         };
         // Only a set naming what the edit redefined resolves differently, and a group
         // member added or dropped is judged at that member's devices alone (as the rules'
-        // sets are, see `Resolver::regroup`); anything else resolves the set whole.
-        let again = |set: &Resolved, aliases: &[netmap_policy::Located<Alias>], postures| {
-            if let Some(old) = old {
-                if !crate::rules::set_redefined(old, &r.policy, set, postures) {
-                    return set.clone();
-                }
-                if let Some(patched) = postures.is_empty().then(|| r.regroup(set, old)).flatten() {
-                    return patched;
-                }
-            }
-            r.with_postures(r.resolve_all(aliases.iter().map(|x| &x.value)), postures)
+        // sets are, see `NetRule::resolve_stale`).
+        let again = |set: &Resolved, postures: &[String]| match old {
+            Some(old) if !crate::rules::set_redefined(old, &r.policy, set, postures) => set.clone(),
+            _ => r.resolve_again(set, postures, old, None),
         };
-        let dst = again(&planned.dst, &rule.dst, &[]);
-        let src = again(&planned.src, &rule.src, &rule.src_posture);
+        let dst = again(&planned.dst, &[]);
+        let src = again(&planned.src, &rule.src_posture);
         let mut recompute: BTreeSet<usize> = BTreeSet::new();
         let same_flags = |a: &Resolved, b: &Resolved| {
             a.wildcard == b.wildcard && a.self_devices == b.self_devices && a.nets == b.nets

@@ -335,8 +335,14 @@ fn moved_nodes(
             .chain(b.nets.iter().filter(|n| !a.nets.contains(n)))
             .copied()
             .collect();
+        // The identity moves are in slot order, the holders without repeats: each holder
+        // is looked up among the former (a /8 prefix can hold every node).
+        let identity = src.len();
         for x in holders(&changed) {
-            if !src.iter().any(|&(y, _, _)| y == x) {
+            if src[..identity]
+                .binary_search_by_key(&x, |&(y, _, _)| y)
+                .is_err()
+            {
                 src.push((x, r.src_contains(a, x), r.src_contains(b, x)));
             }
         }

@@ -356,6 +356,9 @@ struct ChangeSetBuilder {
     shared: SlotMap<(u8, [usize; 3]), usize>,
     /// The last shared delta stored (consecutive nodes mostly have the same).
     last: Option<((u8, [usize; 3]), usize)>,
+    /// The shared deltas that name no peer, by their flags (see
+    /// [`ChangeSetBuilder::push_flags`]).
+    flags_only: [Option<usize>; 4],
 }
 
 impl ChangeSetBuilder {
@@ -365,7 +368,33 @@ impl ChangeSetBuilder {
             deltas: Vec::new(),
             shared: SlotMap::default(),
             last: None,
+            flags_only: [None; 4],
         }
+    }
+
+    /// Adds the node in slot `s` with a delta of these flags and no peer named (what most
+    /// views a policy edit touches get: thousands of them), unless it is empty.
+    fn push_flags(&mut self, s: usize, filter: bool, ssh: bool) {
+        let k = usize::from(filter) | (usize::from(ssh) << 1);
+        if k == 0 {
+            return;
+        }
+        let d = match self.flags_only.get(k).copied().flatten() {
+            Some(d) => d,
+            None => {
+                let d = self.deltas.len();
+                self.deltas.push(NodeDelta {
+                    filter_changed: filter,
+                    ssh_changed: ssh,
+                    ..NodeDelta::default()
+                });
+                if let Some(at) = self.flags_only.get_mut(k) {
+                    *at = Some(d);
+                }
+                d
+            }
+        };
+        self.entries.push((NameAt::Slot(s), d));
     }
 
     /// Adds the node in slot `s` (after every node added before) with a delta of its own;
@@ -380,15 +409,21 @@ impl ChangeSetBuilder {
     /// Adds the node in slot `s` with the delta of these flags and peer names, unless it
     /// is empty.
     fn push_shared(&mut self, s: usize, filter: bool, ssh: bool, names: [&PeerNames; 3]) {
-        if !filter && !ssh && names.iter().all(|n| n.is_empty()) {
+        if names.iter().all(|n| n.is_empty()) {
+            self.push_flags(s, filter, ssh);
             return;
         }
         let key = (
             u8::from(filter) | (u8::from(ssh) << 1),
             names.map(|n| Arc::as_ptr(n).cast::<u8>() as usize),
         );
+        // Compared field by field: a whole-key compare reads the key back wider than it was
+        // written, which stalls the store forwarding (measured: most of this function).
+        let same = |k: &(u8, [usize; 3])| {
+            k.0 == key.0 && k.1[0] == key.1[0] && k.1[1] == key.1[1] && k.1[2] == key.1[2]
+        };
         let d = match self.last {
-            Some((k, d)) if k == key => d,
+            Some((k, d)) if same(&k) => d,
             _ => {
                 let d = match self.shared.get(&key) {
                     Some(&d) => d,
@@ -1444,6 +1479,11 @@ impl Engine {
             // touched.
             let filter_changed = f & touch::FILTER != 0;
             let ssh_changed = f & touch::SSH != 0;
+            if f & (touch::CLASS | touch::PEERS) == 0 {
+                // No peer changed (most views a policy edit touches).
+                deltas.push_flags(s, filter_changed, ssh_changed);
+                continue;
+            }
             // The names the view's delta shows (its class's delta itself when that names
             // neither the node nor a peer it has aside), or `None` while they wait for a
             // pending diff.
@@ -1486,7 +1526,8 @@ impl Engine {
                     })),
                 );
                 delta
-            } else if f & touch::PEERS != 0 {
+            } else {
+                // Its class's list changed (`touch::PEERS`).
                 Some(match affected.class_delta.get(&plan.class_id(s)) {
                     Some(cd) if plan.delta_applies_whole(s, cd) => {
                         class_lists(cd).map(Cow::Borrowed)
@@ -1494,8 +1535,6 @@ impl Engine {
                     Some(cd) => seen_by(plan, s, class_lists(cd)),
                     None => no_names_shown(),
                 })
-            } else {
-                Some(no_names_shown())
             };
             if let Some([a, r, c]) = &shown {
                 deltas.push_shared(

@@ -87,6 +87,15 @@ impl BitRows {
         self.data.extend(std::iter::repeat_n(0, self.words));
     }
 
+    /// Whether row `i` has bit `b` (false past the rows or the words).
+    fn bit(&self, i: usize, b: usize) -> bool {
+        b / 64 < self.words
+            && self
+                .data
+                .get(i * self.words + b / 64)
+                .is_some_and(|w| w & (1 << (b % 64)) != 0)
+    }
+
     fn rows(&self) -> usize {
         self.data.len() / self.words.max(1)
     }
@@ -577,9 +586,7 @@ impl Plan {
 
     /// Whether slot `s`'s stored filter has an entry bound to rule `ri`'s source list.
     pub(crate) fn binds_rule(&self, s: usize, ri: usize) -> bool {
-        s < self.bound_bits.rows()
-            && ri / 64 < self.bound_bits.words
-            && bit(self.bound_bits.row(s), ri)
+        self.bound_bits.bit(s, ri)
     }
 
     /// Records the peers slot `s`'s stored view has aside (see [`StoredView::extra`]), which

@@ -22,7 +22,7 @@
 //! 8. which views read what changed ([`touch`] flags).
 
 use rayon::prelude::*;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -165,6 +165,18 @@ struct CandRows {
 struct CandGroup {
     rows: CandRows,
     members: Vec<usize>,
+}
+
+/// How a changed source list reaches the views of one destination row (see
+/// `Plan::filter_effects`).
+struct ListHit<'a> {
+    /// The rule whose list changed.
+    ri: usize,
+    /// The flags of a view whose filter has an entry bound to the list, and of one
+    /// without.
+    flags: (u8, u8),
+    /// Owners whose devices' entries merge with an `autogroup:self` rule's (recomputed).
+    merged_for: Option<&'a HashSet<String>>,
 }
 
 /// What the new policy changes besides the rules.
@@ -836,16 +848,20 @@ impl Plan {
         };
         let patch = self.filter_patch(&mut w);
         let rule_nodes_moved = w.rule_nodes_moved.take().filter(|_| w.changed.is_empty());
+        // Counted first: a policy edit touches thousands of views.
+        let touched = w.flags.iter().filter(|&&f| f != 0).count();
+        let mut slots = Vec::with_capacity(touched);
+        slots.extend(
+            self.name_order
+                .iter()
+                .map(|&s| (s, w.flags[s]))
+                .filter(|&(s, f)| f != 0 && self.r.is_alive(s)),
+        );
         Affected {
             rule_nodes_moved,
             keeps,
             patch,
-            slots: self
-                .name_order
-                .iter()
-                .map(|&s| (s, w.flags[s]))
-                .filter(|&(s, f)| f != 0 && self.r.is_alive(s))
-                .collect(),
+            slots,
             class_delta,
             removed,
         }
@@ -1035,7 +1051,17 @@ impl Plan {
         while self.src_strings.len() < self.rules.capacity() {
             self.src_strings.push_back(Arc::default());
         }
-        let live: Vec<usize> = self.live().collect();
+        // The live slots, for the edits that visit every view (a redefinition that only
+        // moved nodes visits those).
+        let visits_all = !(edit.removed.is_empty()
+            && edit.added.is_empty()
+            && edit.restated.is_empty()
+            && edit.ports_only.is_empty());
+        let live: Vec<usize> = if visits_all {
+            self.live().collect()
+        } else {
+            Vec::new()
+        };
         // Views a rule covers (or covered) derive its entries again where the entries are
         // the rule's alone; `autogroup:self` rules (per-owner sources) and capability
         // grants recompute them.
@@ -1186,11 +1212,15 @@ impl Plan {
                         }
                     }
                 }
-                None if !dst_changed => self.set_src_column(*id, &live, w),
                 None => {
-                    // Views it stops covering are marked with the rows that changed.
-                    self.set_column(*id, &live, w);
-                    self.mark_covered(*id, &live, flag, w);
+                    let live: Vec<usize> = self.live().collect();
+                    if dst_changed {
+                        // Views it stops covering are marked with the rows that changed.
+                        self.set_column(*id, &live, w);
+                        self.mark_covered(*id, &live, flag, w);
+                    } else {
+                        self.set_src_column(*id, &live, w);
+                    }
                 }
             }
             if src_changed {
@@ -1366,7 +1396,9 @@ impl Plan {
             return None;
         }
         let nets: Vec<String> = rule.src.nets.iter().map(crate::addr::fmt_net).collect();
-        let mut list: Vec<Arc<str>> = (**old).clone();
+        // Whether each address the moves name is in the list afterwards (the last move
+        // naming it decides), in list order.
+        let mut present: BTreeMap<&Arc<str>, bool> = BTreeMap::new();
         for &(x, was, now) in moves {
             // A node this update did not change holds the addresses it held.
             let before: &[Arc<str>] = if was {
@@ -1392,17 +1424,36 @@ impl Plan {
             }
             for a in before {
                 if !after.contains(a) {
-                    if let Ok(i) = list.binary_search(a) {
-                        list.remove(i);
-                    }
+                    present.insert(a, false);
                 }
             }
             for a in after {
-                if let Err(i) = list.binary_search(a) {
-                    list.insert(i, a.clone());
-                }
+                present.insert(a, true);
             }
         }
+        // One pass over the list (a group's list holds thousands of addresses): the runs
+        // between the addresses named are copied whole.
+        let mut list: Vec<Arc<str>> = Vec::with_capacity(old.len() + present.len());
+        let mut from = 0;
+        let mut edited = false;
+        for (a, keep) in present {
+            let rest = old.get(from..).unwrap_or_default();
+            let at = from + rest.partition_point(|x| **x < **a);
+            list.extend_from_slice(old.get(from..at).unwrap_or_default());
+            from = at;
+            let listed = old.get(at).is_some_and(|x| **x == **a);
+            if listed {
+                from += 1;
+            }
+            if keep {
+                list.push(a.clone());
+            }
+            edited |= listed != keep;
+        }
+        if !edited {
+            return Some(old.clone());
+        }
+        list.extend_from_slice(old.get(from..).unwrap_or_default());
         Some(Arc::new(list))
     }
 
@@ -1427,34 +1478,87 @@ impl Plan {
         if effects.is_empty() {
             return;
         }
-        for v in self.live() {
-            let dst = self.dst_bits.row(v);
-            if !dst.iter().zip(&covered).any(|(d, c)| d & c != 0) {
+        // A view is judged by its destination row: which changed lists its filter reads,
+        // and whether a plain rule merged with one covers it too. A class's members share
+        // their rows, so that is judged once per class (a group edit changes the lists of
+        // rules covering thousands of views); slots whose rows this update changed, or
+        // whose facts it did, are judged by their own rows.
+        let covers = |dst: &[u64]| dst.iter().zip(&covered).any(|(d, c)| d & c != 0);
+        let hits_of = |dst: &[u64]| -> Vec<ListHit<'_>> {
+            effects
+                .iter()
+                .filter(|e| bit(dst, e.0))
+                .map(|(ri, non_empty, plain, emails, content)| {
+                    let merged = plain.iter().any(|&rj| bit(dst, rj));
+                    ListHit {
+                        ri: *ri,
+                        // The filter shows the new list where an entry is bound to it
+                        // (covering a node's addresses or routes does not always give it
+                        // an entry, e.g. a route it does not serve).
+                        flags: if *non_empty && !merged {
+                            (*content, 0)
+                        } else {
+                            (RECOMPUTE, RECOMPUTE)
+                        },
+                        merged_for: (*non_empty && !merged && !emails.is_empty()).then_some(emails),
+                    }
+                })
+                .collect()
+        };
+        let flag_of = |v: usize, hits: &[ListHit<'_>]| -> u8 {
+            let mut flag = 0;
+            for h in hits {
+                let owner_merged = h.merged_for.is_some_and(|emails| {
+                    let n = &self.r.nodes[v];
+                    n.is_member() && n.email.as_ref().is_some_and(|e| emails.contains(e))
+                });
+                flag |= if owner_merged {
+                    RECOMPUTE
+                } else if self.binds_rule(v, h.ri) {
+                    h.flags.0
+                } else {
+                    h.flags.1
+                };
+            }
+            flag
+        };
+        let mut own_rows: Vec<usize> = w
+            .old_rows
+            .keys()
+            .copied()
+            .chain(w.changed.iter().map(|c| c.slot))
+            .collect();
+        own_rows.sort_unstable();
+        own_rows.dedup();
+        let mut by_own_rows = vec![0u64; self.r.nodes.len().div_ceil(64)];
+        for &v in &own_rows {
+            crate::bits::set_bit(&mut by_own_rows, v);
+        }
+        for c in self.classes.live() {
+            let Some(key) = self.classes.key(c) else {
+                continue;
+            };
+            if !covers(&key.1) {
                 continue;
             }
-            for (ri, non_empty, plain, emails, content) in &effects {
-                if !bit(dst, *ri) {
+            let hits = hits_of(&key.1);
+            for &v in &self.classes.members[c] {
+                if bit(&by_own_rows, v) || self.class_of.get(v) != Some(&c) || !self.r.is_alive(v) {
                     continue;
                 }
-                let merged = plain.iter().any(|&rj| bit(dst, rj))
-                    || (!emails.is_empty()
-                        && self.r.nodes[v].is_member()
-                        && self.r.nodes[v]
-                            .email
-                            .as_ref()
-                            .is_some_and(|e| emails.contains(e)));
-                w.flags[v] |= if *non_empty && !merged {
-                    // The filter shows the new list where an entry is bound to it (covering
-                    // a node's addresses or routes does not always give it an entry, e.g.
-                    // a route it does not serve).
-                    if self.binds_rule(v, *ri) {
-                        *content
-                    } else {
-                        0
-                    }
-                } else {
-                    RECOMPUTE
-                };
+                if let Some(f) = w.flags.get_mut(v) {
+                    *f |= flag_of(v, &hits);
+                }
+            }
+        }
+        for v in own_rows {
+            let dst = self.dst_bits.row(v);
+            if !self.r.is_alive(v) || !covers(dst) {
+                continue;
+            }
+            let f = flag_of(v, &hits_of(dst));
+            if let Some(x) = w.flags.get_mut(v) {
+                *x |= f;
             }
         }
     }

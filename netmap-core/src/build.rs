@@ -89,11 +89,9 @@ impl BitRows {
 
     /// Whether row `i` has bit `b` (false past the rows or the words).
     fn bit(&self, i: usize, b: usize) -> bool {
-        b / 64 < self.words
-            && self
-                .data
-                .get(i * self.words + b / 64)
-                .is_some_and(|w| w & (1 << (b % 64)) != 0)
+        self.data
+            .get(i * self.words..(i + 1) * self.words)
+            .is_some_and(|row| bit(row, b))
     }
 
     fn rows(&self) -> usize {

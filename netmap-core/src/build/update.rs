@@ -1051,17 +1051,9 @@ impl Plan {
         while self.src_strings.len() < self.rules.capacity() {
             self.src_strings.push_back(Arc::default());
         }
-        // The live slots, for the edits that visit every view (a redefinition that only
-        // moved nodes visits those).
-        let visits_all = !(edit.removed.is_empty()
-            && edit.added.is_empty()
-            && edit.restated.is_empty()
-            && edit.ports_only.is_empty());
-        let live: Vec<usize> = if visits_all {
-            self.live().collect()
-        } else {
-            Vec::new()
-        };
+        // The live slots, listed once an edit that visits every view needs them (a
+        // redefinition that only moved nodes visits those).
+        let live: std::cell::OnceCell<Vec<usize>> = std::cell::OnceCell::new();
         // Views a rule covers (or covered) derive its entries again where the entries are
         // the rule's alone; `autogroup:self` rules (per-owner sources) and capability
         // grants recompute them.
@@ -1073,14 +1065,15 @@ impl Plan {
             }
         };
         for (id, rule) in &edit.removed {
+            let live = live.get_or_init(|| self.live().collect());
             let flag = flag_for(rule);
             if flag == PATCH {
                 w.patch_rule(*id);
                 w.dropped.push(*id);
             }
             // Marked while its columns still say whom it covered.
-            self.mark_covered(*id, &live, flag, w);
-            for &v in &live {
+            self.mark_covered(*id, live, flag, w);
+            for &v in live {
                 self.set_bits(v, *id, false, false, w);
             }
             self.src_strings.set(*id, Arc::default());
@@ -1090,12 +1083,13 @@ impl Plan {
             w.route_rule_changed(rule);
         }
         for &id in &edit.added {
-            self.set_column(id, &live, w);
+            let live = live.get_or_init(|| self.live().collect());
+            self.set_column(id, live, w);
             let flag = self.rules.get(id).map_or(RECOMPUTE, flag_for);
             if flag == PATCH {
                 w.patch_rule(id);
             }
-            self.mark_covered(id, &live, flag, w);
+            self.mark_covered(id, live, flag, w);
             let list = self.src_list(id);
             self.src_strings.set(id, list);
             self.refresh_ports(id);
@@ -1105,10 +1099,12 @@ impl Plan {
             }
         }
         for &id in &edit.restated {
+            let live = live.get_or_init(|| self.live().collect());
             self.refresh_ports(id);
-            self.mark_covered(id, &live, RECOMPUTE, w);
+            self.mark_covered(id, live, RECOMPUTE, w);
         }
         for &id in &edit.ports_only {
+            let live = live.get_or_init(|| self.live().collect());
             let before = self.table_ports(id).cloned();
             self.refresh_ports(id);
             // Entries bound to the rule are compact: they show the ports in the tables, so
@@ -1129,12 +1125,12 @@ impl Plan {
                 _ => None,
             };
             let Some((changed, rule)) = changed else {
-                self.mark_covered(id, &live, PATCH, w);
+                self.mark_covered(id, live, PATCH, w);
                 w.patch_rule(id);
                 continue;
             };
             let mut patched = false;
-            for &v in &live {
+            for &v in live {
                 if !self.covered_by(v, id) {
                     continue;
                 }
@@ -1213,13 +1209,13 @@ impl Plan {
                     }
                 }
                 None => {
-                    let live: Vec<usize> = self.live().collect();
+                    let live = live.get_or_init(|| self.live().collect());
                     if dst_changed {
                         // Views it stops covering are marked with the rows that changed.
-                        self.set_column(*id, &live, w);
-                        self.mark_covered(*id, &live, flag, w);
+                        self.set_column(*id, live, w);
+                        self.mark_covered(*id, live, flag, w);
                     } else {
-                        self.set_src_column(*id, &live, w);
+                        self.set_src_column(*id, live, w);
                     }
                 }
             }

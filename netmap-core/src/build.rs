@@ -35,7 +35,7 @@ use crate::rules::RuleTable;
 use crate::ssh::{BoundSshRule, SshPlan};
 use crate::tailnet::Tailnet;
 use crate::wire::{
-    CapMap, DstPort, FilterRule, NodeView, Peer, PeerList, Ports, SharedPeers, SrcList,
+    CapMap, DstPort, FilterRule, NodeView, Peer, PeerKey, PeerList, Ports, SharedPeers, SrcList,
     SshPrincipal,
 };
 
@@ -962,13 +962,13 @@ impl Plan {
             match (was, now) {
                 (false, false) => {}
                 (true, false) => {
-                    list.remove(name);
+                    list.remove(&**name);
                 }
                 (_, true) => {
                     if was && !entry_differs {
                         continue;
                     }
-                    list.insert(name.clone(), self.peer_entry(viewer, x));
+                    list.insert(PeerKey(name.clone()), self.peer_entry(viewer, x));
                 }
             }
         }

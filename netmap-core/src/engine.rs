@@ -786,9 +786,9 @@ fn shared_diff(old: &SharedPeers, new: &SharedPeers) -> PeerDelta {
     let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
     for item in old.diff(new) {
         match item {
-            DiffItem::Add(name, _) => added.push(name.clone()),
-            DiffItem::Remove(name, _) => removed.push(name.clone()),
-            DiffItem::Update { new: (name, _), .. } => changed.push(name.clone()),
+            DiffItem::Add(name, _) => added.push(name.0.clone()),
+            DiffItem::Remove(name, _) => removed.push(name.0.clone()),
+            DiffItem::Update { new: (name, _), .. } => changed.push(name.0.clone()),
         }
     }
     (peer_names(added), peer_names(removed), peer_names(changed))

@@ -36,7 +36,7 @@ use crate::rules::redefined;
 use crate::slot_hash::SlotMap;
 use crate::ssh::{SshEdit, SshPlan};
 use crate::tailnet::Tailnet;
-use crate::wire::{Peer, SharedPeers, SrcList};
+use crate::wire::{Peer, PeerKey, SharedPeers, SrcList};
 
 /// What an update did to one slot's view (bit flags).
 pub(crate) mod touch {
@@ -1808,7 +1808,7 @@ impl Plan {
             return None;
         }
         hits.sort_unstable_by_key(|h| h.0);
-        let mut out: Option<imbl::OrdMap<Arc<str>, Arc<Peer>>> = None;
+        let mut out: Option<imbl::OrdMap<PeerKey, Arc<Peer>>> = None;
         let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
         let mut slots = Vec::new();
         for (i, was, now, entry_may_change) in hits {
@@ -1817,14 +1817,14 @@ impl Plan {
             match (was, now) {
                 (false, false) => {}
                 (true, false) => {
-                    out.get_or_insert_with(|| (**list).clone()).remove(name);
+                    out.get_or_insert_with(|| (**list).clone()).remove(&**name);
                     removed.push(name.clone());
                     slots.push(x);
                 }
                 (false, true) => {
                     let e = self.peer_entry(viewer, x);
                     out.get_or_insert_with(|| (**list).clone())
-                        .insert(name.clone(), e);
+                        .insert(PeerKey(name.clone()), e);
                     added.push(name.clone());
                     slots.push(x);
                 }
@@ -1833,12 +1833,14 @@ impl Plan {
                         continue;
                     }
                     let e = self.peer_entry(viewer, x);
-                    let current = out.as_ref().map_or_else(|| list.get(name), |l| l.get(name));
+                    let current = out
+                        .as_ref()
+                        .map_or_else(|| list.get(&**name), |l| l.get(&**name));
                     if current.is_some_and(|c| Arc::ptr_eq(c, &e) || **c == *e) {
                         continue;
                     }
                     out.get_or_insert_with(|| (**list).clone())
-                        .insert(name.clone(), e);
+                        .insert(PeerKey(name.clone()), e);
                     changed.push(name.clone());
                     slots.push(x);
                 }

@@ -938,6 +938,20 @@ impl Plan {
             .collect();
         let routing = diff.iter().zip(&self.route_mask).any(|(d, m)| d & m != 0);
         let exiting = diff.iter().zip(&self.exit_mask).any(|(d, m)| d & m != 0);
+        // The prefixes whose routing the differing rules decide (`None`: any).
+        let route_nets: Option<Vec<IpNet>> = self
+            .rules
+            .ordered()
+            .filter(|&(ri, _)| bit(&diff, ri) && bit(&self.route_mask, ri))
+            .map(|(_, rule)| rule.route_nets())
+            .collect::<Option<Vec<Vec<IpNet>>>>()
+            .map(|nets| nets.concat());
+        let routes_decided = |routes: &[IpNet]| match &route_nets {
+            None => !routes.is_empty(),
+            Some(nets) => routes
+                .iter()
+                .any(|rt| nets.iter().any(|n| addr::overlaps(n, rt))),
+        };
         let (pviewer, viewer) = (Plan::key_viewer(pkey), Plan::key_viewer(key));
         let mut list = (**plist).clone();
         for &x in &self.name_order {
@@ -953,7 +967,7 @@ impl Plan {
                 continue;
             }
             let xn = &self.r.nodes[x];
-            let entry_differs = (routing && !xn.routes.is_empty()) || (exiting && xn.exit);
+            let entry_differs = (routing && routes_decided(&xn.routes)) || (exiting && xn.exit);
             if !linked && !entry_differs {
                 continue;
             }

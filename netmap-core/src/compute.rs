@@ -328,6 +328,28 @@ impl NetRule {
                 .any(|(d, _)| d.wildcard || !d.nets.is_empty())
     }
 
+    /// The prefixes whose routing the rule can decide, if it is route relevant: those its
+    /// source and destinations name (a router's entry for a prefix reads only rules whose
+    /// sets overlap it, see `route_reachable`); `None` for any prefix (it names `*` or all
+    /// nodes, or steers through `via` routers).
+    pub(crate) fn route_nets(&self) -> Option<Vec<IpNet>> {
+        if self.src.wildcard
+            || self.src.all_nodes
+            || self.dsts.iter().any(|(d, _)| d.wildcard || d.all_nodes)
+            || !self.via.is_empty()
+        {
+            return None;
+        }
+        Some(
+            self.src
+                .nets
+                .iter()
+                .chain(self.dsts.iter().flat_map(|(d, _)| d.nets.iter()))
+                .copied()
+                .collect(),
+        )
+    }
+
     /// Whether the rule can let a viewer use exit nodes.
     pub(crate) fn exit_relevant(&self) -> bool {
         self.caps.is_none() && self.dsts.iter().any(|(d, _)| d.internet || d.wildcard)

@@ -260,22 +260,7 @@ impl Work {
 
     fn route_rule_changed(&mut self, rule: &crate::compute::NetRule) {
         if rule.route_relevant() {
-            let nets: Option<Vec<IpNet>> = if rule.src.wildcard
-                || rule.src.all_nodes
-                || rule.dsts.iter().any(|(d, _)| d.wildcard || d.all_nodes)
-                || !rule.via.is_empty()
-            {
-                None
-            } else {
-                Some(
-                    rule.src
-                        .nets
-                        .iter()
-                        .chain(rule.dsts.iter().flat_map(|(d, _)| d.nets.iter()))
-                        .copied()
-                        .collect(),
-                )
-            };
+            let nets = rule.route_nets();
             self.route_rules = match (self.route_rules.take(), nets) {
                 (None, nets) => Some(nets),
                 (Some(None), _) | (_, None) => Some(None),

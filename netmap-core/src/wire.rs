@@ -200,17 +200,10 @@ pub type SharedPeers = Arc<imbl::OrdMap<PeerKey, Arc<Peer>>>;
 
 /// A peer's name as the key of a [`SharedPeers`] list. Lists name a node with one shared
 /// allocation, so two keys are compared by address first: comparing two lists (a diff)
-/// reads the strings only where their names differ, not at every entry.
-#[derive(Debug, Clone)]
+/// reads the strings only where their names differ, not at every entry. (Equality of
+/// `Arc<str>` already looks at the address first; its order does not, hence `Ord` below.)
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerKey(pub Arc<str>);
-
-impl PartialEq for PeerKey {
-    fn eq(&self, other: &PeerKey) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
-    }
-}
-
-impl Eq for PeerKey {}
 
 impl PartialOrd for PeerKey {
     fn partial_cmp(&self, other: &PeerKey) -> Option<std::cmp::Ordering> {

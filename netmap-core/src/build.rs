@@ -450,6 +450,20 @@ pub(crate) struct Plan {
     name_order: Vec<usize>,
 }
 
+/// Makes classes whose lists hold the same peers share one list: a view moving between two
+/// such classes then costs no diff, and edits keep them shared while they edit them alike
+/// (lists equal in length are compared; a comparison skips the parts they share).
+fn share_equal_lists(lists: &mut [SharedPeers]) {
+    let mut by_len: HashMap<usize, Vec<usize>> = HashMap::new();
+    for k in 0..lists.len() {
+        let firsts = by_len.entry(lists[k].len()).or_default();
+        match firsts.iter().find(|&&f| lists[f] == lists[k]) {
+            Some(&f) => lists[k] = lists[f].clone(),
+            None => firsts.push(k),
+        }
+    }
+}
+
 impl Plan {
     /// Builds the plan of a tailnet state from scratch.
     pub(crate) fn build(policy: Arc<Policy>, tailnet: &Tailnet) -> Plan {
@@ -953,7 +967,9 @@ impl Plan {
                 .any(|rt| nets.iter().any(|n| addr::overlaps(n, rt))),
         };
         let (pviewer, viewer) = (Plan::key_viewer(pkey), Plan::key_viewer(key));
-        let mut list = (**plist).clone();
+        // Cloned at the first difference: a class that sees what its parent sees shares the
+        // parent's list itself, so moving between the two costs no diff.
+        let mut list: Option<OrdMap<PeerKey, Arc<Peer>>> = None;
         for &x in &self.name_order {
             // The rows first: they are at hand, the node's record is not.
             let linked = self
@@ -976,17 +992,23 @@ impl Plan {
             match (was, now) {
                 (false, false) => {}
                 (true, false) => {
-                    list.remove(&**name);
+                    list.get_or_insert_with(|| (**plist).clone())
+                        .remove(&**name);
                 }
                 (_, true) => {
                     if was && !entry_differs {
                         continue;
                     }
-                    list.insert(PeerKey(name.clone()), self.peer_entry(viewer, x));
+                    let e = self.peer_entry(viewer, x);
+                    if was && list.as_ref().unwrap_or(plist).get(&**name) == Some(&e) {
+                        continue;
+                    }
+                    list.get_or_insert_with(|| (**plist).clone())
+                        .insert(PeerKey(name.clone()), e);
                 }
             }
         }
-        Arc::new(list)
+        list.map_or_else(|| plist.clone(), Arc::new)
     }
 
     /// An estimate of how many nodes deriving the list of `key` from the list of `pkey`
@@ -1019,6 +1041,29 @@ impl Plan {
         cost
     }
 
+    /// Per rule bit, how many live nodes the rule links (in its sources or destinations):
+    /// what [`Plan::derive_cost`] weighs a differing bit by.
+    fn linked_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0usize; self.src_bits.words * 64];
+        for x in self.live() {
+            for (w, (s, d)) in self
+                .src_bits
+                .row(x)
+                .iter()
+                .zip(self.dst_bits.row(x))
+                .enumerate()
+            {
+                let mut m = s | d;
+                while m != 0 {
+                    let b = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    counts[w * 64 + b] += 1;
+                }
+            }
+        }
+        counts
+    }
+
     /// Groups nodes by class and computes one peer list per class.
     fn build_classes(&mut self) {
         let mut table = ClassTable::default();
@@ -1039,23 +1084,7 @@ impl Plan {
         // A class's list is derived from an earlier class's when few nodes can be seen
         // differently (sharing its structure), else computed from scratch.
         let n = self.live().count();
-        let mut counts = vec![0usize; self.src_bits.words * 64];
-        for x in self.live() {
-            for (w, (s, d)) in self
-                .src_bits
-                .row(x)
-                .iter()
-                .zip(self.dst_bits.row(x))
-                .enumerate()
-            {
-                let mut m = s | d;
-                while m != 0 {
-                    let b = m.trailing_zeros() as usize;
-                    m &= m - 1;
-                    counts[w * 64 + b] += 1;
-                }
-            }
-        }
+        let counts = self.linked_counts();
         let mut parent: Vec<Option<usize>> = vec![None; keys.len()];
         let mut depth: Vec<usize> = vec![0; keys.len()];
         for k in 1..keys.len() {
@@ -1087,7 +1116,9 @@ impl Plan {
                 lists[k] = Some(l);
             }
         }
-        let lists: Vec<SharedPeers> = lists.into_iter().map(Option::unwrap_or_default).collect();
+        let mut lists: Vec<SharedPeers> =
+            lists.into_iter().map(Option::unwrap_or_default).collect();
+        share_equal_lists(&mut lists);
         table.lists = lists.into_iter().collect();
         table.keys = keys.into_iter().map(Some).collect();
         table.members = members;
@@ -1504,5 +1535,46 @@ impl Plan {
             ssh,
             cap_map,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(names: &[&str], user: Option<&str>) -> SharedPeers {
+        Arc::new(
+            names
+                .iter()
+                .map(|n| {
+                    let peer = Peer {
+                        name: (*n).to_string(),
+                        addresses: Vec::new(),
+                        allowed_ips: Vec::new(),
+                        primary_routes: Vec::new(),
+                        tags: Vec::new(),
+                        user: user.map(str::to_string),
+                    };
+                    (PeerKey(Arc::from(*n)), Arc::new(peer))
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn lists_with_the_same_peers_are_shared_and_others_are_not() {
+        let mut lists = vec![
+            list(&["a", "b"], None),
+            list(&["a", "c"], None),
+            list(&["a", "b"], None),
+            list(&["a", "b"], Some("u@example.com")),
+            list(&["a", "c"], None),
+        ];
+        share_equal_lists(&mut lists);
+        assert!(Arc::ptr_eq(&lists[0], &lists[2]));
+        assert!(Arc::ptr_eq(&lists[1], &lists[4]));
+        // Equal names, other entries: not the same list.
+        assert!(!Arc::ptr_eq(&lists[0], &lists[3]));
+        assert!(!Arc::ptr_eq(&lists[0], &lists[1]));
     }
 }

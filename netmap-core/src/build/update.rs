@@ -229,6 +229,19 @@ struct Work {
 /// A pair of shared class lists (old, new), keyed by [`list_pair`].
 pub(crate) type ListPair = ((usize, usize), (SharedPeers, SharedPeers));
 
+/// Whether two edits of one list made the same list: they add, remove and change the same
+/// names, with equal entries.
+fn edited_alike((a, da): (&SharedPeers, &ListDelta), (b, db): (&SharedPeers, &ListDelta)) -> bool {
+    da.added == db.added
+        && da.removed == db.removed
+        && da.changed == db.changed
+        && da
+            .added
+            .iter()
+            .chain(da.changed.iter())
+            .all(|name| a.get(&**name) == b.get(&**name))
+}
+
 /// The key of a pair of shared peer lists (old, new): their addresses.
 pub(crate) fn list_pair(old: &SharedPeers, new: &SharedPeers) -> (usize, usize) {
     (Arc::as_ptr(old) as usize, Arc::as_ptr(new) as usize)
@@ -1685,11 +1698,32 @@ impl Plan {
             } else {
                 class_ids.iter().filter_map(edit).collect()
             };
+        // Classes that shared one list (see `share_equal_lists`) and were edited alike share
+        // the edited list too, so that a view moving between them costs no diff. By the
+        // address of the list before: that list (kept alive while its address is a key), the
+        // first edit of it, and that edit's delta.
+        type Edit = (SharedPeers, SharedPeers, Arc<ListDelta>);
+        let mut firsts: HashMap<usize, Edit> = HashMap::new();
         for (c, list, delta) in edited {
+            let Some(before) = self.classes.lists.get(c).cloned() else {
+                continue;
+            };
+            let at = Arc::as_ptr(&before) as usize;
+            let (list, delta) = match firsts.get(&at) {
+                Some((_, l, d)) if edited_alike((l, d), (&list, &delta)) => (l.clone(), d.clone()),
+                _ => {
+                    let d = Arc::new(delta);
+                    firsts
+                        .entry(at)
+                        .or_insert((before, list.clone(), d.clone()));
+                    (list, d)
+                }
+            };
             self.classes.lists.set(c, list);
-            deltas.insert(c, Arc::new(delta));
+            deltas.insert(c, delta);
         }
         // Join the new classes.
+        let mut counts: Option<Vec<usize>> = None;
         for &s in &movers {
             if !self.r.nodes[s].alive {
                 continue;
@@ -1698,8 +1732,9 @@ impl Plan {
             let id = match self.classes.ids.get(&key) {
                 Some(&id) => id,
                 None => {
-                    let list = match left.get(&s) {
-                        Some(&parent) => self.derive_list(parent, &key),
+                    let counts = counts.get_or_insert_with(|| self.linked_counts());
+                    let list = match self.nearest_class(&key, counts, left.get(&s).copied()) {
+                        Some(parent) => self.derive_list(parent, &key),
                         None => self.class_list(&key),
                     };
                     self.classes.add(key, list)
@@ -1845,11 +1880,76 @@ impl Plan {
         })
     }
 
+    /// The class whose (up to date) list the list of a new class with `key` is derived from
+    /// at least cost (see [`Plan::derive_cost`]), if any can be: not only the class its first
+    /// member `left`, as a class that sees the same peers makes the new one share its list.
+    fn nearest_class(
+        &self,
+        key: &ClassKey,
+        counts: &[usize],
+        left: Option<usize>,
+    ) -> Option<usize> {
+        self.classes
+            .live()
+            .filter_map(|c| {
+                let cost = self.derive_cost(self.classes.key(c)?, key, counts);
+                // At equal cost, the class the node left.
+                (cost != usize::MAX).then_some((cost, Some(c) != left, c))
+            })
+            .min()
+            .map(|(_, _, c)| c)
+    }
+
     /// The list of a new class with `key`, derived from class `parent`'s (up to date) list.
     fn derive_list(&self, parent: usize, key: &ClassKey) -> SharedPeers {
         match (self.classes.key(parent), self.classes.lists.get(parent)) {
             (Some(pkey), Some(plist)) => self.derive_from(pkey, plist, key),
             _ => self.class_list(key),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Peer, PeerKey};
+
+    fn peer(name: &str, tag: &str) -> Arc<Peer> {
+        Arc::new(Peer {
+            name: name.to_string(),
+            addresses: Vec::new(),
+            allowed_ips: Vec::new(),
+            primary_routes: Vec::new(),
+            tags: vec![tag.to_string()],
+            user: None,
+        })
+    }
+
+    fn edit(base: &SharedPeers, add: (&str, &str)) -> (SharedPeers, ListDelta) {
+        let mut l = (**base).clone();
+        l.insert(PeerKey(Arc::from(add.0)), peer(add.0, add.1));
+        let names: Arc<[Arc<str>]> = vec![Arc::from(add.0)].into();
+        let delta = ListDelta {
+            added: names,
+            ..ListDelta::default()
+        };
+        (Arc::new(l), delta)
+    }
+
+    #[test]
+    fn edits_alike_only_with_the_same_names_and_entries() {
+        let base: SharedPeers = Arc::new(
+            [("a", "tag:x")]
+                .iter()
+                .map(|(n, t)| (PeerKey(Arc::from(*n)), peer(n, t)))
+                .collect(),
+        );
+        let (l1, d1) = edit(&base, ("b", "tag:x"));
+        let (l2, d2) = edit(&base, ("b", "tag:x"));
+        let (l3, d3) = edit(&base, ("b", "tag:y"));
+        let (l4, d4) = edit(&base, ("c", "tag:x"));
+        assert!(edited_alike((&l1, &d1), (&l2, &d2)));
+        assert!(!edited_alike((&l1, &d1), (&l3, &d3)));
+        assert!(!edited_alike((&l1, &d1), (&l4, &d4)));
     }
 }

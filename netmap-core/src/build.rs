@@ -452,12 +452,18 @@ pub(crate) struct Plan {
 
 /// Makes classes whose lists hold the same peers share one list: a view moving between two
 /// such classes then costs no diff, and edits keep them shared while they edit them alike
-/// (lists equal in length are compared; a comparison skips the parts they share).
+/// (lists equal in length are compared, each with at most `SHARE_CANDIDATES` others: many
+/// classes of one length cost no quadratic build; a comparison skips the parts they share).
 fn share_equal_lists(lists: &mut [SharedPeers]) {
+    const SHARE_CANDIDATES: usize = 16;
     let mut by_len: HashMap<usize, Vec<usize>> = HashMap::new();
     for k in 0..lists.len() {
         let firsts = by_len.entry(lists[k].len()).or_default();
-        match firsts.iter().find(|&&f| lists[f] == lists[k]) {
+        match firsts
+            .iter()
+            .take(SHARE_CANDIDATES)
+            .find(|&&f| lists[f] == lists[k])
+        {
             Some(&f) => lists[k] = lists[f].clone(),
             None => firsts.push(k),
         }

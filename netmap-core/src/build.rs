@@ -1545,26 +1545,24 @@ impl Plan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A class list entry for tests: peer `name` with `tags` and owner `user`, no addresses.
+    pub(crate) fn entry(name: &str, tags: &[&str], user: Option<&str>) -> (PeerKey, Arc<Peer>) {
+        let peer = Peer {
+            name: name.to_string(),
+            addresses: Vec::new(),
+            allowed_ips: Vec::new(),
+            primary_routes: Vec::new(),
+            tags: tags.iter().map(|t| (*t).to_string()).collect(),
+            user: user.map(str::to_string),
+        };
+        (PeerKey(Arc::from(name)), Arc::new(peer))
+    }
+
     fn list(names: &[&str], user: Option<&str>) -> SharedPeers {
-        Arc::new(
-            names
-                .iter()
-                .map(|n| {
-                    let peer = Peer {
-                        name: (*n).to_string(),
-                        addresses: Vec::new(),
-                        allowed_ips: Vec::new(),
-                        primary_routes: Vec::new(),
-                        tags: Vec::new(),
-                        user: user.map(str::to_string),
-                    };
-                    (PeerKey(Arc::from(*n)), Arc::new(peer))
-                })
-                .collect(),
-        )
+        Arc::new(names.iter().map(|n| entry(n, &[], user)).collect())
     }
 
     #[test]

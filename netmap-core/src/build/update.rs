@@ -1912,22 +1912,12 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{Peer, PeerKey};
-
-    fn peer(name: &str, tag: &str) -> Arc<Peer> {
-        Arc::new(Peer {
-            name: name.to_string(),
-            addresses: Vec::new(),
-            allowed_ips: Vec::new(),
-            primary_routes: Vec::new(),
-            tags: vec![tag.to_string()],
-            user: None,
-        })
-    }
+    use crate::build::tests::entry;
 
     fn edit(base: &SharedPeers, add: (&str, &str)) -> (SharedPeers, ListDelta) {
         let mut l = (**base).clone();
-        l.insert(PeerKey(Arc::from(add.0)), peer(add.0, add.1));
+        let (k, v) = entry(add.0, &[add.1], None);
+        l.insert(k, v);
         let names: Arc<[Arc<str>]> = vec![Arc::from(add.0)].into();
         let delta = ListDelta {
             added: names,
@@ -1938,12 +1928,7 @@ mod tests {
 
     #[test]
     fn edits_alike_only_with_the_same_names_and_entries() {
-        let base: SharedPeers = Arc::new(
-            [("a", "tag:x")]
-                .iter()
-                .map(|(n, t)| (PeerKey(Arc::from(*n)), peer(n, t)))
-                .collect(),
-        );
+        let base: SharedPeers = Arc::new([entry("a", &["tag:x"], None)].into_iter().collect());
         let (l1, d1) = edit(&base, ("b", "tag:x"));
         let (l2, d2) = edit(&base, ("b", "tag:x"));
         let (l3, d3) = edit(&base, ("b", "tag:y"));

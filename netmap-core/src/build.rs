@@ -450,6 +450,20 @@ pub(crate) struct Plan {
     name_order: Vec<usize>,
 }
 
+/// Adds `n` to `counts` at each bit either row has.
+fn add_linked(counts: &mut [usize], src: &[u64], dst: &[u64], n: usize) {
+    for (w, (s, d)) in src.iter().zip(dst).enumerate() {
+        let mut m = s | d;
+        while m != 0 {
+            let b = m.trailing_zeros() as usize;
+            m &= m - 1;
+            if let Some(c) = counts.get_mut(w * 64 + b) {
+                *c += n;
+            }
+        }
+    }
+}
+
 /// Makes classes whose lists hold the same peers share one list: a view moving between two
 /// such classes then costs no diff, and edits keep them shared while they edit them alike
 /// (lists equal in length are compared, each with at most `SHARE_CANDIDATES` others: many
@@ -1048,23 +1062,19 @@ impl Plan {
     }
 
     /// Per rule bit, how many live nodes the rule links (in its sources or destinations):
-    /// what [`Plan::derive_cost`] weighs a differing bit by.
+    /// what [`Plan::derive_cost`] weighs a differing bit by. Counted by class (a class's
+    /// key is its members' rows), and row by row for the live nodes in no class (those
+    /// moving between classes); a pass over the classes, not over the nodes.
     fn linked_counts(&self) -> Vec<usize> {
         let mut counts = vec![0usize; self.src_bits.words * 64];
+        for c in self.classes.live() {
+            if let (Some(key), Some(members)) = (self.classes.key(c), self.classes.members.get(c)) {
+                add_linked(&mut counts, &key.0, &key.1, members.len());
+            }
+        }
         for x in self.live() {
-            for (w, (s, d)) in self
-                .src_bits
-                .row(x)
-                .iter()
-                .zip(self.dst_bits.row(x))
-                .enumerate()
-            {
-                let mut m = s | d;
-                while m != 0 {
-                    let b = m.trailing_zeros() as usize;
-                    m &= m - 1;
-                    counts[w * 64 + b] += 1;
-                }
+            if self.class_of.get(x).is_none_or(|&c| c == usize::MAX) {
+                add_linked(&mut counts, self.src_bits.row(x), self.dst_bits.row(x), 1);
             }
         }
         counts
@@ -1090,7 +1100,10 @@ impl Plan {
         // A class's list is derived from an earlier class's when few nodes can be seen
         // differently (sharing its structure), else computed from scratch.
         let n = self.live().count();
-        let counts = self.linked_counts();
+        let mut counts = vec![0usize; self.src_bits.words * 64];
+        for (key, m) in keys.iter().zip(&members) {
+            add_linked(&mut counts, &key.0, &key.1, m.len());
+        }
         let mut parent: Vec<Option<usize>> = vec![None; keys.len()];
         let mut depth: Vec<usize> = vec![0; keys.len()];
         for k in 1..keys.len() {
@@ -1563,6 +1576,65 @@ pub(crate) mod tests {
 
     fn list(names: &[&str], user: Option<&str>) -> SharedPeers {
         Arc::new(names.iter().map(|n| entry(n, &[], user)).collect())
+    }
+
+    /// [`Plan::linked_counts`] counted row by row over the live nodes.
+    fn counts_by_row(plan: &Plan) -> Vec<usize> {
+        let mut counts = vec![0usize; plan.src_bits.words * 64];
+        for x in plan.live() {
+            add_linked(&mut counts, plan.src_bits.row(x), plan.dst_bits.row(x), 1);
+        }
+        counts
+    }
+
+    #[test]
+    fn linked_counts_by_class_equal_the_count_by_row() {
+        let state = r#"{
+          "users": [{"id": 1, "name": "a", "email": "a@example.com"},
+                    {"id": 2, "name": "b", "email": "b@example.com"}],
+          "nodes": {
+            "a1": {"hostname": "a1", "user": "a", "ipv4": "100.64.0.1", "created": "2024-01-01T00:00:00Z"},
+            "a2": {"hostname": "a2", "user": "a", "ipv4": "100.64.0.2", "created": "2024-01-01T00:00:01Z"},
+            "b1": {"hostname": "b1", "user": "b", "ipv4": "100.64.0.3", "created": "2024-01-01T00:00:02Z"},
+            "web": {"hostname": "web", "tags": ["tag:web"], "ipv4": "100.64.0.10", "created": "2024-01-01T00:00:03Z"},
+            "db": {"hostname": "db", "tags": ["tag:db"], "ipv4": "100.64.0.11", "created": "2024-01-01T00:00:04Z"}
+          },
+          "tailnet": {"name": "example.com"}
+        }"#;
+        let policy = r#"{
+          "groups": {"group:dev": ["a@example.com"]},
+          "tagOwners": {"tag:web": ["a@example.com"], "tag:db": ["a@example.com"]},
+          "acls": [
+            {"action": "accept", "src": ["group:dev"], "dst": ["tag:web:443"]},
+            {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
+            {"action": "accept", "src": ["b@example.com"], "dst": ["tag:db:*", "a@example.com:22"]}
+          ]
+        }"#;
+        let policy = Arc::new(netmap_policy::parse_policy(policy).unwrap());
+        let mut tailnet = Tailnet::from_state_json(state).unwrap();
+        let mut plan = Plan::build(policy, &tailnet);
+        let counts = plan.linked_counts();
+        assert_eq!(counts, counts_by_row(&plan));
+        assert!(counts.iter().any(|&c| c > 1), "{counts:?}");
+        // A node moved to other rules (tagged like `db`), and one removed.
+        if let Some(n) = tailnet.nodes.get_mut("a2") {
+            Arc::make_mut(n).tags = vec!["tag:db".to_string()];
+        }
+        tailnet.nodes.remove("b1");
+        let batch = update::Batch {
+            nodes: vec!["a2".to_string(), "b1".to_string()],
+            policy: None,
+        };
+        plan.update(&tailnet, batch, &mut |_| {});
+        assert_eq!(plan.linked_counts(), counts_by_row(&plan));
+        assert_ne!(plan.linked_counts(), counts);
+        // While a node is between classes (out of its old one, in no new one yet), it is
+        // counted by its row.
+        let x = plan.slot("a1").unwrap();
+        let c = plan.class_of[x];
+        plan.classes.members[c].remove(&x);
+        plan.class_of[x] = usize::MAX;
+        assert_eq!(plan.linked_counts(), counts_by_row(&plan));
     }
 
     #[test]

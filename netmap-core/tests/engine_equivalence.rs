@@ -188,6 +188,11 @@ fn edit_op() -> impl Strategy<Value = Op> {
         1 => (0usize..3).prop_map(|c| Op::Edit(TEST_EDIT, c)),
         // u1 (the test's source) into or out of a group: the test's verdict changes.
         1 => (2usize..4).prop_map(|c| Op::Edit(0, c)),
+        // The ports of a rule whose sources (`*`) hold u1: with u1 in no group, the test's
+        // verdict changes with them; or of the rule whose source is the host `ci`, which an
+        // address test's verdict reads while `ci` names that address.
+        1 => (0usize..5).prop_map(|c| Op::Edit(1, c)),
+        1 => (8usize..10).prop_map(|c| Op::Edit(1, c)),
         2 => prop::collection::vec((0usize..EDITS, 0usize..8), 2..4).prop_map(Op::Edits),
     ]
 }
@@ -261,6 +266,11 @@ fn edit_policy(p: &mut serde_json::Value, kind: usize, c: usize) {
         0 => {
             let g = ["group:admins", "group:devs"][c % 2];
             toggle(&mut p["groups"][g], json!(users[c / 2 % users.len()]));
+        }
+        1 if c >= 8 => {
+            // The ports of the rule whose source is `ci` (a prefix).
+            let ports = ["tag:web:2222", "tag:web:2223"][c % 2];
+            p["acls"][9]["dst"] = json!([ports]);
         }
         1 if c >= 5 => {
             // One destination's ports, of a rule with several (on `tag:web` devices its

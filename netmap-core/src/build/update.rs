@@ -92,8 +92,9 @@ pub(crate) struct Affected {
     /// The rules whose filter entries views under `PATCH` derive again.
     pub patch: FilterPatch,
     /// When the update changed no node's facts and changed rules only in which nodes their
-    /// sets hold: those nodes (a rule's verdict for any other pair of nodes is as it was).
-    /// `None` otherwise.
+    /// sets hold, or in their ports: the nodes that moved, and the sources of the rules whose
+    /// ports changed (a rule's verdict for any other pair of nodes is as it was). `None`
+    /// otherwise.
     pub rule_nodes_moved: Option<Vec<usize>>,
 }
 
@@ -369,6 +370,23 @@ fn moved_nodes(
 }
 
 /// A resolved set's content (without the aliases it came from).
+/// Whether a rule with ports `old` per destination (now `new`) lets port `port` through at
+/// one destination and not at the same destination after (or the other way round).
+fn ports_turn(old: &[Vec<crate::wire::Ports>], new: &[Vec<crate::wire::Ports>], port: u16) -> bool {
+    let holds = |ports: Option<&Vec<crate::wire::Ports>>| {
+        ports.is_some_and(|ps| ps.iter().any(|r| r.first <= port && port <= r.last))
+    };
+    (0..old.len().max(new.len())).any(|d| holds(old.get(d)) != holds(new.get(d)))
+}
+
+/// Whether a test of `policy` has a prefix for its source (an address, a range, a host).
+fn tests_read_nets(r: &crate::resolve::Resolver, policy: &Policy) -> bool {
+    policy
+        .tests
+        .iter()
+        .any(|t| !r.resolve_shape(&t.src.value).nets.is_empty())
+}
+
 fn same_set(a: &Resolved, b: &Resolved) -> bool {
     a.same_but_nodes(b) && a.nodes == b.nodes
 }
@@ -1037,7 +1055,6 @@ impl Plan {
         if !(edit.removed.is_empty()
             && edit.added.is_empty()
             && edit.restated.is_empty()
-            && edit.ports_only.is_empty()
             && !edit.reordered)
         {
             w.rule_nodes_moved = None;
@@ -1101,10 +1118,33 @@ impl Plan {
             self.refresh_ports(id);
             self.mark_covered(id, live, RECOMPUTE, w);
         }
+        // A test's verdict for a source reads a rule's ports only where the rule's sources
+        // hold that source, and only at the test's port: the sources of a rule whose ports
+        // changed at a port a test names (or a test with no port) are judged again (as
+        // nodes that moved), unless a test's source is a prefix (read at the rules'
+        // prefixes, not at a node's row).
+        let test_ports: Option<Vec<u16>> = new
+            .tests
+            .iter()
+            .flat_map(|t| t.accept.iter().chain(&t.deny))
+            .map(|d| d.value.port)
+            .collect();
+        let mut nets_read: Option<bool> = None;
         for &id in &edit.ports_only {
             let live = live.get_or_init(|| self.live().collect());
             let before = self.table_ports(id).cloned();
             self.refresh_ports(id);
+            let turned = match (&test_ports, &before, self.table_ports(id)) {
+                (Some(ports), Some(b), Some(n)) => ports.iter().any(|&p| ports_turn(b, n, p)),
+                _ => true,
+            };
+            if turned && w.rule_nodes_moved.is_some() {
+                if *nets_read.get_or_insert_with(|| tests_read_nets(&self.r, &new)) {
+                    w.rule_nodes_moved = None;
+                } else if let Some(all) = &mut w.rule_nodes_moved {
+                    all.extend(live.iter().copied().filter(|&v| self.src_bits.bit(v, id)));
+                }
+            }
             // Entries bound to the rule are compact: they show the ports in the tables, so
             // the views holding one only learn that their filter changed, if a destination
             // whose ports changed gives them entries. The others (an entry merged with
@@ -1168,12 +1208,8 @@ impl Plan {
             let moved = moved_nodes(before, &after, |nets| self.net_holders(nets), &self.r);
             // A test whose source is a prefix reads the rule's source prefixes at it, not
             // a node's row: its verdicts may change with no node moved.
-            let tests_read_nets = || {
-                new.tests
-                    .iter()
-                    .any(|t| !self.r.resolve_shape(&t.src.value).nets.is_empty())
-            };
-            let nets_read = moved.as_ref().is_some_and(|m| m.src_nets) && tests_read_nets();
+            let nets_read =
+                moved.as_ref().is_some_and(|m| m.src_nets) && tests_read_nets(&self.r, &new);
             match (&moved, &mut w.rule_nodes_moved) {
                 _ if nets_read => w.rule_nodes_moved = None,
                 (Some(m), Some(all)) => {
@@ -1924,6 +1960,29 @@ mod tests {
             ..ListDelta::default()
         };
         (Arc::new(l), delta)
+    }
+
+    #[test]
+    fn ports_turn_only_where_a_destination_lets_the_port_through_otherwise() {
+        use crate::wire::Ports;
+        let ports = |ranges: &[(u16, u16)]| -> Vec<Ports> {
+            ranges
+                .iter()
+                .map(|&(first, last)| Ports { first, last })
+                .collect()
+        };
+        let old = vec![ports(&[(80, 80), (443, 443)]), ports(&[(22, 22)])];
+        let new = vec![ports(&[(443, 443)]), ports(&[(22, 22)])];
+        assert!(ports_turn(&old, &new, 80));
+        assert!(!ports_turn(&old, &new, 443));
+        assert!(!ports_turn(&old, &new, 22));
+        assert!(!ports_turn(&old, &new, 8080));
+        // At another destination than the one that held it.
+        let moved = vec![ports(&[(443, 443)]), ports(&[(22, 22), (80, 80)])];
+        assert!(ports_turn(&old, &moved, 80));
+        let all = vec![ports(&[(0, 65535)]), ports(&[(22, 22)])];
+        assert!(ports_turn(&old, &all, 8080));
+        assert!(!ports_turn(&old, &all, 443));
     }
 
     #[test]

@@ -1404,9 +1404,31 @@ impl Engine {
                 self.tests_passed = Some(m);
             }
         }
+        // Pairs the pool is diffing already (a view the plan moved to another class, and
+        // computes again too) are taken from it, not diffed a second time: the pool's
+        // diffs are awaited here, and every view reads them from `known`.
+        let mut pending = pending;
+        let mut taken: Vec<((usize, usize), Arc<PeerDelta>)> = Vec::new();
+        let overlaps = |pairs: &[ListPair]| {
+            known_pairs
+                .iter()
+                .any(|(k, _)| pairs.iter().any(|(p, _)| p == k))
+        };
+        if pending.as_ref().is_some_and(|(_, pairs)| overlaps(pairs)) {
+            if let Some((rx, pairs)) = pending.take() {
+                taken = match rx.recv() {
+                    Ok(d) => d,
+                    Err(_) => pairs.into_iter().map(diff_pair).collect(),
+                };
+            }
+        }
+        let known_pairs: Vec<ListPair> = known_pairs
+            .into_iter()
+            .filter(|(k, _)| !taken.iter().any(|(t, _)| t == k))
+            .collect();
         // The class list pairs recomputed views move between, each diffed once (in
         // parallel: a policy edit moves thousands of views between a few large lists).
-        let known: KnownDeltas = if known_pairs.len() > 1 {
+        let mut known: KnownDeltas = if known_pairs.len() > 1 {
             known_pairs
                 .into_par_iter()
                 .map(diff_pair)
@@ -1416,6 +1438,7 @@ impl Engine {
         } else {
             known_pairs.into_iter().map(diff_pair).collect()
         };
+        known.extend(taken);
         // Each recomputed view with its delta (diffed where it is computed).
         let fresh_view = |differ: &mut Differ, (s, f): (usize, u8)| {
             let n = plan.name(s);

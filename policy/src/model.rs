@@ -308,6 +308,10 @@ const TAKEN_SECTIONS: &[&str] = &[
     "sshTests",
 ];
 
+/// The sections of [`TAKEN_SECTIONS`] that read the hosts' values, not only their names (a
+/// test's host must be a single address): read again when the hosts are edited.
+const HOSTS_READ_BY: &[&str] = &["tests", "sshTests"];
+
 /// How an edit moves the positions after it: a position on the line the edit ends on moves
 /// along that line, one on a later line moves by the lines the edit added or removed.
 #[derive(Debug, Clone, Copy)]
@@ -442,11 +446,12 @@ impl Taken<'_> {
     }
 }
 
-/// Whether two policies define the same names that the taken sections read.
-fn same_names(a: &Policy, b: &Policy) -> bool {
+/// Whether two policies define the same names that the taken sections read (and the same
+/// hosts, unless `hosts_reread`: the sections that read the hosts' values were read again).
+fn same_names(a: &Policy, b: &Policy, hosts_reread: bool) -> bool {
     a.groups.keys().eq(b.groups.keys())
         && a.tag_owners.keys().eq(b.tag_owners.keys())
-        && a.hosts == b.hosts
+        && (a.hosts == b.hosts || (hosts_reread && a.hosts.keys().eq(b.hosts.keys())))
         && a.ipsets.keys().eq(b.ipsets.keys())
         && a.postures.keys().eq(b.postures.keys())
 }
@@ -478,18 +483,22 @@ pub fn reparse_policy(
         old_spans.groups.iter().map(|m| (m.key, m)).collect();
     let top_by_key: HashMap<usize, &hujson::MemberSpan> =
         old_spans.top.iter().map(|m| (m.key, m)).collect();
-    // An edit of the hosts changes what the sections read (a saving only: the names are
-    // compared after reading either way).
+    // An edit of the hosts changes what the tests read (whether a host they name is a
+    // single address): they are read again. The other sections read the hosts' names
+    // alone, which are compared after reading.
     let edits_hosts = old_spans
         .top
         .iter()
         .any(|m| m.name.eq_ignore_ascii_case("hosts") && m.key <= tail_old && prefix <= m.end);
-    let sections_ok =
-        old.warnings.is_empty() && !old_text.contains("autogroup:members") && !edits_hosts;
+    let sections_ok = old.warnings.is_empty() && !old_text.contains("autogroup:members");
     // Sections offered for taking, with whether they lie after the edit.
     let mut offered: HashMap<String, bool> = HashMap::new();
     let mut reuse = |top: bool, name: &str, key: usize, value: usize| -> Option<usize> {
-        if top && !(sections_ok && TAKEN_SECTIONS.contains(&name)) {
+        if top
+            && !(sections_ok
+                && TAKEN_SECTIONS.contains(&name)
+                && !(edits_hosts && HOSTS_READ_BY.contains(&name)))
+        {
             return None;
         }
         let index = if top { &top_by_key } else { &by_key };
@@ -533,7 +542,7 @@ pub fn reparse_policy(
                 },
             });
             let policy = read_policy(&read.root, &from_old, taken.as_ref())?;
-            if taken.is_some() && !same_names(old, &policy) {
+            if taken.is_some() && !same_names(old, &policy, edits_hosts) {
                 // The taken sections would read other names: read them again.
                 return parse_policy_spans(text);
             }

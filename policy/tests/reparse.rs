@@ -157,6 +157,30 @@ fn unchanged_groups_are_taken_not_read() {
 }
 
 #[test]
+fn a_host_moved_keeps_the_rules_taken_and_reads_the_tests_again() {
+    let old = r#"{
+  "hosts": {"ci": "100.64.0.2", "db": "10.0.0.1"},
+  "acls": [{"action": "accept", "src": ["ci"], "dst": ["db:5432"]}],
+  "tests": [{"src": "ci", "accept": ["db:5432"]}]
+}"#;
+    // Another address for a host: the rules are taken (marked here so that taking shows).
+    let moved = old.replace("100.64.0.2", "100.64.0.140");
+    same_read(&moved, old);
+    let (mut before, spans) = parse_policy_spans(old).unwrap();
+    before.acls[0].src_posture.push("taken".into());
+    let (p, _) = reparse_policy(&moved, old, &before, &spans).unwrap();
+    assert_eq!(p.acls[0].src_posture, ["taken"]);
+    assert_eq!(p.hosts["ci"].to_string(), "100.64.0.140/32");
+    // A host a test names becomes a range: the tests are read again, and fail as reading
+    // the whole text fails.
+    let range = old.replace("\"10.0.0.1\"", "\"10.0.0.0/24\"");
+    assert!(parse_policy_spans(&range).is_err());
+    same_read(&range, old);
+    // A host renamed: the rules name one that is gone, and are read again.
+    same_read(&old.replace("\"db\": ", "\"db2\": "), old);
+}
+
+#[test]
 fn sections_are_taken_only_where_taking_them_reads_the_same() {
     let old = r#"{
   "groups": {"group:a": ["user1@example.com"], "group:b": ["user2@example.com"]},

@@ -682,9 +682,9 @@ impl TestsMemo {
 /// same `tests` (positions aside), nothing those read is redefined (postures, the groups,
 /// hosts and ipsets they name), there are no `sshTests`, and the update between them
 /// changed rules only in which nodes their sets hold, or in the ports of rules whose
-/// sources are among `moved` (the update's `rule_nodes_moved`). A rule's
-/// verdict for a source and a destination depends on the rule's sets only at those two,
-/// and on its ports only if it holds the source.
+/// sources are among `moved` (the update's `rule_nodes_moved`). A rule's verdict for a
+/// source and a destination depends on the rule's sets only at those two, and on its ports
+/// only if it holds the source.
 fn tests_judge_alike(old: &Policy, new: &Policy, moved: Option<&[usize]>) -> bool {
     if moved.is_none() {
         return false;

@@ -369,7 +369,6 @@ fn moved_nodes(
     Some(MovedNodes { src, dst, src_nets })
 }
 
-/// A resolved set's content (without the aliases it came from).
 /// Whether a rule with ports `old` per destination (now `new`) lets port `port` through at
 /// one destination and not at the same destination after (or the other way round).
 fn ports_turn(old: &[Vec<crate::wire::Ports>], new: &[Vec<crate::wire::Ports>], port: u16) -> bool {
@@ -387,6 +386,7 @@ fn tests_read_nets(r: &crate::resolve::Resolver, policy: &Policy) -> bool {
         .any(|t| !r.resolve_shape(&t.src.value).nets.is_empty())
 }
 
+/// A resolved set's content (without the aliases it came from).
 fn same_set(a: &Resolved, b: &Resolved) -> bool {
     a.same_but_nodes(b) && a.nodes == b.nodes
 }

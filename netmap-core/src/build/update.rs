@@ -17,8 +17,9 @@
 //! 6. source lists of rules whose identity set (or, for `*`, the set of routes) changed;
 //! 7. classes: nodes whose rows changed move; every class's list is edited only for the nodes
 //!    whose visibility or entry may have changed (decided once per group of such nodes with
-//!    the same rows before and after); a new class derives its list from the class its first
-//!    member left, edited only for the nodes the differing rules link;
+//!    the same rows before and after); a new class derives its list from the live class
+//!    nearest to it (the one whose differing rules link the fewest nodes), edited only for
+//!    the nodes those rules link;
 //! 8. which views read what changed ([`touch`] flags).
 
 use rayon::prelude::*;

@@ -450,18 +450,27 @@ pub(crate) struct Plan {
     name_order: Vec<usize>,
 }
 
-/// Adds `n` to `counts` at each bit either row has.
-fn add_linked(counts: &mut [usize], src: &[u64], dst: &[u64], n: usize) {
-    for (w, (s, d)) in src.iter().zip(dst).enumerate() {
-        let mut m = s | d;
-        while m != 0 {
-            let b = m.trailing_zeros() as usize;
-            m &= m - 1;
-            if let Some(c) = counts.get_mut(w * 64 + b) {
-                *c += n;
+/// Per rule bit (of `words` words), the sum of `n` over the rows `(src, dst, n)` where the
+/// source or the destination row has it: how many nodes each rule links, given rows that
+/// stand for `n` nodes each.
+fn count_linked<'a>(
+    words: usize,
+    rows: impl Iterator<Item = (&'a [u64], &'a [u64], usize)>,
+) -> Vec<usize> {
+    let mut counts = vec![0usize; words * 64];
+    for (src, dst, n) in rows {
+        for (w, (s, d)) in src.iter().zip(dst).enumerate() {
+            let mut m = s | d;
+            while m != 0 {
+                let b = m.trailing_zeros() as usize;
+                m &= m - 1;
+                if let Some(c) = counts.get_mut(w * 64 + b) {
+                    *c += n;
+                }
             }
         }
     }
+    counts
 }
 
 /// Makes classes whose lists hold the same peers share one list: a view moving between two
@@ -1063,21 +1072,23 @@ impl Plan {
 
     /// Per rule bit, how many live nodes the rule links (in its sources or destinations):
     /// what [`Plan::derive_cost`] weighs a differing bit by. Counted by class (a class's
-    /// key is its members' rows), and row by row for the live nodes in no class (those
-    /// moving between classes); a pass over the classes, not over the nodes.
-    fn linked_counts(&self) -> Vec<usize> {
-        let mut counts = vec![0usize; self.src_bits.words * 64];
-        for c in self.classes.live() {
-            if let (Some(key), Some(members)) = (self.classes.key(c), self.classes.members.get(c)) {
-                add_linked(&mut counts, &key.0, &key.1, members.len());
-            }
-        }
-        for x in self.live() {
-            if self.class_of.get(x).is_none_or(|&c| c == usize::MAX) {
-                add_linked(&mut counts, self.src_bits.row(x), self.dst_bits.row(x), 1);
-            }
-        }
-        counts
+    /// key is its members' rows), and row by row for the live nodes among `moving` that are
+    /// in no class (between the class they left and the one they join); a pass over the
+    /// classes and those nodes, not over every node.
+    fn linked_counts(&self, moving: &[usize]) -> Vec<usize> {
+        let by_class = self.classes.live().filter_map(|c| {
+            let key = self.classes.key(c)?;
+            let members = self.classes.members.get(c)?;
+            Some((key.0.as_slice(), key.1.as_slice(), members.len()))
+        });
+        let unclassed = moving
+            .iter()
+            .copied()
+            .filter(|&x| {
+                self.r.is_alive(x) && self.class_of.get(x).is_none_or(|&c| c == usize::MAX)
+            })
+            .map(|x| (self.src_bits.row(x), self.dst_bits.row(x), 1));
+        count_linked(self.src_bits.words, by_class.chain(unclassed))
     }
 
     /// Groups nodes by class and computes one peer list per class.
@@ -1100,10 +1111,12 @@ impl Plan {
         // A class's list is derived from an earlier class's when few nodes can be seen
         // differently (sharing its structure), else computed from scratch.
         let n = self.live().count();
-        let mut counts = vec![0usize; self.src_bits.words * 64];
-        for (key, m) in keys.iter().zip(&members) {
-            add_linked(&mut counts, &key.0, &key.1, m.len());
-        }
+        let counts = count_linked(
+            self.src_bits.words,
+            keys.iter()
+                .zip(&members)
+                .map(|(key, m)| (key.0.as_slice(), key.1.as_slice(), m.len())),
+        );
         let mut parent: Vec<Option<usize>> = vec![None; keys.len()];
         let mut depth: Vec<usize> = vec![0; keys.len()];
         for k in 1..keys.len() {
@@ -1580,11 +1593,10 @@ pub(crate) mod tests {
 
     /// [`Plan::linked_counts`] counted row by row over the live nodes.
     fn counts_by_row(plan: &Plan) -> Vec<usize> {
-        let mut counts = vec![0usize; plan.src_bits.words * 64];
-        for x in plan.live() {
-            add_linked(&mut counts, plan.src_bits.row(x), plan.dst_bits.row(x), 1);
-        }
-        counts
+        let rows = plan
+            .live()
+            .map(|x| (plan.src_bits.row(x), plan.dst_bits.row(x), 1));
+        count_linked(plan.src_bits.words, rows)
     }
 
     #[test]
@@ -1613,7 +1625,7 @@ pub(crate) mod tests {
         let policy = Arc::new(netmap_policy::parse_policy(policy).unwrap());
         let mut tailnet = Tailnet::from_state_json(state).unwrap();
         let mut plan = Plan::build(policy, &tailnet);
-        let counts = plan.linked_counts();
+        let counts = plan.linked_counts(&[]);
         assert_eq!(counts, counts_by_row(&plan));
         assert!(counts.iter().any(|&c| c > 1), "{counts:?}");
         // A node moved to other rules (tagged like `db`), and one removed.
@@ -1626,15 +1638,15 @@ pub(crate) mod tests {
             policy: None,
         };
         plan.update(&tailnet, batch, &mut |_| {});
-        assert_eq!(plan.linked_counts(), counts_by_row(&plan));
-        assert_ne!(plan.linked_counts(), counts);
+        assert_eq!(plan.linked_counts(&[]), counts_by_row(&plan));
+        assert_ne!(plan.linked_counts(&[]), counts);
         // While a node is between classes (out of its old one, in no new one yet), it is
         // counted by its row.
         let x = plan.slot("a1").unwrap();
         let c = plan.class_of[x];
         plan.classes.members[c].remove(&x);
         plan.class_of[x] = usize::MAX;
-        assert_eq!(plan.linked_counts(), counts_by_row(&plan));
+        assert_eq!(plan.linked_counts(&[x]), counts_by_row(&plan));
     }
 
     #[test]

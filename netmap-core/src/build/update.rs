@@ -1769,7 +1769,7 @@ impl Plan {
             let id = match self.classes.ids.get(&key) {
                 Some(&id) => id,
                 None => {
-                    let counts = counts.get_or_insert_with(|| self.linked_counts());
+                    let counts = counts.get_or_insert_with(|| self.linked_counts(&movers));
                     let list = match self.nearest_class(&key, counts, left.get(&s).copied()) {
                         Some(parent) => self.derive_list(parent, &key),
                         None => self.class_list(&key),
